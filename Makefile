@@ -1,0 +1,44 @@
+# Set-up, demo, tests and benchmarks. Every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS ?= dev,train
+DEMO_STORE ?= ./datasets
+DEMO_OUT ?= ./exports
+
+# Prefect runs ephemerally (SQLite) unless PREFECT_API_URL is set.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` with CPU torch.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/aligncurate build examples/demo/spec.yaml --store $(DEMO_STORE)
+	$(BIN)/aligncurate versions demo-sft --store $(DEMO_STORE)
+	$(BIN)/aligncurate inspect demo-sft --split rejected --sample 2 --store $(DEMO_STORE)
+	$(BIN)/aligncurate export demo-sft --format trl_messages --out $(DEMO_OUT)/demo-sft-trl --store $(DEMO_STORE)
+
+test: setup
+	$(BIN)/pytest -q
+
+bench: setup
+	$(BIN)/python bench/ingest.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(DEMO_STORE) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,247 @@
+"""The ``aligncurate`` command line: build, versions, inspect, diff, tag, export.
+
+Every read command takes ``--json`` and then prints one JSON object on stdout.
+``--store`` (or ``ALIGNCURATE_STORE``) chooses the store; the default is ``./datasets``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="aligncurate",
+    help="Curate alignment fine-tuning datasets into versioned Parquet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", envvar="ALIGNCURATE_STORE", help="Store root (default ./datasets)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from pipelines.build import AccountingError
+    from pipelines.spec import SpecError
+    from storage.dataset import StoreError
+    from transforms.ingest import IngestError
+    from transforms.schema import SchemaError
+
+    return SpecError, StoreError, IngestError, SchemaError, AccountingError, FileNotFoundError
+
+
+def _friendly(fn: F) -> F:
+    """Turn known user errors into one red line and exit code 2, without a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _store(store: str | None) -> Any:
+    from storage.dataset import DatasetStore
+
+    return DatasetStore(store)
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _counts_table(counts: dict[str, dict[str, int]]) -> Table:
+    table = Table("stage", "in", "kept", "rejected", "added", title="per-stage counts")
+    for stage, line in counts.items():
+        table.add_row(stage, *(str(line.get(k, 0)) for k in ("in", "kept", "rejected", "added")))
+    return table
+
+
+@app.command()
+@_friendly
+def build(
+    spec: Annotated[Path, typer.Argument(help="Build spec (YAML).")],
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a new version of the dataset a spec describes."""
+    from pipelines.build import build_dataset
+    from pipelines.spec import load_spec
+
+    load_spec(spec)  # fail fast on a bad spec, before Prefect starts
+    summary = build_dataset(str(spec), store=store)
+    if as_json:
+        cache = summary.get("cache", {})
+        _emit_json({
+            "name": summary["name"],
+            "version": summary["version"],
+            "counts": summary["counts"],
+            "rows": summary["rows"],
+            "build_id": summary["build_id"],
+            "hits": cache.get("hits", 0),
+            "misses": cache.get("misses", 0),
+            "engine_calls": cache.get("engine_calls", 0),
+        })
+        return
+    rows = summary["rows"]
+    out.print(
+        f"[bold green]{summary['name']}@{summary['version']}[/] committed to {summary['store']}: "
+        f"{rows['train']} train, {rows['rejected']} rejected of {rows['in']} rows in"
+    )
+    out.print(_counts_table(summary["counts"]))
+
+
+@app.command()
+@_friendly
+def versions(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the versions of a dataset, oldest first."""
+    infos = _store(store).versions(name)
+    if as_json:
+        _emit_json([
+            {"version": v.version, "timestamp": v.timestamp.isoformat(), "tags": v.tags,
+             "metadata": v.metadata}
+            for v in infos
+        ])
+        return
+    table = Table("version", "committed", "tags", "train", "rejected", "build id", title=name)
+    for v in infos:
+        rows = v.metadata.get("rows", {})
+        table.add_row(
+            str(v.version), v.timestamp.strftime("%Y-%m-%d %H:%M:%S"), ", ".join(v.tags),
+            str(rows.get("train", "")), str(rows.get("rejected", "")),
+            str(v.metadata.get("build_id", "")),
+        )
+    out.print(table)
+
+
+@app.command()
+@_friendly
+def inspect(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@TAG.")],
+    split: Annotated[str, typer.Option(help="train, rejected or all.")] = "all",
+    sample: Annotated[int, typer.Option(help="Sample rows to show.")] = 3,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Schema, counts by split/source/task/reject reason, lengths and sample rows."""
+    from transforms.profile import profile
+
+    datasets = _store(store)
+    name, version = datasets.resolve(ref)
+    if split not in ("train", "rejected", "all"):
+        raise typer.BadParameter("--split must be train, rejected or all")
+    table = datasets.read(f"{name}@{version}", split=None if split == "all" else split)
+    if split != "all":
+        table = table.append_column("split", [[split] * table.num_rows])
+    report = profile(table)
+    rows = table.slice(0, sample).to_pylist() if sample > 0 else []
+    schema = {f.name: str(f.type) for f in table.schema}
+    if as_json:
+        _emit_json({"name": name, "version": version, "split": split, "schema": schema,
+                    **report, "sample": rows})
+        return
+    out.print(f"[bold]{name}@{version}[/] ({split}): {report['rows']} rows")
+    schema_table = Table("column", "type", title="schema")
+    for column, kind in schema.items():
+        schema_table.add_row(column, kind)
+    out.print(schema_table)
+    for column, counts in report["counts"].items():
+        t = Table(column, "rows", title=f"by {column}")
+        for value, n in counts.items():
+            t.add_row(value, str(n))
+        out.print(t)
+    lengths = Table("field", "min", "mean", "p50", "p90", "max", title="lengths (chars)")
+    for field, stats in report["lengths"].items():
+        lengths.add_row(field, *(str(stats.get(k, "")) for k in ("min", "mean", "p50", "p90",
+                                                                  "max")))
+    out.print(lengths)
+    for row in rows:
+        out.print_json(json.dumps(row, default=str))
+
+
+@app.command()
+@_friendly
+def diff(
+    a: Annotated[str, typer.Argument(help="NAME@A")],
+    b: Annotated[str, typer.Argument(help="NAME@B")],
+    examples: Annotated[int, typer.Option(help="Example ids per kind of change.")] = 5,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rows added, removed and changed between two versions."""
+    result = _store(store).diff(a, b, examples=examples).to_dict()
+    if as_json:
+        _emit_json(result)
+        return
+    out.print_json(json.dumps(result, default=str))
+
+
+@app.command()
+@_friendly
+def tag(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    name: Annotated[str, typer.Argument(help="Tag to set (moves it if it exists).")],
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Name a version."""
+    datasets = _store(store)
+    version = datasets.tag(ref, name)
+    dataset, _ = datasets.resolve(ref)
+    if as_json:
+        _emit_json({"name": dataset, "version": version, "tag": name})
+        return
+    out.print(f"tagged {dataset}@{version} as {name!r}")
+
+
+@app.command()
+@_friendly
+def export(
+    ref: Annotated[str, typer.Argument(help="NAME[@VERSION|@TAG]")],
+    fmt: Annotated[str, typer.Option("--format", help="Export format.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a version's train split in a trainer's format."""
+    from storage.export import export as run_export
+
+    result = run_export(_store(store), ref, fmt, out_dir)
+    data = result.to_dict() if hasattr(result, "to_dict") else vars(result)
+    if as_json:
+        _emit_json(data)
+        return
+    out.print(f"exported {ref} as {fmt} to {out_dir}")
+    out.print_json(json.dumps(data, default=str))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

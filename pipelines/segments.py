@@ -1,0 +1,129 @@
+"""Run chains of stages over shards, writing Parquet shards. No Prefect here.
+
+The flow splits the spec's chain into *segments*: the first is ingest plus the local
+stages before the first ordered stage; each later one starts at an ordered stage and runs
+the local stages that follow it. A segment writes, for each input shard, one ``train``
+shard and (when it rejected anything) one ``rejected`` shard.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from transforms.registry import StageDef, stage
+from transforms.stage import StageResult
+
+Counts = dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """A stage with its validated parameters."""
+
+    definition: StageDef
+    params: BaseModel
+
+    @classmethod
+    def of(cls, name: str, params: BaseModel) -> ChainStep:
+        return cls(stage(name), params)
+
+
+@dataclass
+class SegmentOutput:
+    """What a segment task returns (and Prefect persists): shard paths and counts."""
+
+    key: str
+    train: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    counts: Counts = field(default_factory=dict)
+    produced_by: str | None = None
+
+
+def split_segments(chain: list[ChainStep]) -> list[list[ChainStep]]:
+    """Cut the chain before every ordered stage. The first segment may be empty."""
+    segments: list[list[ChainStep]] = [[]]
+    for step in chain:
+        if step.definition.ordered:
+            segments.append([])
+        segments[-1].append(step)
+    return segments
+
+
+def add_counts(total: Counts, name: str, counts: dict[str, int]) -> None:
+    """Add one shard's accounting line for a stage into the running totals."""
+    line = total.setdefault(name, {"in": 0, "kept": 0, "rejected": 0, "added": 0})
+    for key, value in counts.items():
+        line[key] = line.get(key, 0) + value
+
+
+def merge_counts(parts: Iterable[Counts]) -> Counts:
+    """Sum accounting lines stage by stage, keeping the chain order."""
+    total: Counts = {}
+    for part in parts:
+        for name, counts in part.items():
+            add_counts(total, name, counts)
+    return total
+
+
+def run_chain(
+    result: StageResult,
+    chain: list[ChainStep],
+    counts: Counts,
+    states: dict[str, Any] | None = None,
+) -> tuple[pa.Table, list[pa.Table]]:
+    """Feed a first result (ingest's, or a shard read back) through ``chain``.
+
+    Returns the rows kept by the last stage and every stage's rejected rows. ``states``
+    holds the carried state of ordered stages, by stage name.
+    """
+    rejected = [result.rejected] if result.rejected.num_rows else []
+    table = result.kept
+    for step in chain:
+        args: tuple[Any, ...] = (table, step.params)
+        if step.definition.ordered:
+            assert states is not None, "ordered stages need a state"
+            args = (*args, states.setdefault(step.definition.name, step.definition.new_state()))
+        out: StageResult = step.definition.run(*args)
+        add_counts(counts, step.definition.name, out.counts(table.num_rows))
+        if out.rejected.num_rows:
+            rejected.append(out.rejected)
+        table = out.kept
+    return table, rejected
+
+
+class ShardWriter:
+    """Writes numbered shards into one folder; each file appears atomically (rename)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.train: list[str] = []
+        self.rejected: list[str] = []
+
+    def write(self, kept: pa.Table, rejected: list[pa.Table]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        index = len(self.train)
+        self.train.append(self._write(kept, f"train-{index:05d}.parquet"))
+        if rejected:
+            table = pa.concat_tables(rejected, promote_options="permissive")
+            self.rejected.append(self._write(table, f"rejected-{index:05d}.parquet"))
+
+    def _write(self, table: pa.Table, name: str) -> str:
+        path = self.folder / name
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp, compression="lz4")
+        os.replace(tmp, path)
+        return str(path)
+
+
+def read_shards(paths: Iterable[str]) -> Iterator[StageResult]:
+    """Read train shards back, one table each, as a first stage result."""
+    for path in paths:
+        yield StageResult(kept=pq.read_table(path))

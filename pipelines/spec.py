@@ -1,0 +1,178 @@
+"""The build spec: a YAML file validated by pydantic (see docs/spec.md).
+
+```yaml
+name: sft-mix
+store: ./datasets            # optional
+sources:
+  - path: data/alpaca.jsonl  # relative to this file's folder
+    format: alpaca           # optional: auto-detected
+stages:                      # optional: the default chain is normalize, exact_dedup, filter
+  - normalize: {}
+  - exact_dedup: {}
+  - filter: {max_chars: 20000}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from storage.names import validate_name
+from transforms.ingest import FORMATS, IngestParams
+from transforms.registry import DEFAULT_CHAIN, stage
+
+
+class SpecError(ValueError):
+    """The spec file cannot be read or does not validate; the message names the key."""
+
+
+class SourceSpec(BaseModel):
+    """One input corpus."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    format: str | None = None
+    name: str | None = Field(default=None, description="source name; default: the file stem")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        if value is not None and value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; known formats: {', '.join(FORMATS)}")
+        return value
+
+
+class StageSpec(BaseModel):
+    """One stage of the chain, with validated parameters."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    name: str
+    params: BaseModel
+
+    def dump(self) -> dict[str, Any]:
+        return {self.name: self.params.model_dump(mode="json")}
+
+
+class BuildSpec(BaseModel):
+    """A validated build spec. Paths are as written; :func:`load_spec` resolves them."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    name: str
+    sources: list[SourceSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(default_factory=list)
+    store: str | None = None
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    _digest: str | None = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        return validate_name(value)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _parse_stages(cls, value: Any) -> list[StageSpec]:
+        if value is None:
+            value = list(DEFAULT_CHAIN)
+        if not isinstance(value, list):
+            raise ValueError("stages must be a list of {stage_name: {params}} mappings")
+        return [_parse_stage(item, i) for i, item in enumerate(value)]
+
+    @model_validator(mode="after")
+    def _default_chain(self) -> BuildSpec:
+        if not self.stages and "stages" not in self.model_fields_set:
+            self.stages = [_parse_stage(name, i) for i, name in enumerate(DEFAULT_CHAIN)]
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        """The spec with every default filled in, as plain JSON data."""
+        data = self.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = [s.dump() for s in self.stages]
+        return data
+
+    def spec_hash(self) -> str:
+        """SHA-256 of the canonical spec as written (before paths were resolved)."""
+        if self._digest is not None:
+            return self._digest
+        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _parse_stage(item: Any, index: int) -> StageSpec:
+    if isinstance(item, str):
+        item = {item: {}}
+    if isinstance(item, StageSpec):
+        return item
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ValueError(f"stages[{index}] must be a single-key mapping {{stage_name: {{params}}}}")
+    ((name, params),) = item.items()
+    try:
+        definition = stage(name)
+    except KeyError as exc:
+        raise ValueError(f"stages[{index}]: {exc.args[0]}") from None
+    try:
+        validated = definition.params.model_validate(params or {})
+    except ValidationError as exc:
+        raise ValueError(f"stages[{index}] ({name}): {_first_error(exc)}") from None
+    return StageSpec(name=name, params=validated)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "<root>"
+    return f"{where}: {err['msg']}"
+
+
+def parse_spec(data: Any, base_dir: Path) -> BuildSpec:
+    """Validate spec data and resolve its relative paths against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise SpecError("the spec must be a mapping with at least 'name' and 'sources'")
+    try:
+        spec = BuildSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise SpecError(f"invalid spec: {errors}") from None
+    spec._digest = spec.spec_hash()
+    for source in spec.sources:
+        source.path = _resolve(source.path, base_dir)
+    if spec.store is not None:
+        spec.store = _resolve(spec.store, base_dir)
+    return spec
+
+
+def load_spec(path: str | Path) -> BuildSpec:
+    """Read and validate a YAML build spec; relative paths resolve against its folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: invalid YAML: {exc}") from None
+    try:
+        return parse_spec(data, path.resolve().parent)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+
+
+def _resolve(value: str, base_dir: Path) -> str:
+    if "://" in value:
+        return value
+    candidate = Path(value).expanduser()
+    return str(candidate if candidate.is_absolute() else (base_dir / candidate).resolve())

@@ -1,0 +1,36 @@
+"""Shared fixtures: Prefect's test harness (one per session) and the shared corpora."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+# Prefect reads its settings at import: isolate it before anything imports prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="aligncurate-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real public corpora in ../shared/data."""
+    if not SHARED.is_dir():
+        raise RuntimeError(f"the shared corpora are missing: {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One Prefect test harness (a temporary SQLite-backed server) for the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

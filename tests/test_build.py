@@ -1,0 +1,152 @@
+"""The Prefect build flow on the real corpora, with real Delta tables on disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from pipelines.build import build_dataset
+from storage.dataset import DatasetStore, StoreError
+from transforms.ingest import IngestError
+from transforms.schema import SCHEMA, validate
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def write_spec(folder: Path, **spec: object) -> Path:
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def assert_accounting(summary: dict, store: DatasetStore) -> None:
+    """rows in = train + rejected, overall and for every stage."""
+    rows = summary["rows"]
+    assert rows["in"] == rows["train"] + rows["rejected"]
+    for stage, line in summary["counts"].items():
+        assert line["in"] + line["added"] == line["kept"] + line["rejected"], stage
+    ref = f"{summary['name']}@{summary['version']}"
+    assert store.read(ref, "train").num_rows == rows["train"]
+    assert store.read(ref, "rejected").num_rows == rows["rejected"]
+
+
+def test_build_on_shared_corpora(tmp_path: Path, shared_data: Path) -> None:
+    sources = [
+        {"path": str(shared_data / "instructions" / "gsm8k_train_alpaca.json")},
+        {"path": str(shared_data / "instructions" / "gpteacher_toolformer.json")},
+        {"path": str(shared_data / "safety" / "safety_only_data_Instructions.json")},
+        {"path": str(shared_data / "mmlu" / "test" / "anatomy_test.csv")},
+        {"path": str(shared_data / "nq" / "dev.csv")},
+        {"path": str(shared_data / "seeds" / "self_instruct_seed_tasks.jsonl")},
+    ]
+    spec = write_spec(tmp_path, name="corpora", sources=sources)
+    store = DatasetStore(str(tmp_path / "store"))
+    summary = build_dataset(str(spec), store=store.root)
+
+    assert summary["version"] == 0
+    assert_accounting(summary, store)
+    seeds = shared_data / "seeds" / "self_instruct_seed_tasks.jsonl"
+    instances = sum(len(json.loads(line)["instances"]) for line in seeds.open())
+    assert summary["counts"]["ingest"]["in"] == 7473 + 7673 + 2483 + 135 + 3610 + instances
+    assert list(summary["counts"]) == ["ingest", "normalize", "exact_dedup", "filter"]
+    train = store.read("corpora", "train")
+    validate(train.select(SCHEMA.names).cast(SCHEMA))
+    assert set(train.column("task").to_pylist()) == {"instruction", "mcq", "open_qa"}
+    assert train.num_rows == len(set(train.column("id").to_pylist()))
+
+    info = store.versions("corpora")[-1]
+    meta = info.metadata
+    assert meta["build_id"] == summary["build_id"] != "None"
+    assert meta["spec_hash"] == summary["spec_hash"]
+    assert set(meta["inputs"]) == {Path(s["path"]).name for s in sources}
+    assert all(v.startswith("xxh3:") for v in meta["inputs"].values())
+    assert meta["counts"] == summary["counts"]
+
+
+def test_exact_duplicates_across_sources_are_rejected_with_the_kept_id(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    gsm8k = shared_data / "instructions" / "gsm8k_train_alpaca.json"
+    copy = tmp_path / "gsm8k_copy.json"
+    shutil.copy(gsm8k, copy)
+    spec = write_spec(tmp_path, name="dups", sources=[{"path": str(gsm8k)}, {"path": str(copy)}])
+    store = DatasetStore(str(tmp_path / "store"))
+    summary = build_dataset(str(spec), store=store.root)
+
+    assert_accounting(summary, store)
+    dedup = summary["counts"]["exact_dedup"]
+    assert dedup["in"] == 2 * 7473
+    rejected = store.read("dups", "rejected")
+    dup = rejected.filter(pc.equal(rejected.column("reject_stage"), "exact_dedup"))
+    assert dup.num_rows == dedup["rejected"] >= 7473
+    kept_ids = set(store.read("dups", "train").column("id").to_pylist())
+    for reason in dup.column("reject_reason").to_pylist():
+        assert reason.startswith("duplicate_of:")
+        assert reason.removeprefix("duplicate_of:") in kept_ids
+    assert "gsm8k_copy" in set(dup.column("source").to_pylist())
+
+
+def test_failed_build_leaves_no_version_and_rerun_reuses_finished_shards(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    good = tmp_path / "good.json"
+    shutil.copy(shared_data / "instructions" / "gpteacher_roleplay.json", good)
+    bad = tmp_path / "late.jsonl"
+    bad.write_text(
+        '{"instruction": "a", "input": "", "output": "b"}\n'
+        '{"instruction": "c", "input": "", "output": "d"}\n'
+        '{"instruction": "e", "input": "", "output": \n'
+    )
+    spec = write_spec(tmp_path, name="resume", sources=[{"path": str(good)}, {"path": str(bad)}])
+    store = DatasetStore(str(tmp_path / "store"))
+    (tmp_path / "v0").mkdir()
+    other = shared_data / "seeds" / "self_instruct_seed_tasks.jsonl"
+    previous = write_spec(tmp_path / "v0", name="resume", sources=[{"path": str(other)}])
+    first = build_dataset(str(previous), store=store.root)
+    assert first["version"] == 0
+
+    state = build_dataset(str(spec), store=store.root, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(IngestError) as failure:
+        state.result()
+    message = str(failure.value)
+    assert "late.jsonl" in message and "line 3" in message
+    assert [v.version for v in store.versions("resume")] == [0]
+    assert store.read("resume@0", "train").num_rows == first["rows"]["train"]
+    failed_run = str(state.state_details.flow_run_id)
+
+    bad.write_text(bad.read_text().replace('"output": \n', '"output": "f"}\n'))
+    summary = build_dataset(str(spec), store=store.root)
+    assert summary["version"] == 1
+    assert_accounting(summary, store)
+    # The roleplay source's ingest finished in the failed run: the rerun reuses its shards.
+    assert summary["reused_tasks"] == 1
+    assert summary["reused_from"] == [failed_run]
+    assert summary["rows"]["in"] == 3146 + 3
+    assert failed_run != summary["build_id"]
+
+
+def test_unknown_dataset_and_bad_spec_errors(tmp_path: Path, shared_data: Path) -> None:
+    store = DatasetStore(str(tmp_path / "store"))
+    with pytest.raises(StoreError, match="nope"):
+        store.versions("nope")
+    from pipelines.spec import SpecError, load_spec
+
+    bad = write_spec(tmp_path, name="x", sources=[{"path": "a.json"}], colour="red")
+    with pytest.raises(SpecError, match="colour"):
+        load_spec(bad)
+    bad = write_spec(tmp_path, name="../x", sources=[{"path": "a.json"}])
+    with pytest.raises(SpecError, match="name"):
+        load_spec(bad)
+    bad = write_spec(tmp_path, name="x", sources=[{"path": "a.json"}], stages=[{"shuffle": {}}])
+    with pytest.raises(SpecError, match="unknown stage 'shuffle'"):
+        load_spec(bad)
+    bad = write_spec(tmp_path, name="x", sources=[{"path": "a.json"}],
+                     stages=[{"filter": {"max_chars": -3}}])
+    with pytest.raises(SpecError, match="max_chars"):
+        load_spec(bad)

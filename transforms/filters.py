@@ -1,0 +1,70 @@
+"""Stage ``filter``: row-level rule filters on the canonical columns.
+
+Each rule can be switched off or tuned and writes its own reject reason:
+
+- ``empty_response``: the response is empty after normalisation;
+- ``empty_prompt``: the conversation has no turn with text;
+- ``too_long``: prompt + response characters exceed ``max_chars``;
+- ``invalid_text``: the text holds U+FFFD replacement characters (the trace of bad
+  decoding upstream).
+
+A row that breaks several rules is rejected with the first one, in the order above.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from transforms.ids import prompt_text
+from transforms.schema import rejected
+from transforms.stage import StageResult, reject_table
+from transforms.text import combined, prompt_chars
+
+STAGE = "filter"
+INVALID_TEXT = r"[\x{FFFD}]"
+
+
+class FilterParams(BaseModel):
+    """Rule switches and bounds. ``max_chars=None`` disables the length bound."""
+
+    model_config = ConfigDict(extra="forbid")
+    empty_response: bool = True
+    empty_prompt: bool = True
+    max_chars: int | None = Field(default=65_536, gt=0)
+    invalid_text: bool = True
+
+
+def rule_reasons(table: pa.Table, params: FilterParams) -> pa.Array:
+    """The reject reason of each row, null where the row passes every rule."""
+    response = pc.fill_null(combined(table.column("response")), "")
+    prompt = table.column("prompt")
+    prompt_len = prompt_chars(prompt)
+    response_len = pc.utf8_length(response)
+    rules: list[tuple[str, pa.Array]] = []
+    if params.empty_response:
+        rules.append(("empty_response", pc.equal(response_len, 0)))
+    if params.empty_prompt:
+        rules.append(("empty_prompt", pc.equal(prompt_len, 0)))
+    if params.max_chars is not None:
+        total = pc.add(prompt_len, response_len)
+        rules.append((f"too_long:chars>{params.max_chars}", pc.greater(total, params.max_chars)))
+    if params.invalid_text:
+        text = pc.binary_join_element_wise(prompt_text(prompt), response, "\n")
+        rules.append(("invalid_text", pc.match_substring_regex(text, INVALID_TEXT)))
+    reasons = pa.nulls(table.num_rows, pa.string())
+    for reason, hit in reversed(rules):
+        reasons = pc.if_else(pc.fill_null(hit, False), pa.scalar(reason), reasons)
+    return reasons
+
+
+def filter_rows(table: pa.Table, params: FilterParams) -> StageResult:
+    """Split ``table`` into rows that pass every rule and rows rejected with their reason."""
+    reasons = rule_reasons(table, params)
+    failed = pc.is_valid(reasons)
+    dropped = table.filter(failed)
+    return StageResult(
+        kept=table.filter(pc.invert(failed)),
+        rejected=reject_table(rejected(dropped, STAGE, reasons.filter(failed))),
+    )
