@@ -9,6 +9,7 @@ task that had finished and redoes only the rest.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
@@ -48,12 +50,20 @@ def _run_id() -> str | None:
     return flow_run.id
 
 
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a run; a plain logger when a task's ``.fn`` is called."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("aligncurate")
+
+
 @task(name="ingest", cache_key_fn=_task_key, persist_result=True)
 def ingest_source(
     key: str, source: SourceSpec, ingest: IngestParams, chain: list[ChainStep], folder: str
 ) -> SegmentOutput:
     """Read one source, run the leading local stages, write shards."""
-    logger = get_run_logger()
+    logger = _logger()
     writer = ShardWriter(folder)
     counts: Counts = {}
     for result in read_source(source.path, format=source.format, source=source.name, params=ingest):
@@ -67,7 +77,7 @@ def ingest_source(
 @task(name="ordered-segment", cache_key_fn=_task_key, persist_result=True)
 def run_segment(key: str, shards: list[str], chain: list[ChainStep], folder: str) -> SegmentOutput:
     """Run an ordered stage and the local stages after it over the shards, in order."""
-    logger = get_run_logger()
+    logger = _logger()
     writer = ShardWriter(folder)
     counts: Counts = {}
     states: dict[str, Any] = {}
@@ -124,8 +134,14 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     lead = _chain_identity(segments[0])
     futures = []
     for source in spec.sources:
-        key = key_of("ingest", code_version(), fingerprints[source.path], source.model_dump(),
-                     spec.ingest.model_dump(mode="json"), lead)
+        key = key_of(
+            "ingest",
+            code_version(),
+            fingerprints[source.path],
+            source.model_dump(),
+            spec.ingest.model_dump(mode="json"),
+            lead,
+        )
         futures.append(
             ingest.submit(key, source, spec.ingest, segments[0], str(work / "shards" / key))
         )
@@ -141,8 +157,11 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
 
     rejected = [p for o in outputs for p in o.rejected]
     counts = merge_counts(o.counts for o in outputs)
-    rows = {"in": counts.get("ingest", {}).get("in", 0), "train": _rows(train),
-            "rejected": _rows(rejected)}
+    rows = {
+        "in": counts.get("ingest", {}).get("in", 0),
+        "train": _rows(train),
+        "rejected": _rows(rejected),
+    }
     if rows["in"] != rows["train"] + rows["rejected"]:
         raise AccountingError(f"rows in != train + rejected: {rows}")
 
@@ -172,8 +191,11 @@ def _publish(spec: BuildSpec, summary: dict[str, Any]) -> None:
     """Prefect artifacts: a markdown summary and the per-stage counts table."""
     slug = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-") or "dataset"
     table = [{"stage": stage, **line} for stage, line in summary["counts"].items()]
-    create_table_artifact(table=table, key=f"{slug}-stage-counts",
-                          description=f"Per-stage counts of {spec.name} v{summary['version']}")
+    create_table_artifact(
+        table=table,
+        key=f"{slug}-stage-counts",
+        description=f"Per-stage counts of {spec.name} v{summary['version']}",
+    )
     lines = [
         f"# {spec.name} v{summary['version']}",
         "",
@@ -185,8 +207,13 @@ def _publish(spec: BuildSpec, summary: dict[str, Any]) -> None:
         "",
         "| stage | in | kept | rejected | added |",
         "|---|---:|---:|---:|---:|",
-        *(f"| {r['stage']} | {r['in']} | {r['kept']} | {r['rejected']} | {r['added']} |"
-          for r in table),
+        *(
+            f"| {r['stage']} | {r['in']} | {r['kept']} | {r['rejected']} | {r['added']} |"
+            for r in table
+        ),
     ]
-    create_markdown_artifact(markdown="\n".join(lines), key=f"{slug}-build-summary",
-                             description=f"Build summary of {spec.name}")
+    create_markdown_artifact(
+        markdown="\n".join(lines),
+        key=f"{slug}-build-summary",
+        description=f"Build summary of {spec.name}",
+    )

@@ -31,6 +31,13 @@ StoreOpt = Annotated[
     str | None,
     typer.Option("--store", envvar="ALIGNCURATE_STORE", help="Store root (default ./datasets)."),
 ]
+BuildStoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Store root; default: the spec's store, else $ALIGNCURATE_STORE, else ./datasets.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -81,7 +88,7 @@ def _counts_table(counts: dict[str, dict[str, int]]) -> Table:
 @_friendly
 def build(
     spec: Annotated[Path, typer.Argument(help="Build spec (YAML).")],
-    store: StoreOpt = None,
+    store: BuildStoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a new version of the dataset a spec describes."""
@@ -92,16 +99,18 @@ def build(
     summary = build_dataset(str(spec), store=store)
     if as_json:
         cache = summary.get("cache", {})
-        _emit_json({
-            "name": summary["name"],
-            "version": summary["version"],
-            "counts": summary["counts"],
-            "rows": summary["rows"],
-            "build_id": summary["build_id"],
-            "hits": cache.get("hits", 0),
-            "misses": cache.get("misses", 0),
-            "engine_calls": cache.get("engine_calls", 0),
-        })
+        _emit_json(
+            {
+                "name": summary["name"],
+                "version": summary["version"],
+                "counts": summary["counts"],
+                "rows": summary["rows"],
+                "build_id": summary["build_id"],
+                "hits": cache.get("hits", 0),
+                "misses": cache.get("misses", 0),
+                "engine_calls": cache.get("engine_calls", 0),
+            }
+        )
         return
     rows = summary["rows"]
     out.print(
@@ -121,18 +130,27 @@ def versions(
     """List the versions of a dataset, oldest first."""
     infos = _store(store).versions(name)
     if as_json:
-        _emit_json([
-            {"version": v.version, "timestamp": v.timestamp.isoformat(), "tags": v.tags,
-             "metadata": v.metadata}
-            for v in infos
-        ])
+        _emit_json(
+            [
+                {
+                    "version": v.version,
+                    "timestamp": v.timestamp.isoformat(),
+                    "tags": v.tags,
+                    "metadata": v.metadata,
+                }
+                for v in infos
+            ]
+        )
         return
     table = Table("version", "committed", "tags", "train", "rejected", "build id", title=name)
     for v in infos:
         rows = v.metadata.get("rows", {})
         table.add_row(
-            str(v.version), v.timestamp.strftime("%Y-%m-%d %H:%M:%S"), ", ".join(v.tags),
-            str(rows.get("train", "")), str(rows.get("rejected", "")),
+            str(v.version),
+            v.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
+            ", ".join(v.tags),
+            str(rows.get("train", "")),
+            str(rows.get("rejected", "")),
             str(v.metadata.get("build_id", "")),
         )
     out.print(table)
@@ -161,8 +179,16 @@ def inspect(
     rows = table.slice(0, sample).to_pylist() if sample > 0 else []
     schema = {f.name: str(f.type) for f in table.schema}
     if as_json:
-        _emit_json({"name": name, "version": version, "split": split, "schema": schema,
-                    **report, "sample": rows})
+        _emit_json(
+            {
+                "name": name,
+                "version": version,
+                "split": split,
+                "schema": schema,
+                **report,
+                "sample": rows,
+            }
+        )
         return
     out.print(f"[bold]{name}@{version}[/] ({split}): {report['rows']} rows")
     schema_table = Table("column", "type", title="schema")
@@ -176,8 +202,9 @@ def inspect(
         out.print(t)
     lengths = Table("field", "min", "mean", "p50", "p90", "max", title="lengths (chars)")
     for field, stats in report["lengths"].items():
-        lengths.add_row(field, *(str(stats.get(k, "")) for k in ("min", "mean", "p50", "p90",
-                                                                  "max")))
+        lengths.add_row(
+            field, *(str(stats.get(k, "")) for k in ("min", "mean", "p50", "p90", "max"))
+        )
     out.print(lengths)
     for row in rows:
         out.print_json(json.dumps(row, default=str))

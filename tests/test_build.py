@@ -146,7 +146,8 @@ def test_unknown_dataset_and_bad_spec_errors(tmp_path: Path, shared_data: Path) 
     bad = write_spec(tmp_path, name="x", sources=[{"path": "a.json"}], stages=[{"shuffle": {}}])
     with pytest.raises(SpecError, match="unknown stage 'shuffle'"):
         load_spec(bad)
-    bad = write_spec(tmp_path, name="x", sources=[{"path": "a.json"}],
-                     stages=[{"filter": {"max_chars": -3}}])
+    bad = write_spec(
+        tmp_path, name="x", sources=[{"path": "a.json"}], stages=[{"filter": {"max_chars": -3}}]
+    )
     with pytest.raises(SpecError, match="max_chars"):
         load_spec(bad)

@@ -12,48 +12,46 @@ from hashlib import blake2b
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from transforms.text import combined
+
+Column = pa.Array | pa.ChunkedArray
+
 _SEP = "\x1f"  # unit separator: cannot appear in normalised text (control chars are stripped)
 _TURN = "\x1e"
 
 
-def prompt_text(prompt: pa.Array | pa.ChunkedArray) -> pa.Array:
+def prompt_text(prompt: Column) -> pa.Array:
     """Serialise each conversation as ``role<US>content<RS>role<US>content...`` (one string)."""
-    prompt = prompt.combine_chunks() if isinstance(prompt, pa.ChunkedArray) else prompt
+    prompt = combined(prompt)
     flat = pc.list_flatten(prompt)
     turns = pc.binary_join_element_wise(
         pc.fill_null(flat.field("role"), ""), pc.fill_null(flat.field("content"), ""), _SEP
     )
     offsets = prompt.offsets
-    if prompt.offset or len(offsets) and offsets[0].as_py() != 0:
+    if len(offsets) and offsets[0].as_py() != 0:
         offsets = pc.subtract(offsets, offsets[0])
-    grouped = pa.ListArray.from_arrays(offsets, turns)
-    return pc.binary_join(grouped, _TURN)
+    return pc.binary_join(pa.ListArray.from_arrays(offsets, turns), _TURN)
 
 
 def _digest(values: pa.Array) -> pa.Array:
     return pa.array(
-        [blake2b(v.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest() for v in
-         values.to_pylist()],
+        [blake2b(v.encode(), digest_size=16).hexdigest() for v in values.to_pylist()],
         pa.string(),
     )
 
 
-def content_key(prompt: pa.Array | pa.ChunkedArray, response: pa.Array | pa.ChunkedArray) -> pa.Array:
+def content_key(prompt: Column, response: Column) -> pa.Array:
     """Hash of (prompt, response): the exact-dedup key."""
-    response = response.combine_chunks() if isinstance(response, pa.ChunkedArray) else response
-    text = pc.binary_join_element_wise(prompt_text(prompt), pc.fill_null(response, ""), _SEP)
-    return _digest(text)
+    response = pc.fill_null(combined(response), "")
+    return _digest(pc.binary_join_element_wise(prompt_text(prompt), response, _SEP))
 
 
-def row_ids(
-    source: pa.Array | pa.ChunkedArray,
-    prompt: pa.Array | pa.ChunkedArray,
-    response: pa.Array | pa.ChunkedArray,
-) -> pa.Array:
+def row_ids(source: Column, prompt: Column, response: Column) -> pa.Array:
     """Hash of (source, prompt, response): the stable row id."""
-    source = source.combine_chunks() if isinstance(source, pa.ChunkedArray) else source
-    response = response.combine_chunks() if isinstance(response, pa.ChunkedArray) else response
     text = pc.binary_join_element_wise(
-        pc.fill_null(source, ""), prompt_text(prompt), pc.fill_null(response, ""), _SEP
+        pc.fill_null(combined(source), ""),
+        prompt_text(prompt),
+        pc.fill_null(combined(response), ""),
+        _SEP,
     )
     return _digest(text)

@@ -41,6 +41,7 @@ def normalize_text(values: pa.Array, params: NormalizeParams) -> pa.Array:
 
 def normalize(table: pa.Table, params: NormalizeParams) -> StageResult:
     """Normalise prompt turns and responses, then recompute the content-hash ids."""
+
     def op(values: pa.Array) -> pa.Array:
         return normalize_text(values, params)
 

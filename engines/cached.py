@@ -1,0 +1,71 @@
+"""Route every generation through the generation cache.
+
+:class:`CachedEngine` wraps any :class:`~engines.base.Engine`: it answers what the cache
+holds, sends only the misses to the engine in batches (one engine call each, so vLLM's
+continuous batching sees the whole batch), and stores each completed batch before asking
+for the next. A rebuild or a resumed build therefore never pays twice for a generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from engines.base import Engine, Request, Sample
+from storage.gencache import CacheStats, GenerationCache, cache_key
+
+Progress = Callable[[int, int], None]
+
+
+class CachedEngine:
+    """An engine in front of a :class:`GenerationCache`; same ``generate`` signature."""
+
+    def __init__(self, engine: Engine, cache: GenerationCache, batch_size: int = 256) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.batch_size = batch_size
+        self.stats = CacheStats()
+
+    @property
+    def kind(self) -> str:
+        return self.engine.kind
+
+    @property
+    def fingerprint(self) -> str:
+        return self.engine.fingerprint
+
+    def key(self, request: Request) -> str:
+        return cache_key(self.fingerprint, request.prompt, request.sampling.to_dict(), request.seed)
+
+    def generate(
+        self, requests: Sequence[Request], progress: Progress | None = None
+    ) -> list[list[Sample]]:
+        """Samples for every request: cached ones read back, the rest generated and stored."""
+        keys = [self.key(r) for r in requests]
+        found = self.cache.get_many(keys)
+        missing: dict[str, Request] = {}
+        for key, request in zip(keys, requests, strict=True):
+            if key not in found:
+                missing.setdefault(key, request)
+        self.stats.hits += len(requests) - sum(1 for k in keys if k not in found)
+        self.stats.misses += len(missing)
+        pending = list(missing.items())
+        done = len(requests) - len(missing)
+        for start in range(0, len(pending), self.batch_size):
+            batch = pending[start : start + self.batch_size]
+            outputs = self.engine.generate([request for _, request in batch])
+            self.stats.engine_calls += 1
+            stored = [
+                (key, [s.to_dict() for s in samples])
+                for (key, _), samples in zip(batch, outputs, strict=True)
+            ]
+            self.cache.put_many(self.fingerprint, stored)
+            found.update(stored)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(requests))
+        return [[Sample.from_dict(s) for s in found[key]] for key in keys]
+
+    def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """Option probabilities; deterministic and cheap, so not cached."""
+        self.stats.engine_calls += 1
+        return self.engine.score_options(prompts, options)

@@ -1,0 +1,157 @@
+"""The ``aligncurate`` CLI on the shared corpora: build, versions, inspect, diff, tag, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def cli_json(*args: str) -> object:
+    code, out, err = cli(*args, "--json")
+    assert code == 0, (out, err)
+    return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def built(
+    tmp_path_factory: pytest.TempPathFactory, shared_data: Path, prefect_harness: None
+) -> tuple[str, Path]:
+    """Two versions of a dataset built from the shared corpora through the CLI."""
+    folder = tmp_path_factory.mktemp("cli")
+    store = str(folder / "store")
+    sources = [
+        {"path": str(shared_data / "instructions" / "gpteacher_roleplay.json")},
+        {"path": str(shared_data / "mmlu" / "test" / "anatomy_test.csv")},
+        {"path": str(shared_data / "nq" / "dev.csv")},
+    ]
+    spec = folder / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "mix", "sources": sources}))
+    first = cli_json("build", str(spec), "--store", store)
+    assert first["version"] == 0
+    sources.append({"path": str(shared_data / "seeds" / "self_instruct_seed_tasks.jsonl")})
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "mix",
+                "sources": sources,
+                "stages": [{"normalize": {}}, {"exact_dedup": {}}, {"filter": {"max_chars": 2000}}],
+            }
+        )
+    )
+    second = cli_json("build", str(spec), "--store", store)
+    assert second["version"] == 1
+    return store, folder
+
+
+def test_build_json_reports_counts_and_cache_fields(built: tuple[str, Path]) -> None:
+    store, _ = built
+    versions = cli_json("versions", "mix", "--store", store)
+    assert [v["version"] for v in versions] == [0, 1]
+    meta = versions[1]["metadata"]
+    rows = meta["rows"]
+    assert rows["in"] == rows["train"] + rows["rejected"]
+    assert meta["counts"]["filter"]["rejected"] > 0  # roleplay answers over 2,000 chars
+
+
+def test_inspect_shows_schema_counts_lengths_and_samples(built: tuple[str, Path]) -> None:
+    store, _ = built
+    report = cli_json("inspect", "mix@1", "--store", store, "--sample", "2")
+    assert report["version"] == 1
+    assert {"id", "prompt", "response", "split"} <= set(report["schema"])
+    assert set(report["counts"]["task"]) == {"instruction", "mcq", "open_qa"}
+    assert set(report["counts"]["split"]) == {"train", "rejected"}
+    assert report["lengths"]["response_chars"]["max"] > 0
+    assert len(report["sample"]) == 2
+    rejected = cli_json("inspect", "mix", "--split", "rejected", "--store", store)
+    assert any(r.startswith("too_long") for r in rejected["counts"]["reject_reason"])
+    code, out, _ = cli("inspect", "mix@0", "--store", store)
+    assert code == 0 and "by task" in out and "lengths" in out
+
+
+def test_tag_diff_and_export(built: tuple[str, Path]) -> None:
+    store, folder = built
+    assert cli_json("tag", "mix@0", "baseline", "--store", store)["version"] == 0
+    diff = cli_json("diff", "mix@baseline", "mix@1", "--store", store)
+    text = json.dumps(diff)
+    assert "added" in text and "removed" in text
+    out_dir = folder / "export"
+    result = cli_json(
+        "export",
+        "mix@baseline",
+        "--format",
+        "trl_messages",
+        "--out",
+        str(out_dir),
+        "--store",
+        store,
+    )
+    assert result
+    manifest = json.loads((out_dir / "export_manifest.json").read_text())
+    assert manifest["version"] == 0 and manifest["name"] == "mix"
+
+
+def test_read_errors_are_clear_and_exit_nonzero(built: tuple[str, Path]) -> None:
+    store, _ = built
+    for args, needle in [
+        (("versions", "nope"), "nope"),
+        (("inspect", "mix@7"), "7"),
+        (("inspect", "mix@no-such-tag"), "no-such-tag"),
+        (("versions", "../etc"), "../etc"),
+        (("export", "mix@0", "--format", "csv", "--out", "x"), "csv"),
+    ]:
+        code, _, err = cli(*args, "--store", store)
+        assert code == 2, args
+        assert "error:" in err and needle in err, (args, err)
+
+
+def test_bad_spec_fails_before_prefect_with_the_key(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\nsources: [{path: a.json}]\nstagez: []\n")
+    code, _, err = cli("build", str(spec), "--store", str(tmp_path / "s"))
+    assert code == 2 and "stagez" in err
+
+
+def test_console_script_builds_the_shipped_demo(tmp_path: Path) -> None:
+    """The installed ``aligncurate`` script, as a user runs it (own process, ephemeral Prefect)."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    exe = Path(sys.executable).with_name("aligncurate")
+    store = tmp_path / "store"
+    proc = subprocess.run(
+        [
+            str(exe),
+            "build",
+            str(REPO / "examples" / "demo" / "spec.yaml"),
+            "--store",
+            str(store),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["name"] == "demo-sft" and summary["version"] == 0
+    assert {"hits", "misses", "engine_calls"} <= set(summary)
+    dedup = summary["counts"]["exact_dedup"]
+    assert dedup["rejected"] == 20  # gsm8k_sample_b repeats rows 180-199 of gsm8k_sample
+    assert summary["rows"]["in"] == 200 + 80 + 100 + 50 + 100
