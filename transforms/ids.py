@@ -1,16 +1,18 @@
 """Stable content-hash row ids.
 
-``id`` is the BLAKE2b-128 hex digest of (source, prompt, response): the same content from
-the same source gets the same id in every build. The exact-dedup key drops the source, so
-the same (prompt, response) pair from two corpora is a duplicate.
+``id`` is the XXH3-128 hex digest of (source, prompt, response): the same content from the
+same source gets the same id in every build. The exact-dedup key drops the source, so the
+same (prompt, response) pair from two corpora is a duplicate. XXH3 is not a cryptographic
+hash; at 128 bits accidental collisions are negligible, and it hashes straight from the
+Arrow buffers about 8x faster than BLAKE2b over Python strings (see docs/performance.md).
 """
 
 from __future__ import annotations
 
-from hashlib import blake2b
-
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 from transforms.text import combined
 
@@ -34,8 +36,15 @@ def prompt_text(prompt: Column) -> pa.Array:
 
 
 def _digest(values: pa.Array) -> pa.Array:
+    """XXH3-128 hex digest of each string (null hashes as empty), read from Arrow buffers."""
+    values = pc.fill_null(values, "").cast(pa.large_string())
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)
+    offsets = offsets[values.offset : values.offset + len(values) + 1].tolist()
+    data = values.buffers()[2]
+    view = memoryview(data) if data is not None else memoryview(b"")
+    digest = xxhash.xxh3_128_hexdigest
     return pa.array(
-        [blake2b(v.encode(), digest_size=16).hexdigest() for v in values.to_pylist()],
+        [digest(view[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)],
         pa.string(),
     )
 

@@ -1,0 +1,378 @@
+"""File types → streams of record pieces, read with bounded memory.
+
+A reader never materialises a file. It yields *pieces*, each a run of consecutive records:
+:class:`Records` (Python values, from JSON, JSON lines and CSV) or :class:`Columns` (an Arrow
+table, from Parquet, a ``datasets`` directory, or JSON lines parsed by Arrow).
+
+Supported inputs:
+
+- JSON: a top-level array (streamed with ijson), or JSON lines in a ``.json`` file;
+- JSON lines: ``.jsonl`` / ``.ndjson``;
+- CSV with a header row (every value a string);
+- any of the above compressed: ``.gz`` or ``.zst``;
+- Parquet (``.parquet``, ``.pq``);
+- a directory written by ``datasets``' ``save_to_disk``. For a ``DatasetDict`` directory the
+  ``train`` split is read, or the only split if there is one; point at a split's folder to
+  read another.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from transforms.ingest import jsonio
+from transforms.ingest.errors import IngestError, RowReject
+from transforms.ingest.fields import invalid_utf8_rows
+
+JSON_ARRAY, JSON_LINES, CSV, PARQUET, HF_DISK = "json", "jsonl", "csv", "parquet", "hf_disk"
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+"""File suffix → Arrow codec (decompression runs in Arrow's C++ streams)."""
+EXTENSIONS = {
+    ".json": JSON_ARRAY,
+    ".jsonl": JSON_LINES,
+    ".ndjson": JSON_LINES,
+    ".csv": CSV,
+    ".parquet": PARQUET,
+    ".pq": PARQUET,
+}
+
+
+@dataclass(frozen=True)
+class Records:
+    """Consecutive records as Python values; the first has index ``first_index``."""
+
+    first_index: int
+    values: list[Any]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Consecutive records as an Arrow table; the first has index ``first_index``."""
+
+    first_index: int
+    table: pa.Table
+
+
+Piece = Records | Columns
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A corpus file (or ``datasets`` directory) and how to read it."""
+
+    path: Path
+    kind: str
+    compression: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The path as given, for messages."""
+        return str(self.path)
+
+    def error(
+        self, message: str, *, location: str | None = None, field: str | None = None
+    ) -> IngestError:
+        """A file-level error about this file."""
+        return IngestError(self.name, message, location=location, field=field)
+
+    def open_bytes(self) -> BinaryIO:
+        """The file's bytes, decompressed (read inside :meth:`reading`)."""
+        return pa.input_stream(str(self.path), compression=self.compression)
+
+    def open_text(self) -> io.TextIOWrapper:
+        """The file as text for the CSV reader (BOM dropped, invalid UTF-8 kept as surrogates)."""
+        return io.TextIOWrapper(
+            self.open_bytes(), encoding="utf-8-sig", errors="surrogateescape", newline=""
+        )
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Turn I/O and decompression errors (``OSError``) into :class:`IngestError`."""
+        try:
+            yield
+        except OSError as exc:
+            raise self.error(f"cannot read: {exc.strerror or exc}") from exc
+
+
+# --- opening ---------------------------------------------------------------------------------
+
+
+def open_source(path: str | Path) -> SourceFile:
+    """Identify the file type of ``path`` (from its name, and for ``.json`` its first byte)."""
+    path = Path(path)
+    if path.is_dir():
+        return SourceFile(path, HF_DISK)
+    if not path.exists():
+        raise IngestError(str(path), "no such file or directory")
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    extension = (suffixes[:-1] if compression else suffixes)[-1:] or [""]
+    kind = EXTENSIONS.get(extension[0])
+    if kind is None or (kind == PARQUET and compression):
+        raise IngestError(
+            str(path),
+            "unsupported file type; expected .json, .jsonl, .ndjson or .csv (optionally .gz "
+            "or .zst), .parquet, or a directory written by datasets' save_to_disk",
+        )
+    file = SourceFile(path, kind, compression)
+    if kind == JSON_ARRAY and _first_byte(file) == b"{":
+        return SourceFile(path, JSON_LINES, compression)
+    return file
+
+
+def default_source(path: str | Path) -> str:
+    """The file name without its known extensions: ``gsm8k.jsonl.zst`` → ``gsm8k``."""
+    path = Path(path)
+    name = path.name
+    while (suffix := Path(name).suffix.lower()) and (
+        suffix in EXTENSIONS or suffix in COMPRESSIONS
+    ):
+        name = name[: -len(suffix)]
+    return name or path.name
+
+
+def _first_byte(file: SourceFile) -> bytes:
+    with file.reading(), file.open_bytes() as stream:
+        head = stream.read(64 << 10).removeprefix(jsonio.BOM).lstrip()
+        while not head and (block := stream.read(64 << 10)):
+            head = block.lstrip()
+    return head[:1]
+
+
+# --- the first record (format detection) ----------------------------------------------------
+
+
+def peek_columns(file: SourceFile) -> tuple[list[str], str] | None:
+    """The column names of the file's first record and where it is, or ``None`` if the file
+    holds no records.
+
+    Raises:
+        IngestError: the first record cannot be read or parsed, or is not an object.
+    """
+    if file.kind == PARQUET:
+        return list(_parquet_file(file).schema_arrow.names), "schema"
+    if file.kind == HF_DISK:
+        return list(_hf_schema(file).names), "schema"
+    with file.reading():
+        found = _csv_header(file) if file.kind == CSV else _first_json_record(file)
+    if found is None:
+        return None
+    value, location = found
+    if not isinstance(value, dict):
+        raise file.error(
+            f"expected a record (a JSON object), got {type(value).__name__}", location=location
+        )
+    return list(value), location
+
+
+def _csv_header(file: SourceFile) -> tuple[dict[str, None], str] | None:
+    with file.open_text() as text:
+        header = _csv_row(file, csv.reader(text, strict=True))
+    return (dict.fromkeys(header), "line 1") if header else None
+
+
+def _first_json_record(file: SourceFile) -> tuple[Any, str] | None:
+    if file.kind == JSON_LINES:
+        return jsonio.first_line_record(file.open_bytes, file.name)
+    values = jsonio.iter_array(file.open_bytes, file.name)
+    try:
+        return next(((value, "record 0") for value in values), None)
+    finally:
+        values.close()
+
+
+# --- pieces ----------------------------------------------------------------------------------
+
+
+def iter_pieces(
+    file: SourceFile, *, batch_rows: int, arrow_schema: pa.Schema | None
+) -> Iterator[Piece]:
+    """Stream ``file`` as pieces of consecutive records. Python pieces hold at most
+    ``batch_rows`` records; Arrow ones (JSON-lines chunks, ``datasets`` record batches) can
+    hold more, and the caller re-batches.
+
+    ``arrow_schema``: the fields the format reads; given, JSON lines are parsed by Arrow.
+    """
+    with file.reading():
+        if file.kind == JSON_LINES:
+            yield from _jsonl_pieces(file, arrow_schema)
+        elif file.kind == JSON_ARRAY:
+            yield from _record_pieces(jsonio.iter_array(file.open_bytes, file.name), batch_rows)
+        elif file.kind == CSV:
+            yield from _record_pieces(_csv_records(file), batch_rows)
+        else:
+            yield from _arrow_pieces(file, batch_rows)
+
+
+def _arrow_pieces(file: SourceFile, batch_rows: int) -> Iterator[Columns]:
+    batches = _parquet_batches(file, batch_rows) if file.kind == PARQUET else _hf_batches(file)
+    index = 0
+    for batch in batches:
+        yield Columns(index, pa.Table.from_batches([batch]))
+        index += batch.num_rows
+
+
+def _record_pieces(values: Iterator[Any], batch_rows: int) -> Iterator[Records]:
+    buffer: list[Any] = []
+    index = 0
+    for value in values:
+        buffer.append(value)
+        if len(buffer) == batch_rows:
+            yield Records(index, buffer)
+            index, buffer = index + len(buffer), []
+    if buffer:
+        yield Records(index, buffer)
+
+
+def _jsonl_pieces(file: SourceFile, arrow_schema: pa.Schema | None) -> Iterator[Piece]:
+    index = 0
+    with file.open_bytes() as stream:
+        for chunk in jsonio.iter_chunks(stream):
+            table = (
+                None
+                if arrow_schema is None
+                else jsonio.read_chunk_arrow(chunk, arrow_schema, file.name)
+            )
+            if table is None:
+                values = jsonio.parse_chunk(chunk, file.open_bytes, file.name)
+                yield Records(index, values)
+                index += len(values)
+            else:
+                yield Columns(index, table)
+                index += table.num_rows
+
+
+def as_records(piece: Piece) -> Records:
+    """A piece as Python records. Rows of an Arrow table holding invalid UTF-8 (which Arrow
+    cannot turn into Python strings) become ``RowReject("invalid_utf8:<column>")`` values."""
+    if isinstance(piece, Records):
+        return piece
+    table = piece.table
+    reasons: list[str | None] = [None] * table.num_rows
+    for name in table.column_names:
+        bad = invalid_utf8_rows(table.column(name))
+        if bad is not None:
+            for row in bad.nonzero()[0]:
+                reasons[row] = reasons[row] or f"invalid_utf8:{name}"
+    if not any(reasons):
+        return Records(piece.first_index, table.to_pylist())
+    good = iter(table.filter(pa.array([r is None for r in reasons])).to_pylist())
+    values = [RowReject(reason) if reason else next(good) for reason in reasons]
+    return Records(piece.first_index, values)
+
+
+# --- CSV -------------------------------------------------------------------------------------
+
+
+def _csv_records(file: SourceFile) -> Iterator[dict[str, str]]:
+    # The csv module's default limit (128 KiB a field) is too small for long responses.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    with file.open_text() as text:
+        reader = csv.reader(text, strict=True)
+        header = _csv_row(file, reader)
+        if header is None:
+            return
+        while True:
+            start = reader.line_num + 1
+            row = _csv_row(file, reader)
+            if row is None:
+                return
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise file.error(
+                    f"invalid CSV: expected {len(header)} fields, got {len(row)}",
+                    location=f"line {start}",
+                )
+            yield dict(zip(header, row, strict=True))
+
+
+def _csv_row(file: SourceFile, reader: Any) -> list[str] | None:
+    try:
+        return next(reader, None)
+    except csv.Error as exc:
+        raise file.error(f"invalid CSV: {exc}", location=f"line {reader.line_num}") from exc
+
+
+# --- Parquet and datasets directories --------------------------------------------------------
+
+
+def _parquet_file(file: SourceFile) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(file.path)
+    except (pa.ArrowException, OSError) as exc:
+        raise file.error(f"cannot read Parquet: {exc}") from exc
+
+
+def _parquet_batches(file: SourceFile, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    parquet = _parquet_file(file)
+    try:
+        yield from parquet.iter_batches(batch_size=batch_rows)
+    except (pa.ArrowException, OSError) as exc:
+        raise file.error(f"cannot read Parquet: {exc}") from exc
+
+
+def hf_arrow_files(file: SourceFile) -> list[Path]:
+    """The Arrow files of a ``save_to_disk`` directory (see the module docstring for splits)."""
+    folder = file.path
+    splits_file = folder / "dataset_dict.json"
+    if splits_file.is_file():
+        folder = folder / _pick_split(file, _read_json(file, splits_file).get("splits", []))
+    state_file = folder / "state.json"
+    if state_file.is_file():
+        files = [
+            folder / entry["filename"] for entry in _read_json(file, state_file)["_data_files"]
+        ]
+    else:
+        files = sorted(folder.glob("*.arrow"))
+    if not files:
+        raise file.error("not a datasets save_to_disk directory (no state.json, no .arrow files)")
+    return files
+
+
+def _pick_split(file: SourceFile, splits: list[str]) -> str:
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return splits[0]
+    raise file.error(
+        f"a DatasetDict without a 'train' split (splits: {', '.join(splits)}); "
+        "give the folder of the split to read"
+    )
+
+
+def _read_json(file: SourceFile, path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise file.error(f"cannot read {path.name}: {exc}") from exc
+
+
+def _open_arrow(file: SourceFile, path: Path) -> pa.RecordBatchStreamReader:
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path)))
+    except (pa.ArrowException, OSError) as exc:
+        raise file.error(f"cannot read {path.name}: {exc}") from exc
+
+
+def _hf_schema(file: SourceFile) -> pa.Schema:
+    return _open_arrow(file, hf_arrow_files(file)[0]).schema
+
+
+def _hf_batches(file: SourceFile) -> Iterator[pa.RecordBatch]:
+    for path in hf_arrow_files(file):
+        reader = _open_arrow(file, path)
+        try:
+            yield from reader
+        except (pa.ArrowException, OSError) as exc:
+            raise file.error(f"cannot read {path.name}: {exc}") from exc

@@ -1,0 +1,147 @@
+"""``read_source``: one corpus file → a stream of canonical batches.
+
+The file is opened, typed and its format settled (detected, or the override's columns
+checked) before the first batch is asked for, so a missing or unknown file fails at the
+call. Each yielded :class:`~transforms.stage.StageResult` holds at most
+``params.batch_rows`` rows, kept plus rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+
+from transforms.ingest import alpaca
+from transforms.ingest.errors import IngestError, RowReject
+from transforms.ingest.formats import (
+    FORMATS,
+    ROW_ADAPTERS,
+    VECTORISED,
+    RowAdapter,
+    check_columns,
+    detect,
+    task_of,
+)
+from transforms.ingest.params import IngestParams
+from transforms.ingest.readers import (
+    Columns,
+    Piece,
+    SourceFile,
+    as_records,
+    default_source,
+    iter_pieces,
+    open_source,
+)
+from transforms.ingest.results import Outcome, build_rows
+from transforms.stage import StageResult
+
+T = TypeVar("T")
+
+
+def read_source(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    source: str | None = None,
+    params: IngestParams | None = None,
+) -> Iterator[StageResult]:
+    """Stream a corpus file (or a ``datasets`` ``save_to_disk`` directory) as canonical batches.
+
+    Args:
+        path: the file; see :mod:`transforms.ingest.readers` for the supported types.
+        format: one of :data:`FORMATS`; detected from the first record when ``None``.
+        source: the ``source`` column; by default the file name without its extensions.
+        params: batch size and ShareGPT tags.
+
+    Yields:
+        Results whose ``kept`` follows ``transforms.schema.SCHEMA`` and whose ``rejected``
+        holds the rows with row-level problems, with ``reject_stage="ingest"`` and a
+        ``reject_reason``; ``stats["rows_read"] == kept + rejected``.
+
+    Raises:
+        IngestError: a file-level problem, at the call (missing file, unknown format,
+            required column absent) or while iterating (a malformed line or row).
+    """
+    params = params or IngestParams()
+    file = open_source(path)
+    if format is None:
+        format = detect(file, params)
+    elif format not in FORMATS:
+        raise IngestError(
+            file.name, f"unknown format {format!r}; known formats: {', '.join(FORMATS)}"
+        )
+    else:
+        check_columns(file, format, params)
+    return _results(file, format, source or default_source(file.path), params)
+
+
+def _results(
+    file: SourceFile, format_: str, source: str, params: IngestParams
+) -> Iterator[StageResult]:
+    task = task_of(format_)
+    schema = alpaca.JSON_SCHEMA if format_ == "alpaca" else None
+    pieces = iter_pieces(file, batch_rows=params.batch_rows, arrow_schema=schema)
+    if format_ in VECTORISED:
+        raws = (_raw(piece, format_) for piece in pieces)
+        for raw in rebatch(raws, params.batch_rows):
+            yield alpaca.build(raw, source, task)
+    else:
+        outcomes = _outcomes(pieces, ROW_ADAPTERS[format_], params)
+        for items in chunked(outcomes, params.batch_rows):
+            yield build_rows(items, source, task)
+
+
+def _raw(piece: Piece, format_: str) -> pa.Table:
+    if format_ == "self_instruct":
+        return alpaca.from_records(as_records(piece), self_instruct=True)
+    if isinstance(piece, Columns):
+        return alpaca.from_columns(piece)
+    return alpaca.from_python(piece)
+
+
+def _outcomes(
+    pieces: Iterable[Piece], adapter: RowAdapter, params: IngestParams
+) -> Iterator[tuple[int, Outcome]]:
+    for piece in pieces:
+        records = as_records(piece)
+        for offset, value in enumerate(records.values):
+            yield records.first_index + offset, _adapt(adapter, value, params)
+
+
+def _adapt(adapter: RowAdapter, value: Any, params: IngestParams) -> Outcome:
+    try:
+        return adapter(value, params)
+    except RowReject as reject:
+        return reject
+
+
+def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Re-cut a stream of tables into tables of exactly ``rows`` rows (the last may be short)."""
+    buffer: list[pa.Table] = []
+    size = 0
+    for table in tables:
+        if not table.num_rows:
+            continue
+        buffer.append(table)
+        size += table.num_rows
+        while size >= rows:
+            whole = pa.concat_tables(buffer)
+            yield whole.slice(0, rows)
+            buffer, size = [whole.slice(rows)], size - rows
+    if size:
+        yield pa.concat_tables(buffer)
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of ``size`` consecutive items (the last may be short)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
