@@ -48,7 +48,8 @@ def make_corpus(path: Path, rows: int, dup_fraction: float = 0.1, seed: int = 0)
                 r = base[i % len(base)]
                 variant = i // len(base)
                 rec = {
-                    "instruction": r["instruction"] if variant == 0
+                    "instruction": r["instruction"]
+                    if variant == 0
                     else f"{r['instruction']} (variant {variant})",
                     "input": r.get("input", ""),
                     "output": r["output"],
@@ -99,8 +100,12 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
     store.commit("bench", train, rejected, {"bench": True})
     seconds = time.perf_counter() - t0
     rows = store.versions("bench")[-1]
-    return {"seconds": seconds, "rows": first.counts["ingest"]["in"], "version": rows.version,
-            "counts": {k: v for o in outputs for k, v in o.counts.items()}}
+    return {
+        "seconds": seconds,
+        "rows": first.counts["ingest"]["in"],
+        "version": rows.version,
+        "counts": {k: v for o in outputs for k, v in o.counts.items()},
+    }
 
 
 def child_flow(corpus: Path, work: Path) -> dict:
@@ -112,8 +117,12 @@ def child_flow(corpus: Path, work: Path) -> dict:
     spec = _spec(corpus, work)
     t0 = time.perf_counter()
     summary = build_dataset(str(spec), store=str(work / "flowstore"))
-    return {"seconds": time.perf_counter() - t0, "rows": summary["rows"]["in"],
-            "train": summary["rows"]["train"], "rejected": summary["rows"]["rejected"]}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "rows": summary["rows"]["in"],
+        "train": summary["rows"]["train"],
+        "rejected": summary["rows"]["rejected"],
+    }
 
 
 CHILDREN = {"baseline": child_baseline, "pipeline": child_pipeline, "flow": child_flow}
@@ -125,7 +134,8 @@ def run_child(kind: str, corpus: Path, work: Path) -> dict:
     folder.mkdir()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", kind, str(corpus), str(folder)],
-        stdout=subprocess.PIPE, cwd=REPO,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
     )
     out = proc.stdout.read()  # type: ignore[union-attr]
     _, status, usage = os.wait4(proc.pid, 0)
@@ -152,8 +162,9 @@ def main() -> None:
         corpus = work / "corpus.jsonl"
         make_corpus(corpus, args.rows)
         size_mib = corpus.stat().st_size / 2**20
-        results = {k: run_child(k, corpus, work) for k in CHILDREN
-                   if not (k == "flow" and args.skip_flow)}
+        results = {
+            k: run_child(k, corpus, work) for k in CHILDREN if not (k == "flow" and args.skip_flow)
+        }
     base = results["baseline"]["seconds"]
     report = {
         "rows": args.rows,

@@ -112,12 +112,12 @@ def _signatures(batches: Iterator[pa.RecordBatch]) -> _Signatures:
     splits: list[pa.Array] = []
     for batch in batches:
         content = [c for c in batch.schema.names if c not in ("id", "split")]
-        columns = [batch.column(c).to_pylist() for c in content]
         split = batch.column("split")
+        values = [batch.column(c).to_pylist() for c in content]
+        rows = zip(*values, strict=True) if values else iter([()] * batch.num_rows)
         digests = [
-            split_value + ":" + _digest(values)
-            for split_value, values in zip(split.to_pylist(), zip(*columns, strict=True), strict=True)
-        ] if columns else split.to_pylist()
+            f"{where}:{_digest(row)}" for where, row in zip(split.to_pylist(), rows, strict=True)
+        ]
         ids.append(batch.column("id"))
         sigs.append(pa.array(digests, pa.string()))
         splits.append(split)

@@ -70,9 +70,9 @@ def validate_tag(tag: str) -> str:
     Tags follow the dataset-name rules, must not look like an integer (``3`` is a
     version) and must not be ``latest``.
     """
-    _check_token("tag", tag)
-    if _looks_like_int(tag):
+    if isinstance(tag, str) and _looks_like_int(tag):
         raise StoreError(f"tag {tag!r} looks like a version number; tags must not be integers")
+    _check_token("tag", tag)
     if tag == LATEST:
         raise StoreError(f"tag {LATEST!r} is reserved: it always means the newest version")
     return tag
@@ -124,9 +124,7 @@ def parse_ref(text: str | Ref) -> Ref:
     if not sep:
         return Ref(validate_name(name), None)
     if not selector or "@" in selector:
-        raise StoreError(
-            f"bad dataset reference {text!r}; expected NAME, NAME@VERSION or NAME@TAG"
-        )
+        raise StoreError(f"bad dataset reference {text!r}; expected NAME, NAME@VERSION or NAME@TAG")
     validate_name(name)
     if selector.isascii() and selector.isdigit():
         return Ref(name, str(int(selector)))

@@ -1,11 +1,12 @@
 """Stage ``normalize``: Unicode NFC, control characters stripped, whitespace trimmed.
 
 Applied to every prompt turn and to the response. Because ``id`` is a content hash, it is
-recomputed from the normalised text. This stage rejects nothing.
+recomputed for the rows whose text changed. This stage rejects nothing.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
@@ -40,15 +41,42 @@ def normalize_text(values: pa.Array, params: NormalizeParams) -> pa.Array:
 
 
 def normalize(table: pa.Table, params: NormalizeParams) -> StageResult:
-    """Normalise prompt turns and responses, then recompute the content-hash ids."""
+    """Normalise prompt turns and responses; recompute the ids of the rows that changed."""
 
     def op(values: pa.Array) -> pa.Array:
         return normalize_text(values, params)
 
-    prompt = map_contents(table.column("prompt"), op)
-    response = op(combined(table.column("response")))
-    ids = row_ids(table.column("source"), prompt, response)
+    old_prompt = combined(table.column("prompt"))
+    old_response = combined(table.column("response"))
+    prompt = map_contents(old_prompt, op)
+    response = op(old_response)
+    changed = pc.or_(
+        pc.fill_null(pc.not_equal(response, old_response), False),
+        _turns_changed(old_prompt, prompt),
+    )
+    ids = combined(table.column("id"))
+    if pc.any(changed).as_py():
+        rows = pc.indices_nonzero(changed)
+        fresh = row_ids(
+            combined(table.column("source")).take(rows), prompt.take(rows), response.take(rows)
+        )
+        positions = np.full(len(ids), -1, dtype=np.int64)
+        positions[rows.to_numpy()] = np.arange(len(rows))
+        ids = pc.if_else(changed, pc.take(fresh, pa.array(np.maximum(positions, 0))), ids)
     out = table
     for name, column in (("prompt", prompt), ("response", response), ("id", ids)):
         out = out.set_column(out.schema.get_field_index(name), name, column)
     return StageResult(kept=out)
+
+
+def _turns_changed(old: pa.ListArray, new: pa.ListArray) -> pa.Array:
+    """Per row: did any turn's content change?"""
+    old_text = pc.list_flatten(old).field("content")
+    new_text = pc.list_flatten(new).field("content")
+    turn_changed = pc.fill_null(pc.not_equal(old_text, new_text), False)
+    if not pc.any(turn_changed).as_py():
+        return pa.array(np.zeros(len(old), dtype=bool))
+    parents = pc.list_parent_indices(old).to_numpy()
+    out = np.zeros(len(old), dtype=bool)
+    out[parents[turn_changed.to_numpy(zero_copy_only=False)]] = True
+    return pa.array(out)

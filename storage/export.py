@@ -1,0 +1,396 @@
+"""Export one dataset version to the formats trainers read.
+
+Formats (written to ``out_dir``, streamed batch by batch so memory stays bounded):
+
+- ``trl_messages``: JSONL, TRL's conversational language-modelling type,
+  ``{"messages": [...], "tools": [...]}``. A ``tool_call`` turn becomes an assistant
+  message with ``tool_calls`` (``{"type": "function", "function": {name, arguments}}``),
+  a ``tool`` turn stays a ``tool`` message.
+- ``trl_prompt_completion``: JSONL, TRL's conversational prompt-completion type,
+  ``{"prompt": [...], "completion": [{"role": "assistant", ...}], "tools": [...]}``.
+- ``llamafactory_alpaca``: a JSON list of ``{instruction, input, output, system, tools,
+  history}`` plus a ``dataset_info.json`` entry. Alpaca has no place for tool turns, so
+  rows whose prompt has ``tool_call``/``tool`` turns (or whose turns do not alternate
+  user/assistant) are skipped and counted in the manifest; export those with
+  ``llamafactory_sharegpt``.
+- ``llamafactory_sharegpt``: a JSON list of ``{conversations: [{from, value}], system,
+  tools}`` (``human``/``gpt``/``function_call``/``observation``) plus a
+  ``dataset_info.json`` entry with ``"formatting": "sharegpt"`` and the tags.
+- ``jsonl`` / ``parquet``: the rows as they are stored (all columns).
+
+Every export writes ``export_manifest.json`` last; data files are written under a
+temporary name and renamed, so a failed export leaves no file that looks complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.dataset import DatasetStore
+from storage.names import Ref, StoreError, validate_split
+
+EXPORT_FORMATS = (
+    "trl_messages",
+    "trl_prompt_completion",
+    "llamafactory_alpaca",
+    "llamafactory_sharegpt",
+    "jsonl",
+    "parquet",
+)
+MANIFEST = "export_manifest.json"
+DATASET_INFO = "dataset_info.json"
+_BATCH_ROWS = 4_096
+
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+_SHAREGPT_ROLES = {
+    "user": "human",
+    "assistant": "gpt",
+    "tool_call": "function_call",
+    "tool": "observation",
+}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote. ``files`` are names inside ``out_dir``."""
+
+    name: str
+    version: int
+    split: str
+    format: str
+    out_dir: str
+    files: list[str]
+    rows: int
+    skipped: int
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
+    created_at: str = ""
+
+    @property
+    def manifest(self) -> Path:
+        """Path of the export manifest."""
+        return Path(self.out_dir) / MANIFEST
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the manifest's content); ``dataset`` repeats ``name``."""
+        return {"dataset": self.name, "ref": f"{self.name}@{self.version}", **asdict(self)}
+
+
+class _Skip(Exception):
+    """A row the format cannot represent; the message is the reason counted."""
+
+
+Row = dict[str, Any]
+
+
+def export(
+    store: DatasetStore, ref: Ref | str, fmt: str, out_dir: str | Path, split: str = "train"
+) -> ExportResult:
+    """Write one version's ``split`` in format ``fmt`` to ``out_dir``.
+
+    Raises:
+        StoreError: unknown format (listing the valid ones), split or reference.
+    """
+    if fmt not in EXPORT_FORMATS:
+        valid = ", ".join(EXPORT_FORMATS)
+        raise StoreError(f"unknown export format {fmt!r}; valid formats: {valid}")
+    validate_split(split)
+    name, version = store.resolve(ref)
+    exact = f"{name}@{version}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_v{version}" + ("" if split == "train" else f"_{split}")
+    batches = store.batches(exact, split=split, batch_size=_BATCH_ROWS)
+
+    skipped: Counter[str] = Counter()
+    if fmt == "parquet":
+        data = out / f"{stem}.parquet"
+        schema = pa.schema([f for f in store.schema(exact) if f.name != "split"])
+        rows = _write_parquet(batches, schema, data)
+    else:
+        convert = _CONVERTERS[fmt]
+        records = _convert(batches, convert, skipped)
+        is_list = fmt.startswith("llamafactory")
+        data = out / f"{stem}.json" if is_list else out / f"{stem}.jsonl"
+        rows = _write_json(records, data, as_list=is_list)
+    files = [data.name]
+    if fmt.startswith("llamafactory"):
+        _update_dataset_info(out / DATASET_INFO, stem, _dataset_info_entry(fmt, data.name))
+        files.append(DATASET_INFO)
+
+    result = ExportResult(
+        name=name,
+        version=version,
+        split=split,
+        format=fmt,
+        out_dir=str(out),
+        files=files,
+        rows=rows,
+        skipped=sum(skipped.values()),
+        skipped_reasons=dict(sorted(skipped.items())),
+        created_at=datetime.now(UTC).isoformat(),
+    )
+    _atomic_write_text(result.manifest, json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+# -- writers -----------------------------------------------------------------------------
+
+
+def _convert(
+    batches: Iterable[pa.RecordBatch], convert: Callable[[Row], Row], skipped: Counter[str]
+) -> Iterator[Row]:
+    for batch in batches:
+        for row in batch.to_pylist():
+            try:
+                yield convert(row)
+            except _Skip as reason:
+                skipped[str(reason)] += 1
+
+
+def _write_json(records: Iterable[Row], path: Path, as_list: bool) -> int:
+    """JSON lines, or (``as_list``) one JSON array with a record per line."""
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as out:
+        if as_list:
+            out.write("[")
+        for record in records:
+            if as_list:
+                out.write(",\n" if count else "\n")
+            out.write(_dumps(record))
+            if not as_list:
+                out.write("\n")
+            count += 1
+        if as_list:
+            out.write("\n]\n")
+    tmp.replace(path)
+    return count
+
+
+def _write_parquet(batches: Iterable[pa.RecordBatch], schema: pa.Schema, path: Path) -> int:
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch.select(schema.names))
+            count += batch.num_rows
+    tmp.replace(path)
+    return count
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _dumps(record: Row) -> str:
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False, default=_json_default)
+    except ValueError:  # NaN / inf in a stage column: not JSON, write null
+        return json.dumps(_finite(record), ensure_ascii=False, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dataset_info_entry(fmt: str, file_name: str) -> dict[str, Any]:
+    """The LLaMA-Factory ``dataset_info.json`` entry (layout of its ``data/README.md``)."""
+    if fmt == "llamafactory_alpaca":
+        columns = {
+            "prompt": "instruction",
+            "query": "input",
+            "response": "output",
+            "system": "system",
+            "tools": "tools",
+            "history": "history",
+        }
+        return {"file_name": file_name, "columns": columns}
+    columns = {"messages": "conversations", "system": "system", "tools": "tools"}
+    return {
+        "file_name": file_name,
+        "formatting": "sharegpt",
+        "columns": columns,
+        "tags": SHAREGPT_TAGS,
+    }
+
+
+def _update_dataset_info(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Add or replace ``key`` in ``dataset_info.json``, keeping the other datasets."""
+    info = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    info[key] = entry
+    _atomic_write_text(path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+
+
+# -- row converters ----------------------------------------------------------------------
+
+
+def _parse_tools(row: Row) -> Any:
+    if row.get("tools") is None:
+        return None
+    try:
+        return json.loads(row["tools"])
+    except json.JSONDecodeError as exc:
+        raise _Skip("tools is not valid JSON") from exc
+
+
+def _parse_calls(content: str | None) -> list[dict[str, Any]]:
+    """A ``tool_call`` turn's JSON as ``[{"name", "arguments"}]``; accepts one call or a
+    list, OpenAI-style ``{"function": {...}}`` wrappers and stringified arguments."""
+    try:
+        data = json.loads(content or "")
+    except json.JSONDecodeError as exc:
+        raise _Skip("tool_call content is not valid JSON") from exc
+    calls = []
+    for item in data if isinstance(data, list) else [data]:
+        call = item.get("function", item) if isinstance(item, dict) else None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise _Skip("tool_call content has no function name")
+        arguments = call.get("arguments", call.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as exc:
+                raise _Skip("tool_call arguments are not valid JSON") from exc
+        calls.append({"name": call["name"], "arguments": arguments})
+    return calls
+
+
+def _trl_turns(prompt: list[Row]) -> list[Row]:
+    """Our turns as TRL/transformers chat messages."""
+    messages: list[Row] = []
+    pending: list[str] = []  # names of calls awaiting their tool message
+    for turn in prompt:
+        role, content = turn["role"], turn["content"]
+        if role == "tool_call":
+            calls = _parse_calls(content)
+            pending.extend(call["name"] for call in calls)
+            tool_calls = [{"type": "function", "function": call} for call in calls]
+            messages.append({"role": "assistant", "content": "", "tool_calls": tool_calls})
+        elif role == "tool":
+            message = {"role": "tool", "content": content}
+            if pending:
+                message["name"] = pending.pop(0)
+            messages.append(message)
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def _with_tools(record: Row, row: Row) -> Row:
+    tools = _parse_tools(row)
+    if tools is not None:
+        record["tools"] = tools
+    return record
+
+
+def _trl_messages(row: Row) -> Row:
+    messages = [*_trl_turns(row["prompt"]), {"role": "assistant", "content": row["response"]}]
+    return _with_tools({"messages": messages}, row)
+
+
+def _trl_prompt_completion(row: Row) -> Row:
+    if not row["prompt"]:
+        raise _Skip("empty prompt")
+    record = {
+        "prompt": _trl_turns(row["prompt"]),
+        "completion": [{"role": "assistant", "content": row["response"]}],
+    }
+    return _with_tools(record, row)
+
+
+def _leading_system(prompt: list[Row]) -> tuple[str, list[Row]]:
+    """The leading system prompt (or "") and the remaining turns; a later system turn
+    cannot be represented by LLaMA-Factory."""
+    system = ""
+    if prompt and prompt[0]["role"] == "system":
+        system, prompt = prompt[0]["content"] or "", prompt[1:]
+    if any(turn["role"] == "system" for turn in prompt):
+        raise _Skip("system turn after the first turn")
+    return system, prompt
+
+
+def _tools_text(row: Row) -> str:
+    _parse_tools(row)  # must be valid JSON
+    return row.get("tools") or ""
+
+
+def _alpaca(row: Row) -> Row:
+    system, turns = _leading_system(row["prompt"])
+    if any(turn["role"] in ("tool_call", "tool") for turn in turns):
+        raise _Skip("tool turns (alpaca cannot represent them; use llamafactory_sharegpt)")
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+    if not turns or len(turns) % 2 == 0 or [t["role"] for t in turns] != expected:
+        raise _Skip("turns do not alternate user/assistant ending with user")
+    history = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns) - 1, 2)]
+    return {
+        "instruction": turns[-1]["content"],
+        "input": "",
+        "output": row["response"],
+        "system": system,
+        "tools": _tools_text(row),
+        "history": history,
+    }
+
+
+def _sharegpt(row: Row) -> Row:
+    system, turns = _leading_system(row["prompt"])
+    conversation = []
+    for turn in turns:
+        value = turn["content"]
+        if turn["role"] == "tool_call":
+            calls = _parse_calls(value)
+            value = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+        conversation.append({"from": _SHAREGPT_ROLES[turn["role"]], "value": value})
+    conversation.append({"from": "gpt", "value": row["response"]})
+    odd, even = ("human", "observation"), ("gpt", "function_call")
+    if any(m["from"] not in (odd if i % 2 == 0 else even) for i, m in enumerate(conversation)):
+        raise _Skip("turns do not alternate human|observation and gpt|function_call")
+    return {"conversations": conversation, "system": system, "tools": _tools_text(row)}
+
+
+def _identity(row: Row) -> Row:
+    return row
+
+
+_CONVERTERS: dict[str, Callable[[Row], Row]] = {
+    "trl_messages": _trl_messages,
+    "trl_prompt_completion": _trl_prompt_completion,
+    "llamafactory_alpaca": _alpaca,
+    "llamafactory_sharegpt": _sharegpt,
+    "jsonl": _identity,
+}
