@@ -34,7 +34,8 @@ from pipelines.segments import (
     split_segments,
 )
 from pipelines.spec import BuildSpec, SourceSpec, load_spec
-from storage.dataset import DatasetStore, default_store
+from storage.dataset import DatasetStore, StoreError, default_store
+from storage.uris import local_path
 from transforms.ingest import IngestParams, read_source
 
 
@@ -107,9 +108,14 @@ def _rows(paths: list[str]) -> int:
 
 
 def _work_dir(root: str, name: str) -> Path:
-    if "://" in root and not root.startswith("file://"):
-        raise NotImplementedError("the work folder of a remote store is not supported yet")
-    return Path(root.removeprefix("file://")) / "_work" / name
+    """``<store>/_work/<name>``: shards and Prefect task results of this dataset's builds."""
+    folder = local_path(root)
+    if folder is None:
+        raise StoreError(
+            f"store {root!r}: builds into a remote store are not supported yet "
+            "(the shard work folder must be local)"
+        )
+    return Path(folder) / "_work" / name
 
 
 def _result_storage(work: Path) -> LocalFileSystem:
@@ -170,7 +176,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         "spec_hash": spec.spec_hash(),
         "spec_name": spec.name,
         "code_version": code_version(),
-        "inputs": {_source_name(s): fingerprints[s.path] for s in spec.sources},
+        "inputs": {s.path: fingerprints[s.path] for s in spec.sources},
         "engines": {},
         "counts": counts,
         "rows": rows,
@@ -181,10 +187,6 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     summary = {"name": spec.name, "version": version, "store": datasets.root, **metadata}
     _publish(spec, summary)
     return summary
-
-
-def _source_name(source: SourceSpec) -> str:
-    return source.name or Path(source.path).name
 
 
 def _publish(spec: BuildSpec, summary: dict[str, Any]) -> None:

@@ -144,7 +144,7 @@ def versions(
         return
     table = Table("version", "committed", "tags", "train", "rejected", "build id", title=name)
     for v in infos:
-        rows = v.metadata.get("rows", {})
+        rows = v.rows
         table.add_row(
             str(v.version),
             v.timestamp.strftime("%Y-%m-%d %H:%M:%S"),

@@ -34,10 +34,24 @@ def key_of(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+_CODE_PACKAGES = ("transforms", "pipelines", "storage", "engines")
+
+
 @cache
 def code_version() -> str:
-    """The installed aligncurate version."""
+    """The aligncurate version plus a hash of its source files (``0.1.0+1a2b3c4d5e6f``).
+
+    Task cache keys include it, so editing any stage or the flow invalidates cached task
+    results even without a version bump.
+    """
     try:
-        return version("aligncurate")
+        release = version("aligncurate")
     except PackageNotFoundError:  # running from a source tree that is not installed
-        return "0+unknown"
+        release = "0"
+    root = Path(__file__).resolve().parents[1]
+    digest = xxhash.xxh3_64()
+    for package in _CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return f"{release}+{digest.hexdigest()[:12]}"

@@ -29,6 +29,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,11 +167,18 @@ def _convert(
                 skipped[str(reason)] += 1
 
 
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path``, renamed onto it when the block succeeds."""
+    tmp = path.with_name(path.name + ".tmp")
+    yield tmp
+    tmp.replace(path)
+
+
 def _write_json(records: Iterable[Row], path: Path, as_list: bool) -> int:
     """JSON lines, or (``as_list``) one JSON array with a record per line."""
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as out:
+    with _replacing(path) as tmp, tmp.open("w", encoding="utf-8") as out:
         if as_list:
             out.write("[")
         for record in records:
@@ -182,25 +190,21 @@ def _write_json(records: Iterable[Row], path: Path, as_list: bool) -> int:
             count += 1
         if as_list:
             out.write("\n]\n")
-    tmp.replace(path)
     return count
 
 
 def _write_parquet(batches: Iterable[pa.RecordBatch], schema: pa.Schema, path: Path) -> int:
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with _replacing(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for batch in batches:
             writer.write_batch(batch.select(schema.names))
             count += batch.num_rows
-    tmp.replace(path)
     return count
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with _replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _dumps(record: Row) -> str:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.uris import local_path
+
 CACHE_ENV = "ALIGNCURATE_CACHE"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -37,9 +39,10 @@ def cache_dir(store_root: str | None = None) -> Path:
     """``$ALIGNCURATE_CACHE``, else ``<store>/_cache`` for a local store."""
     if env := os.environ.get(CACHE_ENV):
         return Path(env)
-    if store_root is None or ("://" in store_root and not store_root.startswith("file://")):
+    local = None if store_root is None else local_path(store_root)
+    if local is None:
         return Path.home() / ".cache" / "aligncurate" / "generations"
-    return Path(store_root.removeprefix("file://")) / "_cache"
+    return Path(local) / "_cache"
 
 
 def cache_key(fingerprint: str, prompt: str, sampling: Mapping[str, Any], seed: int | None) -> str:

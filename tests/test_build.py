@@ -63,7 +63,8 @@ def test_build_on_shared_corpora(tmp_path: Path, shared_data: Path) -> None:
     meta = info.metadata
     assert meta["build_id"] == summary["build_id"] != "None"
     assert meta["spec_hash"] == summary["spec_hash"]
-    assert set(meta["inputs"]) == {Path(s["path"]).name for s in sources}
+    assert set(meta["inputs"]) == {s["path"] for s in sources}
+    assert list(meta["counts"]) == ["ingest", "normalize", "exact_dedup", "filter"]
     assert all(v.startswith("xxh3:") for v in meta["inputs"].values())
     assert meta["counts"] == summary["counts"]
 

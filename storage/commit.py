@@ -1,0 +1,393 @@
+"""The commit writer: a build's Parquet shards → one new version, in one atomic Delta commit.
+
+A commit runs in three steps:
+
+1. **Plan.** Every shard's footer is read (no data) and the schemas are unified
+   (:func:`unify_schemas`): canonical columns first, then stage columns in order of first
+   appearance, then the reject columns and the ``split`` partition column. Types Delta
+   cannot store fail here, before anything is written.
+2. **Write.** The shards' batches are read in a prefetch thread, conformed to the unified
+   schema and streamed through pyarrow's Parquet writer into the table's data files,
+   ``split=<split>/part-NNNNN-<uuid>.snappy.parquet``, a new file every
+   ``target_file_bytes``. Memory stays bounded by a few batches; row order is kept.
+3. **Commit.** One Delta transaction adds the files: ``create_table_with_add_actions`` for a
+   new dataset, an ``overwrite`` write transaction otherwise. The commit's custom metadata
+   holds the build metadata (:mod:`storage.metadata`).
+
+``write_deltalake`` would do steps 2 and 3 in one call, but it buffers too much for
+million-row builds; this runs at pyarrow's speed in bounded memory. If anything fails
+before the transaction, the data files written so far are removed and no version exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from queue import Empty, Full, Queue
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable
+from deltalake import Schema as DeltaSchema
+from deltalake.exceptions import DeltaError
+from deltalake.transaction import AddAction, create_table_with_add_actions
+
+from storage.metadata import commit_id_of, encode_metadata
+from storage.names import SPLITS, StoreError
+from transforms.schema import REJECT_FIELDS, SCHEMA
+
+TABLE_CONFIG = {"delta.enableExpiredLogCleanup": "false"}
+"""Versions are the product: never let Delta expire old log entries (and with them,
+the ability to read old versions)."""
+
+
+class ShardSource(NamedTuple):
+    """One shard to commit: its split, its path as given (for messages) and where it is."""
+
+    split: str
+    path: str
+    filesystem: pafs.FileSystem
+    fs_path: str  # the path on ``filesystem``
+
+
+@dataclass(frozen=True)
+class CommitTarget:
+    """The dataset a commit goes to."""
+
+    name: str
+    uri: str  # the table URI, for deltalake
+    filesystem: pafs.FileSystem  # the store's filesystem, for the data files
+    path: str  # the table's path on ``filesystem``
+    storage_options: dict[str, str] | None
+    open_table: Callable[[], DeltaTable]  # the latest snapshot; raises StoreError
+
+
+def commit_shards(
+    target: CommitTarget,
+    shards: Sequence[ShardSource],
+    metadata: Mapping[str, Any],
+    *,
+    batch_rows: int,
+    target_file_bytes: int,
+) -> int:
+    """Commit ``shards`` as the new (complete) content of ``target``; returns its version.
+
+    Raises:
+        StoreError: bad metadata, unreadable shard, incompatible column types, or a
+            failed write.
+    """
+    plan = ShardPlan.build(shards, batch_rows)
+    commit_id = uuid.uuid4().hex
+    properties = CommitProperties(custom_metadata=encode_metadata(metadata, plan.rows, commit_id))
+    delta_schema = plan.delta_schema  # fails before any write on types Delta lacks
+    created = not DeltaTable.is_deltatable(target.uri, target.storage_options)
+
+    parts = PartWriter(target.filesystem, target.path, plan.file_schema, target_file_bytes)
+    try:
+        actions = parts.write(plan)
+    except BaseException:
+        parts.discard()  # nothing references these files: remove them
+        raise
+    try:
+        if created:
+            create_table_with_add_actions(
+                target.uri,
+                delta_schema,
+                actions,
+                mode="error",
+                partition_by=["split"],
+                name=target.name,
+                configuration=TABLE_CONFIG,
+                storage_options=target.storage_options,
+                commit_properties=properties,
+            )
+        else:
+            target.open_table().create_write_transaction(
+                actions,
+                mode="overwrite",
+                schema=delta_schema,
+                partition_by=["split"],
+                commit_properties=properties,
+            )
+    except DeltaError as exc:  # files stay: a commit may fail after it landed
+        raise StoreError(f"commit to dataset {target.name!r} failed: {exc}") from exc
+    table = target.open_table()
+    for entry in table.history(limit=20):
+        if commit_id_of(entry) == commit_id:
+            return int(entry["version"])
+    return table.version()  # pragma: no cover - more than 20 concurrent commits
+
+
+# -- the plan ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Shard:
+    split: str
+    path: str  # as given, for messages
+    filesystem: pafs.FileSystem
+    fs_path: str  # the path on ``filesystem``
+    schema: pa.Schema
+    rows: int
+
+
+@dataclass
+class ShardPlan:
+    """The unified schema of a build's shards, and their batches conformed to it."""
+
+    shards: list[_Shard]
+    schema: pa.Schema  # the table schema, ``split`` last
+    batch_rows: int
+
+    @classmethod
+    def build(cls, sources: Sequence[ShardSource], batch_rows: int) -> ShardPlan:
+        """Read every shard's footer and unify the schemas (no data is read)."""
+        shards = [_read_footer(source) for source in sources]
+        schema = unify_schemas([(shard.path, shard.schema) for shard in shards])
+        return cls(shards, schema, batch_rows)
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {split: sum(s.rows for s in self.shards if s.split == split) for split in SPLITS}
+
+    @property
+    def file_schema(self) -> pa.Schema:
+        """Data files hold every column but the ``split`` partition column."""
+        return self.schema.remove(self.schema.get_field_index("split"))
+
+    @cached_property
+    def delta_schema(self) -> DeltaSchema:
+        try:
+            return DeltaSchema.from_arrow(self.schema)
+        except Exception as exc:  # deltalake raises several types for unsupported types
+            raise StoreError(f"the shards' schema cannot be stored in Delta: {exc}") from exc
+
+    def batches(self, split: str) -> Iterator[pa.RecordBatch]:
+        """The ``split`` shards' rows, conformed to :attr:`file_schema`, batch by batch."""
+        schema = self.file_schema
+        for shard in self.shards:
+            if shard.split != split:
+                continue
+            parquet = pq.ParquetFile(shard.fs_path, filesystem=shard.filesystem)
+            row = 0
+            for batch in parquet.iter_batches(batch_size=self.batch_rows):
+                try:
+                    yield conform_batch(batch, schema)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+                    rows = f"rows {row}..{row + batch.num_rows - 1}"
+                    raise StoreError(f"{split} shard {shard.path}: {rows}: {exc}") from exc
+                row += batch.num_rows
+
+
+def _read_footer(source: ShardSource) -> _Shard:
+    split, path, filesystem, fs_path = source
+    try:
+        parquet = pq.ParquetFile(fs_path, filesystem=filesystem)
+        return _Shard(
+            split, path, filesystem, fs_path, parquet.schema_arrow, parquet.metadata.num_rows
+        )
+    except (OSError, pa.ArrowException) as exc:
+        raise StoreError(f"cannot read {split} shard {path}: {exc}") from exc
+
+
+# -- schema unification ------------------------------------------------------------------
+
+
+def unify_schemas(schemas: Sequence[tuple[str, pa.Schema]]) -> pa.Schema:
+    """The table schema of shards given as ``(path, schema)``.
+
+    Canonical columns (canonical types) first, then stage columns in order of first
+    appearance (types unified across shards, see :func:`storable_type`), then
+    ``reject_stage``, ``reject_reason``, then the ``split`` partition column. Every field
+    is nullable: the rejected split may lack canonical values.
+
+    Raises:
+        StoreError: a shard has a ``split`` column, a canonical column of a type that does
+            not cast to the canonical one, or a stage column whose types do not unify.
+    """
+    fixed = {f.name: f for f in [*SCHEMA, *REJECT_FIELDS]}
+    stage: dict[str, list[tuple[str, pa.DataType]]] = {}
+    for path, schema in schemas:
+        for column in schema:
+            if column.name == "split":
+                raise StoreError(f"shard {path}: column 'split' is reserved for the partition")
+            target = fixed.get(column.name)
+            if target is None:
+                stage.setdefault(column.name, []).append((path, column.type))
+            elif not _castable(column.type, target.type):
+                raise StoreError(
+                    f"shard {path}: column {column.name!r} has type {column.type}, "
+                    f"expected {target.type}"
+                )
+    fields = [f.with_nullable(True) for f in SCHEMA]
+    for name, typed in stage.items():
+        try:
+            unified = pa.unify_schemas(
+                [pa.schema([pa.field(name, t)]) for _, t in typed], promote_options="permissive"
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            seen = "; ".join(f"{path}: {t}" for path, t in typed)
+            raise StoreError(f"stage column {name!r} has incompatible types ({seen})") from exc
+        fields.append(pa.field(name, storable_type(unified.field(name).type)))
+    fields += [f.with_nullable(True) for f in REJECT_FIELDS]
+    fields.append(pa.field("split", pa.string()))
+    return pa.schema(fields)
+
+
+def storable_type(dtype: pa.DataType) -> pa.DataType:
+    """The type a stage column is stored as: Delta has no large/view, dictionary, null or
+    unsigned types, and microsecond timestamps."""
+    if pa.types.is_null(dtype):
+        return pa.string()
+    if pa.types.is_dictionary(dtype):
+        return storable_type(dtype.value_type)
+    if pa.types.is_unsigned_integer(dtype):
+        return {8: pa.int16(), 16: pa.int32()}.get(dtype.bit_width, pa.int64())
+    if pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return pa.string()
+    if pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype):
+        return pa.binary()
+    if pa.types.is_large_list(dtype) or pa.types.is_list_view(dtype):
+        return pa.list_(storable_type(dtype.value_type))
+    if pa.types.is_timestamp(dtype):
+        return pa.timestamp("us", dtype.tz)
+    return dtype
+
+
+def _castable(source: pa.DataType, target: pa.DataType) -> bool:
+    if source == target or pa.types.is_null(source):
+        return True
+    try:
+        pa.array([], source).cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
+    return True
+
+
+def conform_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with ``schema``'s columns in order: missing ones null, others cast."""
+    n = batch.num_rows
+    arrays: list[pa.Array] = []
+    for target in schema:
+        index = batch.schema.get_field_index(target.name)
+        if index < 0:
+            arrays.append(pa.nulls(n, target.type))
+            continue
+        column = batch.column(index)
+        arrays.append(column if column.type == target.type else column.cast(target.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+# -- data files --------------------------------------------------------------------------
+
+
+class PartWriter:
+    """Writes a plan's rows as Delta data files ``split=<split>/part-*.parquet`` with
+    pyarrow (streaming, one row group per batch, a new file once one reaches
+    ``target_file_bytes``) and returns the ``AddAction``s for the commit."""
+
+    def __init__(
+        self, fs: pafs.FileSystem, table_path: str, schema: pa.Schema, target_file_bytes: int
+    ):
+        self.fs, self.table_path, self.schema = fs, table_path, schema
+        self.target_file_bytes = target_file_bytes
+        self.written: list[str] = []
+        self.prefix = uuid.uuid4().hex
+
+    def write(self, plan: ShardPlan) -> list[AddAction]:
+        return [action for split in SPLITS for action in self._write_split(split, plan)]
+
+    def _write_split(self, split: str, plan: ShardPlan) -> list[AddAction]:
+        actions: list[AddAction] = []
+        current: tuple[str, pa.NativeFile, pq.ParquetWriter] | None = None
+        rows = 0
+        for batch in _prefetch(plan.batches(split)):
+            if current is None:
+                current, rows = self._open(split, len(actions)), 0
+            current[2].write_batch(batch)
+            rows += batch.num_rows
+            if current[1].tell() >= self.target_file_bytes:
+                actions.append(self._close(split, current, rows))
+                current = None
+        if current is not None:
+            actions.append(self._close(split, current, rows))
+        return actions
+
+    def _open(self, split: str, index: int) -> tuple[str, pa.NativeFile, pq.ParquetWriter]:
+        relative = f"split={split}/part-{index:05d}-{self.prefix}.snappy.parquet"
+        path = f"{self.table_path}/{relative}"
+        if index == 0:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self.written.append(path)
+        stream = self.fs.open_output_stream(path)
+        writer = pq.ParquetWriter(stream, self.schema, compression="snappy", coerce_timestamps="us")
+        return relative, stream, writer
+
+    def _close(
+        self, split: str, current: tuple[str, pa.NativeFile, pq.ParquetWriter], rows: int
+    ) -> AddAction:
+        relative, stream, writer = current
+        writer.close()
+        size = stream.tell()
+        stream.close()
+        return AddAction(
+            path=relative,
+            size=size,
+            partition_values={"split": split},
+            modification_time=int(datetime.now(UTC).timestamp() * 1000),
+            data_change=True,
+            stats=json.dumps({"numRecords": rows}),
+        )
+
+    def discard(self) -> None:
+        """Best-effort removal of the files written so far (after a failure)."""
+        for path in self.written:
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(path)
+
+
+def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
+    """Read and conform the next batches in a thread while the current one is encoded
+    (both release the GIL); at most ``depth`` batches wait, so memory stays bounded."""
+    queue: Queue[tuple[str, Any]] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        queue.put(("batch", batch), timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put(("done", None))
+        except BaseException as exc:  # handed to the consumer
+            queue.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="aligncurate-commit-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = queue.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(Empty):
+            while True:
+                queue.get_nowait()
+        thread.join()
