@@ -1,0 +1,118 @@
+"""The OpenAI-compatible engine against a real ``vllm serve`` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines import EngineError, Request, Sampling, row_seed
+from engines.cached import CachedEngine
+from engines.openai import OpenAIEngine
+from engines.prompts import render
+from engines.server import VLLMServer, free_port
+from engines.vllm_engine import VLLMEngine
+from examples.fact_world import query_prompt
+from storage.gencache import GenerationCache
+
+OEQA = Sampling(n=4, temperature=1.0, max_tokens=30)
+
+
+def requests_for(world, k: int, stage: str = "openai") -> list[Request]:
+    facts = world.facts()[:k]
+    return [
+        Request(
+            render(world.model_dir, query_prompt(f["question"])), OEQA, row_seed(f["id"], stage)
+        )
+        for f in facts
+    ]
+
+
+@pytest.fixture(scope="module")
+def server(fact_world, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    with VLLMServer(fact_world.model_dir, max_model_len=512, log_path=log) as running:
+        yield running
+
+
+def test_server_matches_in_process_vllm(
+    server: VLLMServer, vllm_engine: VLLMEngine, fact_world
+) -> None:
+    client = OpenAIEngine(server.url, fact_world.model_dir)
+    requests = requests_for(fact_world, 12)
+
+    def texts(outputs: list) -> list[list[tuple[str, str | None]]]:
+        return [[(s.text, s.finish_reason) for s in out] for out in outputs]
+
+    assert texts(client.generate(requests)) == texts(vllm_engine.generate(requests))
+    with_logprobs = [
+        Request(r.prompt, Sampling(n=2, max_tokens=8, logprobs=2), r.seed) for r in requests[:4]
+    ]
+    remote, local = client.generate(with_logprobs), vllm_engine.generate(with_logprobs)
+    for a, b in zip(remote, local, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x.text == y.text
+            np.testing.assert_allclose(x.token_logprobs, y.token_logprobs, atol=1e-4)
+    prompts = [r.prompt for r in requests[:3]]
+    np.testing.assert_allclose(
+        client.score_options(prompts, list("ABCD")),
+        vllm_engine.score_options(prompts, list("ABCD")),
+        rtol=1e-4,
+    )
+
+
+def test_bad_request_is_a_clear_error(server: VLLMServer, fact_world) -> None:
+    client = OpenAIEngine(server.url, fact_world.model_dir)
+    with pytest.raises(EngineError, match=r"refused the request \(400\)"):
+        client.generate([Request("word " * 2000, Sampling(max_tokens=5))])
+
+
+def test_server_down_fails_fast_and_clearly(fact_world) -> None:
+    client = OpenAIEngine(
+        f"http://127.0.0.1:{free_port()}", fact_world.model_dir, retries=2, backoff=0.05
+    )
+    start = time.monotonic()
+    with pytest.raises(EngineError, match=r"failed after 3 attempts \(is it running"):
+        client.generate(requests_for(fact_world, 2))
+    assert time.monotonic() - start < 10
+
+
+def test_server_killed_mid_run_keeps_the_cache_consistent(fact_world, tmp_path: Path) -> None:
+    requests = requests_for(fact_world, 240, stage="kill")
+    cache = GenerationCache(tmp_path / "cache")
+    server = VLLMServer(fact_world.model_dir, max_model_len=512).start()
+    try:
+        client = OpenAIEngine(server.url, fact_world.model_dir, retries=1, backoff=0.1)
+        engine = CachedEngine(client, cache, batch_size=40)
+        done: list[int] = []
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                engine.generate(requests, progress=lambda n, total: done.append(n))
+            except BaseException as exc:
+                failure.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        while not done:  # the first batch is stored: now kill the server mid-run
+            time.sleep(0.05)
+            assert worker.is_alive() or done, failure
+        server.stop(grace=0)
+        worker.join(120)
+    finally:
+        server.stop()
+    assert failure and isinstance(failure[0], EngineError)
+    stored = len(cache)
+    assert stored % 40 == 0 and 40 <= stored < 240  # whole batches only
+    assert engine.stats.misses == 240  # the retried requests were not counted twice
+
+    with VLLMServer(fact_world.model_dir, max_model_len=512) as again:
+        rerun = CachedEngine(OpenAIEngine(again.url, fact_world.model_dir), cache, batch_size=40)
+        outputs = rerun.generate(requests)
+    assert rerun.stats.hits == stored and rerun.stats.misses == 240 - stored
+    assert len(outputs) == 240 and len(cache) == 240
