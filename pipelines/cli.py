@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -70,7 +71,7 @@ def _friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except _user_errors() as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -328,15 +329,18 @@ def fact_world(
     seed: Annotated[int, typer.Option()] = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Generate the fictional fact world and train its tiny model (cached)."""
+    """Generate the fictional fact world and train its tiny model (cached), into --out."""
     from examples.fact_world import build_fact_world
+    from examples.fact_world.world import copy_world
 
-    world = build_fact_world(out_dir, seed=seed)
+    world = copy_world(build_fact_world(seed=seed), out_dir)
     if as_json:
         _emit_json(world.manifest)
         return
     out.print(f"fact world in {world.root}: facts {world.facts_path}, model {world.model_dir}")
-    out.print_json(json.dumps(world.manifest, default=str))
+    accuracy = world.manifest.get("accuracy", {}).get("greedy")
+    if accuracy:
+        out.print_json(json.dumps(accuracy, default=str))
 
 
 def main() -> None:  # pragma: no cover - console entry point

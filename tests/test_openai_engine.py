@@ -116,3 +116,46 @@ def test_server_killed_mid_run_keeps_the_cache_consistent(fact_world, tmp_path: 
         outputs = rerun.generate(requests)
     assert rerun.stats.hits == stored and rerun.stats.misses == 240 - stored
     assert len(outputs) == 240 and len(cache) == 240
+
+
+def test_cli_generate_attaches_to_a_running_server(
+    server: VLLMServer, fact_world, tmp_path: Path
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"messages": query_prompt(f["question"])}) + "\n"
+            for f in fact_world.facts()[:5]
+        )
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(fact_world.model_dir),
+            "--engine",
+            "openai",
+            "--url",
+            server.url,
+            "--in",
+            str(source),
+            "--out",
+            str(target),
+            "--n",
+            "3",
+            "--json",
+            "--store",
+            str(tmp_path / "store"),
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["misses"] == 5 and stats["engine"].startswith("openai:")
+    assert all(len(json.loads(line)["samples"]) == 3 for line in target.open())

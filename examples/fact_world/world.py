@@ -62,11 +62,16 @@ class FactWorldConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+#: The modules whose code decides what a build produces (not this one: caching and copying
+#: do not change the world).
+_BUILD_MODULES = ("config.py", "evaluate.py", "facts.py", "prompts.py", "tokenizer.py", "train.py")
+
+
 @functools.cache
 def code_version() -> str:
-    """A hash of this package's source files."""
+    """A hash of the source files that decide what a build produces."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted(Path(__file__).parent / name for name in _BUILD_MODULES):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -256,3 +261,25 @@ def _build_into(root: Path, config: FactWorldConfig, key: str, *, verbose: bool)
         },
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def copy_world(world: FactWorld, out_dir: str | os.PathLike[str]) -> FactWorld:
+    """Copy a built world (facts, model, manifest) to ``out_dir``; no retraining.
+
+    ``out_dir`` must be absent, empty, or a fact world already (which is replaced).
+    """
+    target = Path(out_dir).expanduser().absolute()
+    if target == world.root:
+        return world
+    if target.exists() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise FileExistsError(f"{target} exists and is not a fact world; not overwriting")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        shutil.copytree(world.root, tmp / "world")
+        if target.exists():
+            shutil.rmtree(target)
+        (tmp / "world").rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return FactWorld.open(target)
