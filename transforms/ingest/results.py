@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms.ids import row_ids
+from transforms.ids import position_ids, row_ids
 from transforms.ingest.errors import RowReject
 from transforms.schema import MESSAGE, SCHEMA, conform, rejected
 from transforms.stage import StageResult, reject_table
+from transforms.text import combined
 
 STAGE = "ingest"
 ROW_SCHEMA = pa.schema(
@@ -61,7 +62,9 @@ def finish(
         kept_rows, rejected_rows = rows.filter(ok), rows.filter(rejected_mask)
         reasons = reasons.filter(rejected_mask)
     kept = _canonical(kept_rows, source, task, with_ids=True)
-    dropped = reject_table(rejected(_canonical(rejected_rows, source, task), STAGE, _flat(reasons)))
+    dropped = reject_table(
+        rejected(_canonical(rejected_rows, source, task), STAGE, combined(reasons))
+    )
     return StageResult(kept=kept, rejected=dropped, stats=_stats(rows.num_rows, kept, reasons))
 
 
@@ -77,18 +80,15 @@ def _canonical(rows: pa.Table, source: str, task: str, *, with_ids: bool = False
         "origin", constant("corpus", n)
     )
     if with_ids:
-        out = out.append_column(
-            "id", row_ids(out.column("source"), out.column("prompt"), out.column("response"))
-        )
+        ids = row_ids(out.column("source"), out.column("prompt"), out.column("response"))
+    else:  # rejected rows may lack the content: identify them by position
+        ids = position_ids(out.column("source"), out.column("source_index"))
+    out = out.append_column("id", ids)
     return conform(out, SCHEMA)
 
 
-def _flat(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-
-
 def _stats(rows_read: int, kept: pa.Table, reasons: pa.Array | pa.ChunkedArray) -> dict[str, Any]:
-    counts = pc.value_counts(_flat(reasons)).to_pylist() if len(reasons) else []
+    counts = pc.value_counts(combined(reasons)).to_pylist() if len(reasons) else []
     return {
         "rows_read": rows_read,
         "rows_kept": kept.num_rows,
