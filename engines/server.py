@@ -84,7 +84,7 @@ class VLLMServer:
             "--max-logprobs",
             "-1",
             "--disable-uvicorn-access-log",
-            *self.extra_args,
+            *self._platform_args(),
         ]
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]

@@ -159,3 +159,15 @@ def test_cli_generate_attaches_to_a_running_server(
     stats = json.loads(result.stdout)
     assert stats["misses"] == 5 and stats["engine"].startswith("openai:")
     assert all(len(json.loads(line)["samples"]) == 3 for line in target.open())
+
+
+def test_server_command_uses_cpu_settings_only_on_cpu(fact_world) -> None:
+    from engines.server import CPU_FLAGS
+    from engines.vllm_engine import on_cpu
+
+    default = VLLMServer(fact_world.model_dir, port=8000).command()
+    assert ("--no-enable-chunked-prefill" in default) == on_cpu()
+    assert all(flag in default for flag in CPU_FLAGS) == on_cpu()
+    custom = VLLMServer(fact_world.model_dir, port=8000, extra_args=("--dtype", "bfloat16"))
+    assert custom.command()[-2:] == ["--dtype", "bfloat16"]
+    assert "--no-enable-chunked-prefill" not in custom.command()
