@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python bench/engines.py` puts bench/ first, not the repo
-    sys.path.insert(0, str(REPO))
+# `python bench/X.py` puts bench/ first on sys.path, where engines.py would shadow the
+# `engines` package: put the repository there instead.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p).resolve() != Path(__file__).parent]
 
 STAGE = "bench-engines"
 MAX_MODEL_LEN = 512  # as the engine tests use it

@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# `python bench/ingest.py` puts bench/ first on sys.path, where bench/engines.py would shadow
+# the `engines` package: put the repository there instead.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p).resolve() != Path(__file__).parent]
 SHARED = REPO.parent / "shared" / "data"
 CORPORA = [
     "instructions/gsm8k_train_alpaca.json",
@@ -84,6 +87,7 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
     from pipelines.segments import ChainStep, split_segments
     from pipelines.spec import load_spec
     from storage.dataset import DatasetStore
+    from transforms.registry import StageContext
 
     spec = load_spec(_spec(corpus, work))
     segments = split_segments([ChainStep.of(s.name, s.params) for s in spec.stages])
@@ -92,7 +96,8 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
     outputs = [first]
     train = first.train
     for i, chain in enumerate(segments[1:], 1):
-        out = run_segment.fn(f"k{i}", train, chain, str(work / f"s{i}"))
+        context = StageContext(work=work / "stages", cache_dir=work / "cache")
+        out = run_segment.fn(f"k{i}", train, chain, str(work / f"s{i}"), context)
         outputs.append(out)
         train = out.train
     rejected = [p for o in outputs for p in o.rejected]

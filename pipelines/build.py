@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -35,8 +36,11 @@ from pipelines.segments import (
 )
 from pipelines.spec import BuildSpec, SourceSpec, load_spec
 from storage.dataset import DatasetStore, StoreError, default_store
+from storage.gencache import cache_dir
 from storage.uris import local_path
 from transforms.ingest import IngestParams, read_source
+from transforms.registry import StageContext
+from transforms.stage import StageResult
 
 
 class AccountingError(RuntimeError):
@@ -76,17 +80,27 @@ def ingest_source(
 
 
 @task(name="ordered-segment", cache_key_fn=_task_key, persist_result=True)
-def run_segment(key: str, shards: list[str], chain: list[ChainStep], folder: str) -> SegmentOutput:
-    """Run an ordered stage and the local stages after it over the shards, in order."""
+def run_segment(
+    key: str, shards: list[str], chain: list[ChainStep], folder: str, context: StageContext
+) -> SegmentOutput:
+    """Run an ordered stage over the shards in order (or a whole-table stage over all of
+    them at once), then the local stages after it."""
     logger = _logger()
     writer = ShardWriter(folder)
     counts: Counts = {}
     states: dict[str, Any] = {}
-    for i, result in enumerate(read_shards(shards), 1):
-        kept, rejected = run_chain(result, chain, counts, states)
+    stats: dict[str, Any] = {}
+    inputs = read_shards(shards)
+    if chain[0].definition.whole:
+        tables = [r.kept for r in inputs]
+        inputs = iter([StageResult(kept=pa.concat_tables(tables, promote_options="permissive"))])
+    for i, result in enumerate(inputs, 1):
+        kept, rejected = run_chain(result, chain, counts, states, context, stats)
         writer.write(kept, rejected)
         logger.info("%s: shard %d/%d", chain[0].definition.name, i, len(shards))
-    return SegmentOutput(key, writer.train, writer.rejected, counts, produced_by=_run_id())
+    return SegmentOutput(
+        key, writer.train, writer.rejected, counts, produced_by=_run_id(), stats=stats
+    )
 
 
 @task(name="commit")
@@ -101,6 +115,21 @@ def _chain_identity(chain: list[ChainStep]) -> list[Any]:
     return [
         [s.definition.name, s.definition.version, s.params.model_dump(mode="json")] for s in chain
     ]
+
+
+def _engine_stats(outputs: list[SegmentOutput]) -> dict[str, int]:
+    """Generation-cache hits, misses and engine calls of this run's model-backed stages
+    (a task reused from an earlier run made no calls now)."""
+    total = {"hits": 0, "misses": 0, "engine_calls": 0}
+    for out in outputs:
+        if out.produced_by != _run_id():
+            continue
+        for stage_stats in out.stats.values():
+            for name, value in stage_stats.items():
+                if name.startswith("engine_") and isinstance(value, dict):
+                    for k in total:
+                        total[k] += value.get(k, 0)
+    return total
 
 
 def _rows(paths: list[str]) -> int:
@@ -154,10 +183,11 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     outputs = [f.result() for f in futures]
 
     segment = run_segment.with_options(result_storage=storage)
+    context = StageContext(work=work / "stages", cache_dir=cache_dir(datasets.root))
     train = [p for o in outputs for p in o.train]
     for chain in segments[1:]:
         key = key_of("segment", code_version(), [o.key for o in outputs], _chain_identity(chain))
-        out = segment(key, train, chain, str(work / "shards" / key))
+        out = segment(key, train, chain, str(work / "shards" / key), context)
         outputs.append(out)
         train = out.train
 
@@ -184,7 +214,13 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         "reused_from": sorted({str(o.produced_by) for o in outputs if o.produced_by != _run_id()}),
     }
     version = commit_version(datasets, spec.name, train, rejected, metadata)
-    summary = {"name": spec.name, "version": version, "store": datasets.root, **metadata}
+    summary = {
+        "name": spec.name,
+        "version": version,
+        "store": datasets.root,
+        **metadata,
+        "cache": _engine_stats(outputs),
+    }
     _publish(spec, summary)
     return summary
 

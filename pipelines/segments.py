@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from transforms.registry import StageDef, stage
+from pipelines.stages import stage
+from transforms.registry import StageContext, StageDef
 from transforms.stage import StageResult
 
 Counts = dict[str, dict[str, int]]
@@ -51,13 +52,15 @@ class SegmentOutput:
     rejected: list[str] = field(default_factory=list)
     counts: Counts = field(default_factory=dict)
     produced_by: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Statistics of whole-table stages, by stage name (engine calls among them)."""
 
 
 def split_segments(chain: list[ChainStep]) -> list[list[ChainStep]]:
     """Cut the chain before every ordered stage. The first segment may be empty."""
     segments: list[list[ChainStep]] = [[]]
     for step in chain:
-        if step.definition.ordered:
+        if step.definition.starts_segment:
             segments.append([])
         segments[-1].append(step)
     return segments
@@ -84,11 +87,14 @@ def run_chain(
     chain: list[ChainStep],
     counts: Counts,
     states: dict[str, Any] | None = None,
+    context: StageContext | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> tuple[pa.Table, list[pa.Table]]:
     """Feed a first result (ingest's, or a shard read back) through ``chain``.
 
     Returns the rows kept by the last stage and every stage's rejected rows. ``states``
-    holds the carried state of ordered stages, by stage name.
+    holds the carried state of ordered stages, by stage name; ``context`` is given to
+    whole-table stages, whose statistics are collected into ``stats`` by stage name.
     """
     rejected = [result.rejected] if result.rejected.num_rows else []
     table = result.kept
@@ -97,7 +103,12 @@ def run_chain(
         if step.definition.ordered:
             assert states is not None, "ordered stages need a state"
             args = (*args, states.setdefault(step.definition.name, step.definition.new_state()))
+        elif step.definition.whole:
+            assert context is not None, "whole-table stages need a context"
+            args = (*args, context)
         out: StageResult = step.definition.run(*args)
+        if step.definition.whole and stats is not None:
+            stats[step.definition.name] = out.stats
         add_counts(counts, step.definition.name, out.counts(table.num_rows))
         if out.rejected.num_rows:
             rejected.append(out.rejected)

@@ -31,9 +31,10 @@ from pydantic import (
     model_validator,
 )
 
+from pipelines.stages import stage
 from storage.names import validate_name
 from transforms.ingest import FORMATS, IngestParams
-from transforms.registry import DEFAULT_CHAIN, stage
+from transforms.registry import DEFAULT_CHAIN
 
 
 class SpecError(ValueError):
@@ -153,6 +154,10 @@ def parse_spec(data: Any, base_dir: Path) -> BuildSpec:
         source.path = _resolve(source.path, base_dir)
     if spec.store is not None:
         spec.store = _resolve(spec.store, base_dir)
+    for step in spec.stages:  # model folders in stage parameters are paths too
+        model = getattr(step.params, "model", None)
+        if isinstance(model, str):
+            step.params.model = _resolve(model, base_dir)  # type: ignore[attr-defined]
     return spec
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -28,10 +29,27 @@ class StageDef:
     run: Callable[..., Any]
     version: str = "1"
     new_state: Callable[[], Any] | None = None
+    whole: bool = False
+    """Sees the whole table at once (global quotas, model I/O); runs as
+    ``run(table, params, context)`` with a :class:`StageContext`."""
 
     @property
     def ordered(self) -> bool:
         return self.new_state is not None
+
+    @property
+    def starts_segment(self) -> bool:
+        """Ordered and whole stages each start a new segment (task) of the flow."""
+        return self.ordered or self.whole
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a whole-table stage may use besides its rows: a work folder for its artefacts
+    (e.g. a rehearsed checkpoint) and the generation-cache folder."""
+
+    work: Path
+    cache_dir: Path
 
 
 STAGES: dict[str, StageDef] = {
@@ -44,11 +62,3 @@ STAGES: dict[str, StageDef] = {
 }
 
 DEFAULT_CHAIN: tuple[str, ...] = ("normalize", "exact_dedup", "filter")
-
-
-def stage(name: str) -> StageDef:
-    """Look up a stage by name; the error lists the known ones."""
-    try:
-        return STAGES[name]
-    except KeyError:
-        raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}") from None

@@ -1,0 +1,30 @@
+"""Every stage a build spec can name: the pure stages of :mod:`transforms.registry` plus
+the model-backed ones, which live in ``pipelines`` because they construct engines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines.craft import CraftParams, run_craft
+from storage.gencache import GenerationCache
+from transforms.registry import STAGES, StageContext, StageDef
+from transforms.stage import StageResult
+
+
+def craft_stage(table: Any, params: CraftParams, context: StageContext) -> StageResult:
+    """The ``craft`` stage: CRaFT over the whole table (see :mod:`pipelines.craft`)."""
+    return run_craft(table, params, context.work, GenerationCache(context.cache_dir))
+
+
+ALL_STAGES: dict[str, StageDef] = {
+    **STAGES,
+    "craft": StageDef("craft", CraftParams, craft_stage, whole=True),
+}
+
+
+def stage(name: str) -> StageDef:
+    """Look up a stage by name; the error lists the known ones."""
+    try:
+        return ALL_STAGES[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(ALL_STAGES)}") from None
