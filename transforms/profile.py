@@ -9,7 +9,15 @@ import pyarrow.compute as pc
 
 from transforms.text import prompt_chars
 
-COUNT_COLUMNS = ("split", "source", "task", "origin", "reject_stage", "reject_reason")
+COUNT_COLUMNS = (
+    "split",
+    "source",
+    "task",
+    "origin",
+    "craft_label",
+    "reject_stage",
+    "reject_reason",
+)
 
 
 def value_counts(table: pa.Table, column: str, top: int = 20) -> dict[str, int]:
