@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from engines.base import Request, Sample
+from engines.base import EngineError, Request, Sample
 from engines.models import fingerprint, model_dir
 from engines.prompts import encode, option_token_id, tokenizer
 
@@ -52,11 +52,23 @@ class TransformersEngine:
     def _ids(self, text: str) -> Any:
         import torch
 
-        return torch.tensor([encode(self.model_path, text)], device=self.device)
+        ids = encode(self.model_path, text)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and len(ids) >= limit:
+            raise EngineError(
+                f"prompt of {len(ids)} tokens does not fit the model's context of {limit} tokens"
+            )
+        return torch.tensor([ids], device=self.device)
 
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
-        """One ``model.generate`` per request (seeded with ``torch.manual_seed``)."""
+        """One ``model.generate`` per request (seeded with ``torch.manual_seed``).
+
+        Token logprobs are not implemented here: asking for them is an error (use vLLM).
+        """
         import torch
+
+        if any(r.sampling.logprobs is not None for r in requests):
+            raise EngineError("the transformers engine does not return logprobs; use vllm")
 
         out: list[list[Sample]] = []
         eos = self.tokenizer.eos_token_id

@@ -128,3 +128,10 @@ def test_embeddings_offline_all_minilm() -> None:
     assert mean_pairwise_cosine(same) > mean_pairwise_cosine(mixed)
     assert mean_pairwise_cosine(embedder.embed(["x", "x"])) == pytest.approx(1.0, abs=1e-5)
     assert embedder.fingerprint.startswith("sentence-transformers:")
+
+
+def test_transformers_engine_refuses_what_it_cannot_do(hf_engine: TransformersEngine) -> None:
+    with pytest.raises(EngineError, match="does not fit the model's context of 512"):
+        hf_engine.generate([Request("word " * 2000, GREEDY)])
+    with pytest.raises(EngineError, match="does not return logprobs"):
+        hf_engine.generate([Request("hi", Sampling(logprobs=2))])
