@@ -166,12 +166,11 @@ class TimedLLM:
 
 def child_vllm(args: dict[str, Any], work: Path) -> dict[str, Any]:
     """Start-up, then bare vs cold-cache engine on one LLM (alternating), then warm cache."""
-    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     from engines.cached import CachedEngine
     from engines.prompts import encode
-    from engines.vllm_engine import VLLMEngine
+    from engines.vllm_engine import VLLMEngine, sampling_params
     from storage.gencache import GenerationCache
 
     model, requests = build_requests(args["prompts"], args["n"])
@@ -192,18 +191,7 @@ def child_vllm(args: dict[str, Any], work: Path) -> dict[str, Any]:
             token_prompts = [
                 TokensPrompt(prompt_token_ids=encode(model, r.prompt)) for r in requests
             ]
-            params = [
-                SamplingParams(
-                    n=r.sampling.n,
-                    temperature=r.sampling.temperature,
-                    top_p=r.sampling.top_p,
-                    max_tokens=r.sampling.max_tokens,
-                    stop=list(r.sampling.stop) or None,
-                    seed=r.seed,
-                    logprobs=r.sampling.logprobs,
-                )
-                for r in requests
-            ]
+            params = [sampling_params(r) for r in requests]
 
             def bare() -> dict[str, Any]:
                 t0 = time.perf_counter()

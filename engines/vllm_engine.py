@@ -111,21 +111,8 @@ class VLLMEngine:
         return TokensPrompt(prompt_token_ids=ids)
 
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
-        from vllm import SamplingParams
-
         prompts = [self._prompt(r.prompt) for r in requests]
-        params = [
-            SamplingParams(
-                n=r.sampling.n,
-                temperature=r.sampling.temperature,
-                top_p=r.sampling.top_p,
-                max_tokens=r.sampling.max_tokens,
-                stop=list(r.sampling.stop) or None,
-                seed=r.seed,
-                logprobs=r.sampling.logprobs,
-            )
-            for r in requests
-        ]
+        params = [sampling_params(r) for r in requests]
         outputs = self._run(prompts, params)
         return [
             [_sample(c, r.sampling.logprobs) for c in o.outputs]
@@ -158,6 +145,22 @@ class VLLMEngine:
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+
+
+def sampling_params(request: Request) -> Any:
+    """vLLM ``SamplingParams`` of one request, its own seed included."""
+    from vllm import SamplingParams
+
+    s = request.sampling
+    return SamplingParams(
+        n=s.n,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        max_tokens=s.max_tokens,
+        stop=list(s.stop) or None,
+        seed=request.seed,
+        logprobs=s.logprobs,
+    )
 
 
 def _sample(completion: Any, logprobs: int | None) -> Sample:

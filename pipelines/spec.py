@@ -154,11 +154,19 @@ def parse_spec(data: Any, base_dir: Path) -> BuildSpec:
         source.path = _resolve(source.path, base_dir)
     if spec.store is not None:
         spec.store = _resolve(spec.store, base_dir)
-    for step in spec.stages:  # model folders in stage parameters are paths too
-        model = getattr(step.params, "model", None)
-        if isinstance(model, str):
-            step.params.model = _resolve(model, base_dir)  # type: ignore[attr-defined]
+    for step in spec.stages:
+        _resolve_params(step.params, base_dir)
     return spec
+
+
+def _resolve_params(params: BaseModel, base_dir: Path) -> None:
+    """Stage parameters named ``model`` or ``*_dir`` are paths: resolve them too (nested)."""
+    for name in type(params).model_fields:
+        value = getattr(params, name)
+        if isinstance(value, BaseModel):
+            _resolve_params(value, base_dir)
+        elif isinstance(value, str) and (name == "model" or name.endswith("_dir")):
+            setattr(params, name, _resolve(value, base_dir))
 
 
 def load_spec(path: str | Path) -> BuildSpec:

@@ -109,3 +109,41 @@ def test_second_build_makes_no_engine_calls(craft_run: dict) -> None:
     assert sorted(craft_run["again"].kept.column("id").to_pylist()) == sorted(
         kept.column("id").to_pylist()
     )
+
+
+def test_example_specs_validate_with_resolved_paths() -> None:
+    from pipelines.spec import load_spec
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for name in ("fact_world.yaml", "nq_craft.yaml", "mmlu_craft.yaml"):
+        spec = load_spec(examples / name)
+        craft = next(s.params for s in spec.stages if s.name == "craft")
+        assert Path(craft.model).is_absolute()
+    mmlu = load_spec(examples / "mmlu_craft.yaml")
+    query = next(s.params for s in mmlu.stages if s.name == "craft").query
+    assert Path(query.mcq_dev_dir, "anatomy_dev.csv").is_file()
+
+
+def test_mcq_path_on_a_small_subject(vllm_engine, fact_world, shared_data: Path) -> None:
+    """MMLU anatomy through the real engine: μ in [0, 1], renormalised probabilities sum to
+    1, certainty within [−ln 4, 0]."""
+    import math
+
+    import numpy as np
+
+    from engines.embeddings import Embedder
+    from engines.prompts import render
+    from transforms.craft.query import QueryParams, query_knowledge
+    from transforms.craft.scores import mcq_knowledge
+
+    path = shared_data / "mmlu" / "test" / "anatomy_test.csv"
+    table = next(iter(read_source(path))).kept.slice(0, 12)
+    params = QueryParams(mcq_dev_dir=str(shared_data / "mmlu" / "dev"), mcq_shots=1)
+    knowledge = query_knowledge(
+        table, vllm_engine, lambda m: render(fact_world.model_dir, m), Embedder(), params, "test"
+    )
+    assert np.all((knowledge.correctness >= 0) & (knowledge.correctness <= 1))
+    assert np.all((knowledge.certainty >= -math.log(4) - 1e-9) & (knowledge.certainty <= 0))
+    assert np.all((knowledge.p_gold > 0) & (knowledge.p_gold < 1))
+    probs = np.array(vllm_engine.score_options(["Question: x?\nAnswer:"], list("ABCD")))
+    assert mcq_knowledge(probs, [0]).renormalised.sum() == pytest.approx(1.0)
