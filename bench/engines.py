@@ -259,7 +259,7 @@ def child_vllm(args: dict[str, Any], work: Path) -> dict[str, Any]:
             # Where the warm path's time goes (outside the timings above).
             probe = CachedEngine(engine, GenerationCache(cold_caches[-1]))
             t0 = time.perf_counter()
-            keys = [probe.key(r) for r in requests]
+            keys = [probe.key(probe.fingerprint, r) for r in requests]
             key_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             probe.cache.get_many(keys)
