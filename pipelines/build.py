@@ -117,6 +117,12 @@ def _chain_identity(chain: list[ChainStep]) -> list[Any]:
     ]
 
 
+def _fresh(task_: Any, folder: Path) -> Any:
+    """The task, told to recompute when its shard folder is gone (deleted by hand): a
+    cached result whose shards no longer exist must not be reused."""
+    return task_ if folder.is_dir() else task_.with_options(refresh_cache=True)
+
+
 def _engine_stats(outputs: list[SegmentOutput]) -> dict[str, int]:
     """Generation-cache hits, misses and engine calls of this run's model-backed stages
     (a task reused from an earlier run made no calls now)."""
@@ -177,8 +183,9 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
             spec.ingest.model_dump(mode="json"),
             lead,
         )
+        folder = work / "shards" / key
         futures.append(
-            ingest.submit(key, source, spec.ingest, segments[0], str(work / "shards" / key))
+            _fresh(ingest, folder).submit(key, source, spec.ingest, segments[0], str(folder))
         )
     outputs = [f.result() for f in futures]
 
@@ -187,7 +194,8 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     train = [p for o in outputs for p in o.train]
     for chain in segments[1:]:
         key = key_of("segment", code_version(), [o.key for o in outputs], _chain_identity(chain))
-        out = segment(key, train, chain, str(work / "shards" / key), context)
+        folder = work / "shards" / key
+        out = _fresh(segment, folder)(key, train, chain, str(folder), context)
         outputs.append(out)
         train = out.train
 

@@ -152,3 +152,15 @@ def test_unknown_dataset_and_bad_spec_errors(tmp_path: Path, shared_data: Path) 
     )
     with pytest.raises(SpecError, match="max_chars"):
         load_spec(bad)
+
+
+def test_deleted_shards_are_recomputed_not_reused(tmp_path: Path, shared_data: Path) -> None:
+    source = {"path": str(shared_data / "seeds" / "self_instruct_seed_tasks.jsonl")}
+    spec = write_spec(tmp_path, name="gc", sources=[source])
+    store = DatasetStore(str(tmp_path / "store"))
+    first = build_dataset(str(spec), store=store.root)
+    shutil.rmtree(tmp_path / "store" / "_work" / "gc" / "shards")
+    second = build_dataset(str(spec), store=store.root)
+    assert second["reused_tasks"] == 0
+    assert second["rows"] == first["rows"]
+    assert store.read("gc@1", "train").num_rows == first["rows"]["train"]
