@@ -52,3 +52,24 @@ def vllm_engine(fact_world: object) -> Iterator[object]:
     engine = VLLMEngine(fact_world.model_dir, max_model_len=512)  # type: ignore[attr-defined]
     yield engine
     engine.close()
+
+
+def build_demo_with_console_script(store: Path, env: dict[str, str]) -> dict:
+    """``aligncurate build examples/demo/spec.yaml --json`` in its own process, as a user
+    runs it; returns the JSON summary (the test fails with stderr if the build fails)."""
+    import json
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("aligncurate")
+    spec = REPO / "examples" / "demo" / "spec.yaml"
+    proc = subprocess.run(
+        [str(exe), "build", str(spec), "--store", str(store), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import build_demo_with_console_script
 from typer.testing import CliRunner
 
 from pipelines.cli import app
@@ -146,25 +145,7 @@ def test_bad_spec_fails_before_prefect_with_the_key(tmp_path: Path) -> None:
 def test_console_script_builds_the_shipped_demo(tmp_path: Path) -> None:
     """The installed ``aligncurate`` script, as a user runs it (own process, ephemeral Prefect)."""
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
-    exe = Path(sys.executable).with_name("aligncurate")
-    store = tmp_path / "store"
-    proc = subprocess.run(
-        [
-            str(exe),
-            "build",
-            str(REPO / "examples" / "demo" / "spec.yaml"),
-            "--store",
-            str(store),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout)
+    summary = build_demo_with_console_script(tmp_path / "store", env)
     assert summary["name"] == "demo-sft" and summary["version"] == 0
     assert {"hits", "misses", "engine_calls"} <= set(summary)
     dedup = summary["counts"]["exact_dedup"]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import build_demo_with_console_script
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -66,24 +67,7 @@ def test_build_runs_on_a_real_server_and_records_its_flow_run(
     prefect_server: str, tmp_path: Path
 ) -> None:
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "h")}
-    spec = REPO / "examples" / "demo" / "spec.yaml"
-    proc = subprocess.run(
-        [
-            str(BIN / "aligncurate"),
-            "build",
-            str(spec),
-            "--store",
-            str(tmp_path / "store"),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    build_id = json.loads(proc.stdout)["build_id"]
+    build_id = build_demo_with_console_script(tmp_path / "store", env)["build_id"]
 
     with urllib.request.urlopen(f"{prefect_server}/flow_runs/{build_id}", timeout=10) as response:
         run = json.loads(response.read())
