@@ -36,28 +36,27 @@ def write_prompts(path: Path, world) -> int:
     return len(lines)
 
 
-def test_generate_with_transformers_then_from_cache(fact_world, tmp_path: Path) -> None:
-    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    count = write_prompts(source, fact_world)
-    args = (
+def generate(model: Path, source: Path, target: Path, *extra: str) -> tuple[int, str, str]:
+    """``aligncurate generate`` with the transformers engine."""
+    return invoke(
         "generate",
         "--model",
-        str(fact_world.model_dir),
+        str(model),
         "--engine",
         "transformers",
         "--in",
         str(source),
         "--out",
         str(target),
-        "--n",
-        "2",
-        "--max-tokens",
-        "12",
-        "--store",
-        str(tmp_path / "store"),
-        "--json",
+        *extra,
     )
-    code, out, err = invoke(*args)
+
+
+def test_generate_with_transformers_then_from_cache(fact_world, tmp_path: Path) -> None:
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    count = write_prompts(source, fact_world)
+    extra = ("--n", "2", "--max-tokens", "12", "--store", str(tmp_path / "store"), "--json")
+    code, out, err = generate(fact_world.model_dir, source, target, *extra)
     assert code == 0, err
     cold = json.loads(out)
     assert cold["misses"] == count and cold["hits"] == 0 and cold["engine_calls"] == 1
@@ -68,7 +67,7 @@ def test_generate_with_transformers_then_from_cache(fact_world, tmp_path: Path) 
     )
     assert (tmp_path / "store" / "_cache" / "generations.sqlite").is_file()
 
-    code, out, _ = invoke(*args)
+    code, out, _ = generate(fact_world.model_dir, source, target, *extra)
     warm = json.loads(out)
     assert warm["hits"] == count and warm["misses"] == 0 and warm["engine_calls"] == 0
     assert [json.loads(line) for line in target.open()] == rows
@@ -77,28 +76,8 @@ def test_generate_with_transformers_then_from_cache(fact_world, tmp_path: Path) 
 def test_generate_names_the_bad_line(fact_world, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
-    code, _, err = invoke(
-        "generate",
-        "--model",
-        str(fact_world.model_dir),
-        "--engine",
-        "transformers",
-        "--in",
-        str(source),
-        "--out",
-        str(tmp_path / "o"),
-    )
+    code, _, err = generate(fact_world.model_dir, source, tmp_path / "o")
     assert code == 2 and "line 2" in err and "'messages'" in err
     source.write_text('{"prompt": "ok"}\n')
-    code, _, err = invoke(
-        "generate",
-        "--model",
-        str(tmp_path / "nope"),
-        "--engine",
-        "transformers",
-        "--in",
-        str(source),
-        "--out",
-        str(tmp_path / "o"),
-    )
+    code, _, err = generate(tmp_path / "nope", source, tmp_path / "o")
     assert code == 2 and "does not exist" in err
