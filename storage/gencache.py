@@ -63,6 +63,26 @@ class CacheStats:
         return {"hits": self.hits, "misses": self.misses, "engine_calls": self.engine_calls}
 
 
+def _set_up(db: sqlite3.Connection, deadline_s: float = 60.0) -> None:
+    """WAL mode and the table, retried while another process is creating the same file.
+
+    Switching to WAL can answer SQLITE_BUSY at once, without waiting on the busy timeout,
+    while a second connection is doing the same switch on a new database; the retry covers it.
+    """
+    give_up = time.monotonic() + deadline_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(_SCHEMA)
+            return
+        except sqlite3.OperationalError as err:
+            contended = "locked" in str(err) or "busy" in str(err)
+            if not contended or time.monotonic() > give_up:
+                raise
+            time.sleep(0.05)
+
+
 class GenerationCache:
     """A SQLite-backed map from request key to its samples (JSON)."""
 
@@ -76,9 +96,7 @@ class GenerationCache:
         if db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(_SCHEMA)
+            _set_up(db)
             self._local.db = db
         return db
 
