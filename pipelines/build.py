@@ -203,11 +203,12 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     counts = merge_counts(o.counts for o in outputs)
     rows = {
         "in": counts.get("ingest", {}).get("in", 0),
+        "generated": sum(line.get("added", 0) for line in counts.values()),
         "train": _rows(train),
         "rejected": _rows(rejected),
     }
-    if rows["in"] != rows["train"] + rows["rejected"]:
-        raise AccountingError(f"rows in != train + rejected: {rows}")
+    if rows["in"] + rows["generated"] != rows["train"] + rows["rejected"]:
+        raise AccountingError(f"rows in + generated != train + rejected: {rows}")
 
     metadata = {
         "build_id": str(_run_id()),
@@ -228,6 +229,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         "store": datasets.root,
         **metadata,
         "cache": _engine_stats(outputs),
+        "stage_stats": {name: st for o in outputs for name, st in o.stats.items()},
     }
     _publish(spec, summary)
     return summary
@@ -246,8 +248,8 @@ def _publish(spec: BuildSpec, summary: dict[str, Any]) -> None:
         f"# {spec.name} v{summary['version']}",
         "",
         f"- store: `{summary['store']}`",
-        f"- rows in: {summary['rows']['in']}, train: {summary['rows']['train']}, "
-        f"rejected: {summary['rows']['rejected']}",
+        f"- rows in: {summary['rows']['in']}, generated: {summary['rows']['generated']}, "
+        f"train: {summary['rows']['train']}, rejected: {summary['rows']['rejected']}",
         f"- spec hash: `{summary['spec_hash'][:16]}`, code {summary['code_version']}",
         f"- tasks reused from earlier runs: {summary['reused_tasks']}",
         "",

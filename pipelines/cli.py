@@ -126,6 +126,7 @@ def build(
     out.print(
         f"[bold green]{summary['name']}@{summary['version']}[/] committed to {summary['store']}: "
         f"{rows['train']} train, {rows['rejected']} rejected of {rows['in']} rows in"
+        + (f" + {rows['generated']} generated" if rows.get("generated") else "")
     )
     out.print(_counts_table(summary["counts"]))
 
