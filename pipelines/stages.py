@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.craft import CraftParams, run_craft
+from pipelines.refine import RefineParams, refine_stage
 from storage.gencache import GenerationCache
 from transforms.registry import STAGES, StageContext, StageDef
 from transforms.stage import StageResult
@@ -19,6 +20,7 @@ def craft_stage(table: Any, params: CraftParams, context: StageContext) -> Stage
 ALL_STAGES: dict[str, StageDef] = {
     **STAGES,
     "craft": StageDef("craft", CraftParams, craft_stage, whole=True),
+    "refine": StageDef("refine", RefineParams, refine_stage, whole=True),
 }
 
 

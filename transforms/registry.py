@@ -18,6 +18,11 @@ from pydantic import BaseModel
 from transforms.dedup import ExactDedupParams, exact_dedup
 from transforms.filters import FilterParams, filter_rows
 from transforms.normalize import NormalizeParams, normalize
+from transforms.response.match import MatchParams, match_distribution
+from transforms.response.near_dedup import NearDedupParams, near_dedup
+from transforms.response.refusal_mix import RefusalMixParams, refusal_mix
+from transforms.response.rules import RuleFilterParams, rule_filter
+from transforms.response.semantic_dedup import SemanticDedupParams, semantic_dedup
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,11 @@ STAGES: dict[str, StageDef] = {
         StageDef("normalize", NormalizeParams, normalize),
         StageDef("exact_dedup", ExactDedupParams, exact_dedup, new_state=dict),
         StageDef("filter", FilterParams, filter_rows),
+        StageDef("rule_filter", RuleFilterParams, rule_filter),
+        StageDef("near_dedup", NearDedupParams, near_dedup, new_state=dict),
+        StageDef("semantic_dedup", SemanticDedupParams, semantic_dedup, whole=True),
+        StageDef("match_distribution", MatchParams, match_distribution, whole=True),
+        StageDef("refusal_mix", RefusalMixParams, refusal_mix, whole=True),
     )
 }
 

@@ -1,0 +1,75 @@
+"""Plain texts of conversations and their token lengths.
+
+Lengths are counted with the model's tokenizer when one is configured (a local folder,
+loaded with transformers ``AutoTokenizer``), otherwise as whitespace-separated words.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from transforms.text import combined
+
+Column = pa.Array | pa.ChunkedArray
+
+
+def prompt_plain(prompt: Column, sep: str = "\n") -> pa.Array:
+    """The contents of every turn of each conversation joined by ``sep`` (no roles)."""
+    prompt = combined(prompt)
+    contents = pc.fill_null(pc.list_flatten(prompt).field("content"), "")
+    offsets = prompt.offsets
+    if len(offsets) and offsets[0].as_py() != 0:
+        offsets = pc.subtract(offsets, offsets[0])
+    return pc.fill_null(pc.binary_join(pa.ListArray.from_arrays(offsets, contents), sep), "")
+
+
+def word_counts(texts: Column) -> np.ndarray:
+    """Whitespace-separated words of each string (null counts as 0), as int64."""
+    text = pc.utf8_trim_whitespace(pc.fill_null(combined(texts), ""))
+    counts = pc.list_value_length(pc.utf8_split_whitespace(text))
+    counts = pc.if_else(pc.equal(text, ""), 0, counts)  # Arrow splits "" into [""]
+    return counts.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+@cache
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def token_counts(texts: Column, tokenizer: str | None = None) -> np.ndarray:
+    """Tokens of each string: the tokenizer at ``tokenizer`` (a local folder; no special
+    tokens added), else whitespace words."""
+    if tokenizer is None:
+        return word_counts(texts)
+    values = pc.fill_null(combined(texts), "").to_pylist()
+    if not values:
+        return np.zeros(0, dtype=np.int64)
+    ids = _tokenizer(tokenizer)(values, add_special_tokens=False)["input_ids"]
+    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(values))
+
+
+def length_columns(table: pa.Table, tokenizer: str | None = None) -> dict[str, np.ndarray]:
+    """``prompt_tokens``, ``response_tokens`` and ``length_ratio`` (prompt / response
+    tokens; a zero-token response counts as one token) of each row."""
+    prompt = token_counts(prompt_plain(table.column("prompt")), tokenizer)
+    response = token_counts(table.column("response"), tokenizer)
+    ratio = prompt / np.maximum(response, 1)
+    return {"prompt_tokens": prompt, "response_tokens": response, "length_ratio": ratio}
+
+
+def with_columns(table: pa.Table, columns: dict[str, Any]) -> pa.Table:
+    """``table`` with ``columns`` set (replaced when present, appended otherwise)."""
+    for name, values in columns.items():
+        array = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, array)
+        else:
+            table = table.append_column(name, array)
+    return table

@@ -1,0 +1,203 @@
+"""Stage ``near_dedup``: near-duplicate removal with MinHash LSH over word 5-gram shingles.
+
+MinHash (Broder 1997) estimates the Jaccard similarity of two rows' shingle sets; LSH
+banding (Indyk & Motwani 1998; as in datasketch's ``MinHashLSH``) finds the candidate pairs
+without comparing all of them. Defaults: word 5-grams of the prompt and the response
+(:mod:`transforms.response.shingles`), 128 permutations, Jaccard threshold 0.8, and the
+bands ``b`` and rows per band ``r`` that minimise the equally weighted false-positive and
+false-negative areas under the S-curve (datasketch's optimisation, recomputed here).
+
+The stage is *ordered*: shards arrive in order with one :class:`NearDedupIndex` carried
+across them, so a row is compared with every earlier kept row of the build. A row is a
+duplicate when a kept row shares a band with it **and** their estimated Jaccard similarity
+(from the stored signatures) is at least the threshold; it goes to ``rejected`` with
+reason ``near_duplicate_of:<kept id>`` naming the most similar kept row. The first
+occurrence is kept.
+
+What does what:
+
+- signatures: ``rensa`` (Rust MinHash), ``RMinHash.digest_matrix_from_flat_token_hashes``
+  straight from the numpy shingle hashes: no Python object per row or shingle;
+- banding, the index and the verification are hand-written with numpy, because rensa's
+  ``RMinHashLSH`` answers queries only for ``RMinHash`` objects (which cannot be built from
+  a digest matrix or from pre-hashed shingles), returns flags but not keys for matrices,
+  and keeps no signatures to verify a candidate against.
+
+Memory is bounded by the kept rows, never their texts: per kept row its id (32 bytes), its
+signature cut to the low ``signature_bits`` bits of each permutation (b-bit minwise
+hashing, Li & König 2010; 16 bits × 128 = 256 bytes) and ``b`` band keys (12 bytes each):
+about 400 bytes per kept row at the defaults.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import rensa
+from pydantic import BaseModel, ConfigDict, Field
+
+from transforms.response.shingles import fold, row_texts, shingle_hashes
+from transforms.schema import rejected
+from transforms.stage import StageResult, reject_table
+
+STAGE = "near_dedup"
+
+
+class NearDedupParams(BaseModel):
+    """MinHash LSH settings (published defaults: word 5-grams, 128 permutations, 0.8)."""
+
+    model_config = ConfigDict(extra="forbid")
+    threshold: float = Field(default=0.8, gt=0, lt=1)
+    num_perm: int = Field(default=128, ge=16, le=1024)
+    ngram: int = Field(default=5, ge=1)
+    bands: int | None = Field(default=None, ge=1, description="default: optimal for threshold")
+    seed: int = 42
+    signature_bits: Literal[8, 16, 32] = 16
+
+
+@cache
+def optimal_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """``(b, r)`` with ``b * r <= num_perm`` minimising the false-positive plus the
+    false-negative area of the LSH S-curve ``1 - (1 - s^r)^b`` around ``threshold``."""
+    best, best_err = (1, num_perm), float("inf")
+    lo, hi = np.linspace(0, threshold, 512), np.linspace(threshold, 1, 512)
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            fp = np.trapezoid(1 - (1 - lo**r) ** b, lo)
+            fn = np.trapezoid((1 - hi**r) ** b, hi)
+            if fp + fn < best_err:
+                best, best_err = (b, r), fp + fn
+    return best
+
+
+def signatures(table: pa.Table, params: NearDedupParams) -> np.ndarray:
+    """``(rows, num_perm)`` uint32 MinHash signatures (rensa) of each row's shingles."""
+    hashes, offsets = shingle_hashes(row_texts(table), params.ngram)
+    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
+        hashes, offsets, params.num_perm, params.seed
+    )
+    return np.array(matrix.to_rows(), dtype=np.uint32).reshape(table.num_rows, params.num_perm)
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``(n, bands)`` uint64 keys: each band's ``rows`` values folded, salted by the band."""
+    out = np.empty((len(sig), bands), dtype=np.uint64)
+    wide = sig.astype(np.uint64)
+    for j in range(bands):
+        salt = np.full(len(sig), j + 1, dtype=np.uint64)
+        out[:, j] = fold([salt, *(wide[:, j * rows + k] for k in range(rows))])
+    return out
+
+
+class NearDedupIndex:
+    """The kept rows seen so far: ids, compact signatures, and the band keys sorted for
+    lookup. The state the ordered stage carries across shards."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.sigs = np.zeros((0, 0), dtype=np.uint16)
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.rows = np.zeros(0, dtype=np.uint32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays, plus 32 per id."""
+        return self.sigs.nbytes + self.keys.nbytes + self.rows.nbytes + 32 * len(self.ids)
+
+    def lookup(self, keys: np.ndarray) -> list[np.ndarray]:
+        """For each row of ``keys`` (n × bands), the kept row numbers sharing a band."""
+        n, bands = keys.shape
+        flat = keys.ravel()
+        left = np.searchsorted(self.keys, flat, side="left")
+        right = np.searchsorted(self.keys, flat, side="right")
+        out: list[np.ndarray] = [np.zeros(0, np.uint32)] * n
+        for i in np.unique(np.flatnonzero(right > left) // bands):
+            spans = [self.rows[left[k] : right[k]] for k in range(i * bands, (i + 1) * bands)]
+            out[i] = np.unique(np.concatenate(spans))
+        return out
+
+    def add(self, ids: list[str], sigs: np.ndarray, keys: np.ndarray) -> None:
+        start = len(self.ids)
+        self.ids.extend(ids)
+        self.sigs = np.concatenate([self.sigs.reshape(-1, sigs.shape[1]), sigs])
+        numbers = np.repeat(np.arange(start, start + len(ids), dtype=np.uint32), keys.shape[1])
+        merged_keys = np.concatenate([self.keys, keys.ravel()])
+        merged_rows = np.concatenate([self.rows, numbers])
+        order = np.argsort(merged_keys, kind="stable")
+        self.keys, self.rows = merged_keys[order], merged_rows[order]
+
+
+def _compact(sig: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 32:
+        return sig
+    dtype = np.uint16 if bits == 16 else np.uint8
+    return (sig & np.uint32((1 << bits) - 1)).astype(dtype)
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
+    """Jaccard estimates of row ``a`` against each row of ``b`` from ``bits``-bit minhashes
+    (matches by chance, ``2^-bits``, corrected out)."""
+    match = (b == a).mean(axis=-1)
+    chance = 2.0**-bits
+    return (match - chance) / (1 - chance)
+
+
+def near_dedup(table: pa.Table, params: NearDedupParams, state: dict) -> StageResult:
+    """Drop rows that are near duplicates of an earlier kept row (this shard or before).
+
+    ``state`` is the carried dict; it holds the :class:`NearDedupIndex` under ``"index"``.
+    """
+    index: NearDedupIndex = state.setdefault("index", NearDedupIndex())
+    n = table.num_rows
+    b, r = (
+        (params.bands, params.num_perm // params.bands)
+        if params.bands
+        else optimal_bands(params.threshold, params.num_perm)
+    )
+    sig = signatures(table, params) if n else np.zeros((0, params.num_perm), np.uint32)
+    keys = band_keys(sig, b, r)
+    small = _compact(sig, params.signature_bits)
+    ids = table.column("id").to_pylist()
+    earlier = index.lookup(keys) if len(index) else [np.zeros(0, np.uint32)] * n
+    # Band keys shared inside this shard: only those rows need the sequential pass.
+    flat = keys.ravel()
+    _uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
+    shared = (counts[inverse] > 1).reshape(n, b)
+    busy = shared.any(axis=1) | np.array([len(e) > 0 for e in earlier], dtype=bool)
+    kept = np.ones(n, dtype=bool)
+    reasons: list[str] = []
+    local: dict[int, list[int]] = {}  # shared band key (as index into uniq) → kept rows here
+    slots = inverse.reshape(n, b)
+    for i in np.flatnonzero(busy):
+        best, best_j = -1.0, None
+        if len(earlier[i]):
+            sims = estimated_jaccard(small[i], index.sigs[earlier[i]], params.signature_bits)
+            k = int(np.argmax(sims))
+            best, best_j = float(sims[k]), index.ids[int(earlier[i][k])]
+        mine = slots[i][shared[i]]
+        near = sorted({j for s in mine for j in local.get(int(s), ())})
+        if near:
+            sims = estimated_jaccard(small[i], small[near], params.signature_bits)
+            k = int(np.argmax(sims))
+            if sims[k] > best:
+                best, best_j = float(sims[k]), ids[near[k]]
+        if best >= params.threshold:
+            kept[i] = False
+            reasons.append(f"near_duplicate_of:{best_j}")
+        else:
+            for s in mine:
+                local.setdefault(int(s), []).append(int(i))
+    keep = pa.array(kept)
+    index.add([ids[i] for i in np.flatnonzero(kept)], small[kept], keys[kept])
+    return StageResult(
+        kept=table.filter(keep),
+        rejected=reject_table(rejected(table.filter(pc.invert(keep)), STAGE, reasons)),
+        stats={"bands": b, "rows_per_band": r, "index_rows": len(index)},
+    )

@@ -1,0 +1,85 @@
+"""Word n-gram shingles of rows as 64-bit hashes, vectorised over Arrow.
+
+The text of a row is its prompt (every turn's content) and its response, lower-cased, with
+every run of non-word characters turned into one space; shingles are its word ``n``-grams
+(``n = 5`` by default), each hashed to 64 bits. A text with fewer than ``n`` words is one
+shingle of all its words (an empty text: the hash of the empty word).
+
+Words are hashed once per distinct word (XXH3-64 over Arrow's dictionary encoding), and the
+n-grams are folded from the word hashes with numpy, so no Python object is made per shingle.
+The result is one flat ``uint64`` array plus row offsets: the layout
+``rensa.RMinHash.digest_matrix_from_flat_token_hashes`` reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
+
+from transforms.response.lengths import prompt_plain
+from transforms.text import combined
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_PRIME = np.uint64(0x100000001B3)
+
+
+def row_texts(table: pa.Table) -> pa.Array:
+    """Prompt and response of each row as one normalised string."""
+    text = pc.binary_join_element_wise(
+        prompt_plain(table.column("prompt")),
+        pc.fill_null(combined(table.column("response")), ""),
+        "\n",
+    )
+    return pc.replace_substring_regex(pc.utf8_lower(text), r"[^\w]+", " ")
+
+
+def _word_hashes(flat: pa.Array) -> np.ndarray:
+    encoded = pc.dictionary_encode(combined(flat)) if len(flat) else None
+    if encoded is None:
+        return np.zeros(0, dtype=np.uint64)
+    digest = xxhash.xxh3_64_intdigest
+    table = np.fromiter(
+        (digest(w.encode()) for w in encoded.dictionary.to_pylist()),
+        dtype=np.uint64,
+        count=len(encoded.dictionary),
+    )
+    return table[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def fold(parts: list[np.ndarray]) -> np.ndarray:
+    """Order-sensitive 64-bit combination of equal-length hash arrays (FNV-style, with a
+    final splitmix64 step)."""
+    h = np.full(len(parts[0]), _MIX, dtype=np.uint64)
+    for part in parts:
+        h = (h ^ part) * _PRIME
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def shingle_hashes(texts: pa.Array, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """``(hashes, offsets)``: the shingle hashes of row ``i`` are
+    ``hashes[offsets[i]:offsets[i + 1]]`` (``uint64`` both)."""
+    words = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.fill_null(combined(texts), "")))
+    counts = pc.list_value_length(words).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
+    wh = _word_hashes(pc.list_flatten(words))
+    # Full n-grams: every position whose n words lie in the same row.
+    full = np.maximum(counts - n + 1, 0)
+    row_of = np.repeat(np.arange(len(counts)), full)
+    pos = np.arange(int(full.sum())) - np.repeat(np.cumsum(full) - full, full) + starts[row_of]
+    grams = fold([wh[pos + k] for k in range(n)]) if len(pos) else np.zeros(0, np.uint64)
+    # Short rows (1..n-1 words): one shingle of all their words; empty rows: the shingle 0.
+    per_row = np.where(full > 0, full, 1)
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.uint64)
+    out = np.zeros(int(per_row.sum()), dtype=np.uint64)
+    full_rows = full > 0
+    out[np.repeat(full_rows, per_row)] = grams
+    for i in np.flatnonzero((counts > 0) & ~full_rows):
+        parts = [wh[starts[i] + k : starts[i] + k + 1] for k in range(counts[i])]
+        out[int(offsets[i])] = fold(parts)[0]
+    return out, offsets
