@@ -49,11 +49,11 @@ def duplicates_by_radius(vectors: np.ndarray, threshold: float) -> np.ndarray:
     if n < 2:
         return owner
     nn = NearestNeighbors(radius=1.0 - threshold + 1e-6, metric="cosine").fit(vectors)
-    neighbours = nn.radius_neighbors(vectors, return_distance=False, sort_results=True)
+    neighbours = nn.radius_neighbors(vectors, return_distance=False)
     for i in range(n):
         if owner[i] != -1:
             continue
-        for j in neighbours[i]:
+        for j in np.sort(neighbours[i]):
             if j > i and owner[j] == -1:
                 owner[j] = i
     return owner

@@ -1,0 +1,158 @@
+"""near_dedup and semantic_dedup on real GPTeacher rows with small edits."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from transforms.ingest import read_source
+from transforms.response.lengths import with_columns
+from transforms.response.near_dedup import (
+    NearDedupIndex,
+    NearDedupParams,
+    estimated_jaccard,
+    lsh_shape,
+    near_dedup,
+    optimal_bands,
+    signatures,
+)
+from transforms.response.semantic_dedup import SemanticDedupParams, semantic_dedup
+from transforms.schema import REJECTED_SCHEMA, SCHEMA
+
+SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+@pytest.fixture(scope="module")
+def roleplay(shared_data: Path) -> pa.Table:
+    path = shared_data / "instructions" / "gpteacher_roleplay.json"
+    return pa.concat_tables(r.kept for r in read_source(path))
+
+
+def typos(text: str, rng: random.Random, count: int = 2) -> str:
+    words = text.split(" ")
+    for i in rng.sample([i for i, w in enumerate(words) if len(w) > 4], count):
+        w = words[i]
+        j = rng.randrange(1, len(w) - 2)
+        words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
+    return " ".join(words)
+
+
+def extra_whitespace(text: str, rng: random.Random) -> str:
+    return "  " + text.replace(". ", ".   ").replace(", ", " ,  ") + "\n\n"
+
+
+def reorder(text: str, rng: random.Random) -> str:
+    sentences = SENTENCE.split(text)
+    i = rng.randrange(len(sentences) - 1)
+    sentences[i], sentences[i + 1] = sentences[i + 1], sentences[i]
+    return " ".join(sentences)
+
+
+EDITS = {"typos": typos, "whitespace": extra_whitespace, "reorder": reorder}
+
+
+def edited_copies(table: pa.Table, rng: random.Random) -> tuple[pa.Table, dict[str, str]]:
+    """One edited copy per eligible row (long responses with several sentences), cycling
+    through the edits; returns the copies and copy id → original id."""
+    rows = table.to_pylist()
+    copies, origin_of = [], {}
+    eligible = [
+        r
+        for r in rows
+        if len(r["response"].split()) >= 120 and len(SENTENCE.split(r["response"])) >= 4
+    ]
+    for k, row in enumerate(eligible[:90]):
+        edit = list(EDITS.values())[k % len(EDITS)]
+        copy = dict(row)
+        copy["response"] = edit(row["response"], rng)
+        copy["id"] = f"copy-{k}-{list(EDITS)[k % len(EDITS)]}"
+        copy["source_index"] = 100_000 + k
+        copies.append(copy)
+        origin_of[copy["id"]] = row["id"]
+    return pa.Table.from_pylist(copies, schema=table.schema), origin_of
+
+
+def test_optimal_bands_match_datasketch() -> None:
+    from datasketch.lsh import _optimal_param
+
+    for threshold in (0.5, 0.8, 0.9):
+        for fn in (0.5, 0.95):
+            expected = _optimal_param(threshold, 128, 1 - fn, fn)
+            assert optimal_bands(threshold, 128, fn) == expected
+    assert lsh_shape(NearDedupParams()) == (16, 8)
+
+
+def test_edited_copies_are_caught_across_shards(roleplay: pa.Table) -> None:
+    copies, origin_of = edited_copies(roleplay, random.Random(5))
+    assert copies.num_rows == 90
+    state: dict = {}
+    first = near_dedup(roleplay, NearDedupParams(), state)
+    second = near_dedup(copies, NearDedupParams(), state)
+    # The distinct GPTeacher rows stay; every copy goes, naming the row it copies.
+    assert first.kept.num_rows == roleplay.num_rows and first.rejected.num_rows == 0
+    assert second.kept.num_rows == 0 and second.rejected.num_rows == copies.num_rows
+    assert second.rejected.schema.names[: len(REJECTED_SCHEMA)] == REJECTED_SCHEMA.names
+    for row in second.rejected.to_pylist():
+        assert row["reject_stage"] == "near_dedup"
+        assert row["reject_reason"] == f"near_duplicate_of:{origin_of[row['id']]}"
+    index: NearDedupIndex = state["index"]
+    assert len(index) == roleplay.num_rows
+    assert index.nbytes < 500 * len(index)  # compact: no texts
+
+
+def test_copies_inside_one_shard_and_edits_measured(roleplay: pa.Table) -> None:
+    copies, origin_of = edited_copies(roleplay.slice(0, 1500), random.Random(9))
+    table = pa.concat_tables([roleplay.slice(0, 1500), copies])
+    out = near_dedup(table, NearDedupParams(), {})
+    assert out.rejected.column("id").to_pylist() == copies.column("id").to_pylist()
+    reasons = dict(
+        zip(
+            out.rejected.column("id").to_pylist(),
+            out.rejected.column("reject_reason").to_pylist(),
+            strict=True,
+        )
+    )
+    assert all(reasons[c] == f"near_duplicate_of:{o}" for c, o in origin_of.items())
+    # The edits are small but real: estimated similarity well below 1 for typos/reorders.
+    params = NearDedupParams(signature_bits=32)
+    sig = signatures(table, params)
+    ids = table.column("id").to_pylist()
+    for copy_id, original in list(origin_of.items())[:6]:
+        sim = estimated_jaccard(sig[ids.index(copy_id)], sig[ids.index(original)][None], 32)[0]
+        assert 0.8 <= sim <= 1.0
+
+
+def test_threshold_is_configurable(roleplay: pa.Table) -> None:
+    copies, _ = edited_copies(roleplay.slice(0, 600), random.Random(3))
+    table = pa.concat_tables([roleplay.slice(0, 600), copies])
+    strict = near_dedup(table, NearDedupParams(threshold=0.99), {})
+    default = near_dedup(table, NearDedupParams(), {})
+    assert strict.rejected.num_rows < default.rejected.num_rows == copies.num_rows
+
+
+def test_semantic_dedup_catches_copies_and_keeps_distinct_rows(roleplay: pa.Table) -> None:
+    base = roleplay.slice(0, 40)
+    copies = base.slice(0, 8).to_pylist()
+    for k, row in enumerate(copies):
+        row["response"] = extra_whitespace(row["response"], random.Random(k)).replace("  ", " ")
+        row["id"] = f"semantic-copy-{k}"
+    table = pa.concat_tables([base, pa.Table.from_pylist(copies, schema=base.schema)])
+    out = semantic_dedup(table, SemanticDedupParams())
+    assert out.counts(table.num_rows) == {"in": 48, "kept": 40, "rejected": 8, "added": 0}
+    assert out.kept.column("id").to_pylist() == base.column("id").to_pylist()
+    first_ids = base.column("id").to_pylist()
+    assert out.rejected.column("reject_reason").to_pylist() == [
+        f"semantic_duplicate_of:{first_ids[k]}" for k in range(8)
+    ]
+
+
+def test_rule_filter_columns_survive_dedup(roleplay: pa.Table) -> None:
+    table = with_columns(roleplay.slice(0, 50), {"prompt_tokens": np.arange(50)})
+    out = near_dedup(table, NearDedupParams(), {})
+    assert out.kept.column("prompt_tokens").to_pylist() == list(range(50))
+    assert set(SCHEMA.names) <= set(out.kept.column_names)
