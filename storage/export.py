@@ -17,6 +17,9 @@ Formats (written to ``out_dir``, streamed batch by batch so memory stays bounded
   tools}`` (``human``/``gpt``/``function_call``/``observation``) plus a
   ``dataset_info.json`` entry with ``"formatting": "sharegpt"`` and the tags.
 - ``jsonl`` / ``parquet``: the rows as they are stored (all columns).
+- ``trl_preference``, ``trl_kto``, ``cut``, ``llamafactory_preference``: the judged responses
+  of the ``judge`` stage as preference pairs, KTO rows or CUT triplets (see
+  :mod:`storage.preference`).
 
 Every export writes ``export_manifest.json`` last; data files are written under a
 temporary name and renamed, so a failed export leaves no file that looks complete.
@@ -40,6 +43,12 @@ import pyarrow.parquet as pq
 
 from storage.dataset import DatasetStore
 from storage.names import Ref, StoreError, validate_split
+from storage.preference import (
+    LIST_FORMATS,
+    PREFERENCE_FORMATS,
+    preference_dataset_info,
+    preference_records,
+)
 
 EXPORT_FORMATS = (
     "trl_messages",
@@ -48,6 +57,7 @@ EXPORT_FORMATS = (
     "llamafactory_sharegpt",
     "jsonl",
     "parquet",
+    *PREFERENCE_FORMATS,
 )
 MANIFEST = "export_manifest.json"
 DATASET_INFO = "dataset_info.json"
@@ -127,9 +137,11 @@ def export(
         schema = pa.schema([f for f in store.schema(exact) if f.name != "split"])
         rows = _write_parquet(batches, schema, data)
     else:
-        convert = _CONVERTERS[fmt]
-        records = _convert(batches, convert, skipped)
-        is_list = fmt.startswith("llamafactory")
+        if fmt in PREFERENCE_FORMATS:
+            records = preference_records(fmt, batches, skipped)
+        else:
+            records = _convert(batches, _CONVERTERS[fmt], skipped)
+        is_list = fmt.startswith("llamafactory") or fmt in LIST_FORMATS
         data = out / f"{stem}.json" if is_list else out / f"{stem}.jsonl"
         rows = _write_json(records, data, as_list=is_list)
     files = [data.name]
@@ -234,6 +246,8 @@ def _finite(value: Any) -> Any:
 
 def _dataset_info_entry(fmt: str, file_name: str) -> dict[str, Any]:
     """The LLaMA-Factory ``dataset_info.json`` entry (layout of its ``data/README.md``)."""
+    if fmt in PREFERENCE_FORMATS:
+        return preference_dataset_info(fmt, file_name)
     if fmt == "llamafactory_alpaca":
         columns = {
             "prompt": "instruction",

@@ -196,4 +196,8 @@ def test_bad_format_and_ref(store: DatasetStore, tmp_path: Path) -> None:
         "llamafactory_sharegpt",
         "jsonl",
         "parquet",
+        "trl_preference",
+        "trl_kto",
+        "cut",
+        "llamafactory_preference",
     }
