@@ -160,12 +160,13 @@ def parse_spec(data: Any, base_dir: Path) -> BuildSpec:
 
 
 def _resolve_params(params: BaseModel, base_dir: Path) -> None:
-    """Stage parameters named ``model`` or ``*_dir`` are paths: resolve them too (nested)."""
+    """Stage parameters named ``model``, ``*_dir`` or ``*_path`` are paths: resolve them too
+    (nested)."""
     for name in type(params).model_fields:
         value = getattr(params, name)
         if isinstance(value, BaseModel):
             _resolve_params(value, base_dir)
-        elif isinstance(value, str) and (name == "model" or name.endswith("_dir")):
+        elif isinstance(value, str) and (name == "model" or name.endswith(("_dir", "_path"))):
             setattr(params, name, _resolve(value, base_dir))
 
 

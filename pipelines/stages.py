@@ -6,7 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines.craft import CraftParams, run_craft
+from pipelines.judge import JudgeParams, judge_stage
 from pipelines.refine import RefineParams, refine_stage
+from pipelines.self_guide import SelfGuideParams, self_guide_stage
+from pipelines.self_instruct import SelfInstructParams, self_instruct_stage
 from storage.gencache import GenerationCache
 from transforms.registry import STAGES, StageContext, StageDef
 from transforms.stage import StageResult
@@ -21,6 +24,9 @@ ALL_STAGES: dict[str, StageDef] = {
     **STAGES,
     "craft": StageDef("craft", CraftParams, craft_stage, whole=True),
     "refine": StageDef("refine", RefineParams, refine_stage, whole=True),
+    "self_instruct": StageDef("self_instruct", SelfInstructParams, self_instruct_stage, whole=True),
+    "self_guide": StageDef("self_guide", SelfGuideParams, self_guide_stage, whole=True),
+    "judge": StageDef("judge", JudgeParams, judge_stage, whole=True),
 }
 
 

@@ -22,6 +22,7 @@ grouped by prompt row, in the order they are stored.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -48,6 +49,12 @@ _COLUMNS = (
 )
 
 Row = dict[str, Any]
+
+
+def _export_module() -> Any:
+    """:mod:`storage.export` (it imports this module; ``storage.export`` the attribute is the
+    ``export`` function, so look the module up by name)."""
+    return importlib.import_module("storage.export")
 
 
 def judged_groups(batches: Iterable[pa.RecordBatch]) -> list[list[Row]]:
@@ -94,7 +101,7 @@ def preference_records(
     fmt: str, batches: Iterable[pa.RecordBatch], skipped: Counter[str]
 ) -> Iterator[Row]:
     """The records of one preference format; unrepresentable prompts are counted."""
-    from storage import export as ex  # export imports this module
+    ex = _export_module()
 
     def trl_prompt(row: Row) -> Row:
         return ex._with_tools({"prompt": ex._trl_turns(row["prompt"])}, row)
@@ -134,7 +141,7 @@ def preference_records(
 
 
 def _cut(number: int, row: Row) -> Row:
-    from storage import export as ex
+    ex = _export_module()
 
     turns = [t for t in row["prompt"] if t["role"] != "system"]
     if len(turns) != 1 or turns[0]["role"] != "user":

