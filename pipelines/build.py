@@ -40,6 +40,7 @@ from storage.gencache import cache_dir
 from storage.uris import local_path
 from transforms.ingest import IngestParams, read_source
 from transforms.registry import StageContext
+from transforms.response.stats import shard_stats
 from transforms.stage import StageResult
 
 
@@ -230,6 +231,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         **metadata,
         "cache": _engine_stats(outputs),
         "stage_stats": {name: st for o in outputs for name, st in o.stats.items()},
+        "dataset_stats": shard_stats(train),
     }
     _publish(spec, summary)
     return summary

@@ -120,3 +120,19 @@ def dataset_stats(
     response = np.concatenate(responses) if responses else np.zeros(0, dtype=np.int64)
     unit = " + ".join(sorted(units)) or tokenizer or "whitespace"
     return summarize(prompt, response, unit=unit, thresholds=thresholds)
+
+
+STAT_COLUMNS = ("prompt", "response", "prompt_tokens", "response_tokens")
+
+
+def shard_stats(paths: Iterable[str], tokenizer: str | None = None) -> dict[str, Any]:
+    """:func:`dataset_stats` over Parquet shards, reading only the columns it needs, one
+    shard at a time (what the build summary shows for the train split)."""
+    import pyarrow.parquet as pq
+
+    def tables() -> Iterable[pa.Table]:
+        for path in paths:
+            names = pq.ParquetFile(path).schema_arrow.names
+            yield pq.read_table(path, columns=[c for c in STAT_COLUMNS if c in names])
+
+    return dataset_stats(tables(), tokenizer)

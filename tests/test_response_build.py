@@ -1,0 +1,136 @@
+"""One real Prefect build with every response-distribution stage on real corpora."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+import yaml
+
+from pipelines.build import build_dataset
+from storage.dataset import DatasetStore
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+REFUSAL = re.compile(r"\b(ai|sorry)\b", re.IGNORECASE)
+
+
+def typo(text: str, rng: random.Random) -> str:
+    words = text.split(" ")
+    i = rng.choice([i for i, w in enumerate(words) if len(w) > 5 and w[2] != w[3]])
+    words[i] = words[i][:2] + words[i][3] + words[i][2] + words[i][4:]
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def build(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Sources: 300 GPTeacher roleplay rows plus 20 copies with a typo, 300 GSM8K rows and
+    60 safety rows (as files of their own); target: 400 other roleplay rows."""
+    folder = tmp_path_factory.mktemp("response-build")
+    data = shared_data / "instructions"
+    roleplay = json.loads((data / "gpteacher_roleplay.json").read_text())
+    rng = random.Random(0)
+    originals = [i for i, r in enumerate(roleplay[:300]) if len(r["output"].split()) > 80][:20]
+    copies = [{**roleplay[i], "output": typo(roleplay[i]["output"], rng)} for i in originals]
+    files = {
+        "roleplay.json": roleplay[:300] + copies,
+        "gsm8k.json": json.loads((data / "gsm8k_train_alpaca.json").read_text())[:300],
+        "safety.json": json.loads(
+            (shared_data / "safety" / "safety_only_data_Instructions.json").read_text()
+        )[:60],
+        "target.json": roleplay[2000:2400],
+    }
+    for name, records in files.items():
+        (folder / name).write_text(json.dumps(records))
+    spec = {
+        "name": "response-tuning",
+        "sources": [{"path": n} for n in ("roleplay.json", "gsm8k.json", "safety.json")],
+        "ingest": {"batch_rows": 128},  # several shards: near_dedup carries its index
+        "stages": [
+            {"normalize": {}},
+            {"exact_dedup": {}},
+            {"rule_filter": {}},
+            {"near_dedup": {}},
+            {"semantic_dedup": {}},
+            {"match_distribution": {"target_path": "target.json", "size": 0.75}},
+            {"refusal_mix": {"n": 0.1, "seed": 3}},
+        ],
+    }
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    store = DatasetStore(str(folder / "store"))
+    summary = build_dataset(str(folder / "spec.yaml"), store=store.root)
+    return {"summary": summary, "store": store, "originals": originals}
+
+
+def test_every_row_is_accounted_for(build: dict) -> None:
+    summary, store = build["summary"], build["store"]
+    rows = summary["rows"]
+    assert rows["in"] == 320 + 300 + 60
+    assert rows["in"] + rows["generated"] == rows["train"] + rows["rejected"]
+    counts = summary["counts"]
+    for stage, line in counts.items():
+        assert line["in"] + line["added"] == line["kept"] + line["rejected"], stage
+    assert list(counts) == [
+        "ingest",
+        "normalize",
+        "exact_dedup",
+        "rule_filter",
+        "near_dedup",
+        "semantic_dedup",
+        "match_distribution",
+        "refusal_mix",
+    ]
+    assert rows["generated"] == counts["refusal_mix"]["added"] > 0
+    ref = f"{summary['name']}@{summary['version']}"
+    assert store.read(ref, "train").num_rows == rows["train"]
+    rejected = store.read(ref, "rejected")
+    assert rejected.num_rows == rows["rejected"]
+    by_stage = Counter(rejected.column("reject_stage").to_pylist())
+    for stage in ("rule_filter", "near_dedup", "match_distribution"):
+        assert by_stage[stage] == counts[stage]["rejected"], stage
+
+
+def test_stages_did_their_work(build: dict) -> None:
+    summary, store = build["summary"], build["store"]
+    counts = summary["counts"]
+    ref = f"{summary['name']}@{summary['version']}"
+    rejected = store.read(ref, "rejected").to_pylist()
+    # Every copy goes: as a near duplicate naming its original, or (when a rule already
+    # dropped the original) by the same rule.
+    roleplay = {r["source_index"]: r for r in rejected if r["source"] == "roleplay"}
+    train = store.read(ref, "train")
+    ids_of = {r["source_index"]: r["id"] for r in train.to_pylist() if r["source"] == "roleplay"}
+    ids_of.update({i: r["id"] for i, r in roleplay.items()})
+    near = 0
+    for k, original in enumerate(build["originals"]):
+        copy = roleplay[300 + k]
+        if copy["reject_stage"] == "near_dedup":
+            assert copy["reject_reason"] == f"near_duplicate_of:{ids_of[original]}"
+            near += 1
+        else:
+            assert original in roleplay, (copy["reject_stage"], copy["reject_reason"])
+            assert copy["reject_stage"] == roleplay[original]["reject_stage"] == "rule_filter"
+    assert near == counts["near_dedup"]["rejected"] >= 15
+    # The safety rows refuse a benign-looking set: rule_filter drops them.
+    safety = Counter(r["reject_stage"] for r in rejected if r["source"] == "safety")
+    assert safety["rule_filter"] >= 40, safety
+    # Distribution matching kept 75% and moved toward the target.
+    match = summary["stage_stats"]["match_distribution"]
+    assert counts["match_distribution"]["kept"] == round(0.75 * counts["match_distribution"]["in"])
+    assert match["kl_after"] < match["kl_before"]
+    # The refusal mix: 10% of the final set, every row matching the pattern.
+    mixed = train.filter(pc.equal(train.column("origin"), "refusal_mix"))
+    assert mixed.num_rows == counts["refusal_mix"]["added"]
+    assert mixed.num_rows == pytest.approx(0.1 * train.num_rows, abs=1)
+    assert all(REFUSAL.search(r) for r in mixed.column("response").to_pylist())
+
+
+def test_dataset_statistics_in_the_summary(build: dict) -> None:
+    stats = build["summary"]["dataset_stats"]
+    assert stats["rows"] == build["summary"]["rows"]["train"]
+    assert stats["prompt_tokens"]["mean"] > 0 and stats["response_tokens"]["mean"] > 0
+    assert set(stats["recommendation"]) >= {"loss_over_prompt", "trl", "llamafactory", "reasons"}
