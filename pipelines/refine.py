@@ -15,7 +15,8 @@ marker ``Refined response:``:
 
 Every row gets ``refine_status``: ``refined``, ``marker_missing``, ``empty_rewrite`` or
 ``prompt_too_long``. The stage rejects nothing. ``prefill_marker`` starts the assistant turn
-with the marker (useful for small models that do not follow the instruction).
+with the marker (for models that do not follow the instruction to write it); the template's
+fields are ``{prompt}`` (every prompt turn's content), ``{response}`` and ``{marker}``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines import Request, Sampling, make_engine, row_seed
+from engines import Engine, Request, Sampling, make_engine, row_seed
 from engines.cached import CachedEngine
 from engines.prompts import encode, render
 from storage.gencache import GenerationCache
@@ -39,9 +40,9 @@ STAGE = "refine"
 MARKER = "Refined response:"
 TEMPLATE = (
     "Rewrite the response below so that it answers the request with more clarity, a "
-    "clearer structure and a helpful, polite tone. Keep every fact it states and add none. "
-    "Write the rewrite after the line '{marker}'.\n\n"
-    "Request:\n{prompt}\n\nResponse:\n{response}\n\n{marker}"
+    "clearer structure and a helpful, polite tone. Keep every fact it states and add none."
+    "\n\nRequest:\n{prompt}\n\nResponse:\n{response}\n\n"
+    "Reply with the line '{marker}' followed by the rewritten response."
 )
 
 
@@ -98,16 +99,22 @@ def parse_rewrite(text: str, marker: str = MARKER) -> str | None:
     return None if at < 0 else text[at + len(marker) :].strip()
 
 
-def run_refine(table: pa.Table, params: RefineParams, cache: GenerationCache) -> StageResult:
-    """Rewrite every response that fits; see the module docstring for the row changes."""
+def run_refine(
+    table: pa.Table, params: RefineParams, cache: GenerationCache, engine: Engine | None = None
+) -> StageResult:
+    """Rewrite every response that fits; see the module docstring for the row changes.
+
+    ``engine`` is an already started engine for ``params.model`` (left open); by default
+    the stage makes one from ``params`` and closes it when done.
+    """
     requests = requests_for(table, params)
     todo = [i for i, r in enumerate(requests) if r is not None]
-    engine = _engine(params, cache)
+    cached = CachedEngine(engine, cache) if engine is not None else _engine(params, cache)
     try:
-        samples = engine.generate([requests[i] for i in todo]) if todo else []
+        samples = cached.generate([requests[i] for i in todo]) if todo else []
     finally:
-        close = getattr(engine.engine, "close", None)
-        if close is not None:
+        close = getattr(cached.engine, "close", None)
+        if engine is None and close is not None:
             close()
     responses = table.column("response").to_pylist()
     originals = table.column("original_response").to_pylist()
@@ -135,7 +142,7 @@ def run_refine(table: pa.Table, params: RefineParams, cache: GenerationCache) ->
         },
     )
     counts = {s: status.count(s) for s in sorted(set(status))}
-    return StageResult(kept=kept, stats={"status": counts, "engine_refine": engine.stats.to_dict()})
+    return StageResult(kept=kept, stats={"status": counts, "engine_refine": cached.stats.to_dict()})
 
 
 def refine_stage(table: pa.Table, params: RefineParams, context: StageContext) -> StageResult:
