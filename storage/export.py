@@ -17,6 +17,8 @@ Formats (written to ``out_dir``, streamed batch by batch so memory stays bounded
   tools}`` (``human``/``gpt``/``function_call``/``observation``) plus a
   ``dataset_info.json`` entry with ``"formatting": "sharegpt"`` and the tags.
 - ``jsonl`` / ``parquet``: the rows as they are stored (all columns).
+- ``response_only``: JSONL ``{"messages": [{"role": "assistant", ...}]}``, the response
+  alone (Response Tuning; see :mod:`storage.training`).
 - ``trl_preference``, ``trl_kto``, ``cut``, ``llamafactory_preference``: the judged responses
   of the ``judge`` stage as preference pairs, KTO rows or CUT triplets (see
   :mod:`storage.preference`).
@@ -49,6 +51,15 @@ from storage.preference import (
     preference_dataset_info,
     preference_records,
 )
+from storage.training import (
+    README,
+    RESPONSE_ONLY,
+    LossOverPrompt,
+    readme_text,
+    resolve_switch,
+    response_only,
+    trainer_settings,
+)
 
 EXPORT_FORMATS = (
     "trl_messages",
@@ -57,6 +68,7 @@ EXPORT_FORMATS = (
     "llamafactory_sharegpt",
     "jsonl",
     "parquet",
+    RESPONSE_ONLY,
     *PREFERENCE_FORMATS,
 )
 MANIFEST = "export_manifest.json"
@@ -94,6 +106,8 @@ class ExportResult:
     skipped: int
     skipped_reasons: dict[str, int] = field(default_factory=dict)
     created_at: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    """Trainer settings for the loss over the prompt (see :mod:`storage.training`)."""
 
     @property
     def manifest(self) -> Path:
@@ -113,9 +127,17 @@ Row = dict[str, Any]
 
 
 def export(
-    store: DatasetStore, ref: Ref | str, fmt: str, out_dir: str | Path, split: str = "train"
+    store: DatasetStore,
+    ref: Ref | str,
+    fmt: str,
+    out_dir: str | Path,
+    split: str = "train",
+    loss_over_prompt: LossOverPrompt = None,
 ) -> ExportResult:
     """Write one version's ``split`` in format ``fmt`` to ``out_dir``.
+
+    ``loss_over_prompt`` (``True``, ``False`` or ``"auto"``) also writes the trainer
+    settings for it into ``README.md`` and the manifest (:mod:`storage.training`).
 
     Raises:
         StoreError: unknown format (listing the valid ones), split or reference.
@@ -149,6 +171,14 @@ def export(
         _update_dataset_info(out / DATASET_INFO, stem, _dataset_info_entry(fmt, data.name))
         files.append(DATASET_INFO)
 
+    switch, stats = resolve_switch(
+        loss_over_prompt, lambda: store.batches(exact, split=split, batch_size=_BATCH_ROWS)
+    )
+    training = {} if switch is None else trainer_settings(fmt, switch)
+    if training:
+        _atomic_write_text(out / README, readme_text(exact, fmt, training, stats))
+        files.append(README)
+
     result = ExportResult(
         name=name,
         version=version,
@@ -160,6 +190,7 @@ def export(
         skipped=sum(skipped.values()),
         skipped_reasons=dict(sorted(skipped.items())),
         created_at=datetime.now(UTC).isoformat(),
+        training=training,
     )
     _atomic_write_text(result.manifest, json.dumps(result.to_dict(), indent=2) + "\n")
     return result
@@ -411,4 +442,5 @@ _CONVERTERS: dict[str, Callable[[Row], Row]] = {
     "llamafactory_alpaca": _alpaca,
     "llamafactory_sharegpt": _sharegpt,
     "jsonl": _identity,
+    RESPONSE_ONLY: response_only,
 }
