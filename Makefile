@@ -48,6 +48,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/engines.py
+	$(BIN)/python bench/synthesis.py
 
 lint: setup
 	$(BIN)/ruff check .

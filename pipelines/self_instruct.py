@@ -99,7 +99,36 @@ def task_id(instruction: str) -> str:
     return "si-" + xxhash.xxh3_64_hexdigest(instruction.encode())
 
 
-def _bootstrap(
+def instruction_sampling(params: SelfInstructParams) -> Sampling:
+    """The sampling of instruction generation (the code's: 0.7, 0.5, 1024, its stops)."""
+    return Sampling(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        max_tokens=params.max_tokens,
+        stop=tuple(params.stop),
+    )
+
+
+def round_requests(
+    params: SelfInstructParams, seeds: list[si.SeedTask], machine: list[_Task], rnd: int
+) -> list[tuple[Request, str, list[str]]]:
+    """One round's requests, each with its prompt text and the pool ids it shows."""
+    rng = random.Random(f"{params.seed}:{STAGE}:round:{rnd}")
+    sampling = instruction_sampling(params)
+    out = []
+    for i in range(params.requests_per_round):
+        picked = rng.sample(machine, min(params.machine_in_prompt, len(machine)))
+        chosen = [(t.instruction, t.id) for t in picked]
+        n_seeds = min(params.prompt_instructions - len(chosen), len(seeds))
+        chosen += [(s.instruction, s.id) for s in rng.sample(seeds, n_seeds)]
+        rng.shuffle(chosen)
+        text = si.instruction_prompt([c[0] for c in chosen])
+        seed = row_seed(f"{params.seed}:{rnd}", STAGE, i)
+        out.append((Request(as_prompt(params, text), sampling, seed), text, [c[1] for c in chosen]))
+    return out
+
+
+def bootstrap(
     params: SelfInstructParams,
     engine: CachedEngine,
     seeds: list[si.SeedTask],
@@ -109,30 +138,14 @@ def _bootstrap(
     pool = NoveltyIndex(params.rouge_threshold)
     pool.extend(s.instruction for s in seeds)
     machine: list[_Task] = []
-    sampling = Sampling(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        max_tokens=params.max_tokens,
-        stop=tuple(params.stop),
-    )
     for rnd in range(params.max_rounds):
         if len(machine) >= params.target_instructions:
             break
-        rng = random.Random(f"{params.seed}:{STAGE}:round:{rnd}")
-        requests, shown = [], []
-        for i in range(params.requests_per_round):
-            picked = rng.sample(machine, min(params.machine_in_prompt, len(machine)))
-            chosen = [(t.instruction, t.id) for t in picked]
-            n_seeds = min(params.prompt_instructions - len(chosen), len(seeds))
-            chosen += [(s.instruction, s.id) for s in rng.sample(seeds, n_seeds)]
-            rng.shuffle(chosen)
-            text = si.instruction_prompt([c[0] for c in chosen])
-            seed = row_seed(f"{params.seed}:{rnd}", STAGE, i)
-            requests.append(Request(as_prompt(params, text), sampling, seed))
-            shown.append((text, [c[1] for c in chosen], seed))
-        for (text, parents, seed), samples in zip(shown, engine.generate(requests), strict=True):
+        batch = round_requests(params, seeds, machine, rnd)
+        outputs = engine.generate([request for request, _, _ in batch])
+        for (request, text, parents), samples in zip(batch, outputs, strict=True):
             sample = samples[0]
-            base = {"parents": parents, "round": rnd, "seed": seed}
+            base = {"parents": parents, "round": rnd, "seed": request.seed}
             if sample.finish_reason == "length":
                 rows.append(Generated(user_prompt(text), sample.text, reason=si.TRUNCATED, **base))
                 continue
@@ -154,7 +167,7 @@ def _bootstrap(
                     )
                     continue
                 pool.add(candidate)
-                machine.append(_Task(task_id(candidate), candidate, rnd, parents, seed))
+                machine.append(_Task(task_id(candidate), candidate, rnd, parents, request.seed))
     return machine
 
 
@@ -212,7 +225,7 @@ def run_self_instruct(
     """Self-Instruct over ``engine``; ``table`` passes through, generated rows are added."""
     seeds = si.load_seed_tasks(params.seeds_path)  # fails before any generation
     rows: list[Generated] = []
-    tasks = _bootstrap(params, engine, seeds, rows)
+    tasks = bootstrap(params, engine, seeds, rows)
     is_clf = _classify(params, engine, seeds, tasks) if tasks else []
     if tasks:
         _instances(params, engine, seeds, tasks, is_clf, rows)

@@ -325,3 +325,18 @@ def test_spec_errors_for_unknown_judge_and_model(fact_world, tmp_path: Path) -> 
 
     with pytest.raises(EngineError, match=r"model path .*no/such/model.* does not exist"):
         judge_stage(pa.table({}), params, StageContext(tmp_path, tmp_path / "cache"))
+
+
+def test_example_specs_validate_with_resolved_paths() -> None:
+    from pipelines.spec import load_spec
+
+    folder = REPO / "examples" / "synthesis"
+    for name in ("fact_world", "self_instruct_gpu", "self_guide_gpu", "judge_nq_gpu"):
+        spec = load_spec(folder / f"{name}.yaml")
+        for stage in spec.stages[1:]:
+            if stage.name in ("self_instruct", "self_guide", "judge"):
+                assert Path(stage.params.model).is_absolute()
+    fact = load_spec(folder / "fact_world.yaml")
+    assert fact.stages[2].params.seeds_path == str(SEEDS)
+    judge = load_spec(folder / "judge_nq_gpu.yaml").stages[2].params
+    assert judge.judge == "llm" and Path(judge.judge_llm.model).is_absolute()
