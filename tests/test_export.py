@@ -196,6 +196,7 @@ def test_bad_format_and_ref(store: DatasetStore, tmp_path: Path) -> None:
         "llamafactory_sharegpt",
         "jsonl",
         "parquet",
+        "response_only",
         "trl_preference",
         "trl_kto",
         "cut",
