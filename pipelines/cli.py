@@ -217,8 +217,25 @@ def inspect(
             field, *(str(stats.get(k, "")) for k in ("min", "mean", "p50", "p90", "max"))
         )
     out.print(lengths)
+    _print_instruction_response(report.get("instruction_response"))
     for row in rows:
         out.print_json(json.dumps(row, default=str))
+
+
+def _print_instruction_response(stats: dict[str, Any] | None) -> None:
+    """The instruction/response statistics and the loss-over-prompt recommendation."""
+    if not stats or not stats["rows"]:
+        return
+    t = Table("field", "mean", "p50", "p90", "max", title=f"train tokens ({stats['unit']})")
+    for field in ("prompt_tokens", "response_tokens", "row_ratio"):
+        t.add_row(field, *(str(stats[field].get(k, "")) for k in ("mean", "p50", "p90", "max")))
+    out.print(t)
+    advice = stats["recommendation"]
+    verdict = "loss over the prompt" if advice["loss_over_prompt"] else "loss on responses only"
+    out.print(
+        f"prompt/response length ratio {stats['length_ratio']}: recommend {verdict} "
+        f"({'; '.join(advice['reasons'])}) [{advice['source']}]"
+    )
 
 
 @app.command()
@@ -256,19 +273,35 @@ def tag(
     out.print(f"tagged {dataset}@{version} as {name!r}")
 
 
+def _loss_over_prompt(value: str | None) -> bool | str | None:
+    choices = {"true": True, "false": False, "auto": "auto"}
+    if value is not None and value.lower() not in choices:
+        raise typer.BadParameter("--loss-over-prompt must be true, false or auto")
+    return None if value is None else choices[value.lower()]
+
+
 @app.command()
 @_friendly
 def export(
     ref: Annotated[str, typer.Argument(help="NAME[@VERSION|@TAG]")],
     fmt: Annotated[str, typer.Option("--format", help="Export format.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    loss_over_prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--loss-over-prompt",
+            help="true, false or auto (from the instruction/response statistics): write the "
+            "TRL / LLaMA-Factory setting into README.md and the manifest.",
+        ),
+    ] = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a version's train split in a trainer's format."""
     from storage.export import export as run_export
 
-    result = run_export(_store(store), ref, fmt, out_dir)
+    switch = _loss_over_prompt(loss_over_prompt)
+    result = run_export(_store(store), ref, fmt, out_dir, loss_over_prompt=switch)
     data = result.to_dict() if hasattr(result, "to_dict") else vars(result)
     if as_json:
         _emit_json(data)

@@ -74,3 +74,24 @@ def test_auto_follows_the_statistics(store: DatasetStore, tmp_path: Path) -> Non
     assert math.training["llamafactory"] == {"train_on_prompt": False}
     info = json.loads((tmp_path / "g" / "dataset_info.json").read_text())
     assert list(info) == ["gsm8k_v0"]  # dataset_info keeps its LLaMA-Factory layout
+
+
+def test_cli_inspect_and_export_show_the_statistics(store: DatasetStore, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", "nq", "--store", store.root, "--json"])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)["instruction_response"]
+    assert stats["rows"] == 300 and stats["recommendation"]["loss_over_prompt"] is True
+    text = runner.invoke(app, ["inspect", "gsm8k", "--store", store.root, "--sample", "0"])
+    assert text.exit_code == 0 and "recommend loss on responses only" in text.stdout
+    out = tmp_path / "cli"
+    args = ["export", "nq", "--format", "trl_prompt_completion", "--out", str(out)]
+    done = runner.invoke(app, [*args, "--loss-over-prompt", "auto", "--store", store.root])
+    assert done.exit_code == 0, done.output
+    assert manifest(out)["training"]["trl"] == {"completion_only_loss": False}
+    bad = runner.invoke(app, [*args, "--loss-over-prompt", "maybe", "--store", store.root])
+    assert bad.exit_code != 0

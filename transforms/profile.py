@@ -1,4 +1,5 @@
-"""Summaries of a curated table for ``aligncurate inspect``: counts and length statistics."""
+"""Summaries of a curated table for ``aligncurate inspect``: counts, length statistics and
+the instruction/response statistics with their loss-over-prompt recommendation."""
 
 from __future__ import annotations
 
@@ -58,4 +59,16 @@ def profile(table: pa.Table, top: int = 20) -> dict[str, Any]:
             pc.fill_null(pc.utf8_length(table.column("response")), 0)
         )
     out["lengths"] = lengths
+    if {"prompt", "response"} <= set(table.column_names):
+        out["instruction_response"] = instruction_response(table)
     return out
+
+
+def instruction_response(table: pa.Table) -> dict[str, Any]:
+    """The instruction/response statistics (:mod:`transforms.response.stats`) of the
+    ``train`` rows (of every row when there is no ``split`` column)."""
+    from transforms.response.stats import dataset_stats
+
+    if "split" in table.column_names:
+        table = table.filter(pc.equal(table.column("split"), "train"))
+    return dataset_stats([table])
