@@ -13,7 +13,8 @@ prompt row's prompt, task and references, the sampled ``response`` and the colum
 ``judgment`` (text), ``judgment_ok`` (bool) and ``judge`` (the judge's fingerprint).
 Rejected, with their reason: empty responses, a sample repeating an earlier sample of the
 same prompt, and verdicts the ``llm`` judge wrote in no parseable form (never guessed).
-Rows without references are not sampled under the ``reference`` judge (counted in stats).
+Rows without references are not sampled under the ``reference`` judge, nor rows that are
+judged responses already (both counted in ``stats.skipped_prompts``).
 
 ``user_template`` reformats the last user turn for generation only (e.g. the CRaFT query
 form for the fact world); the stored prompt stays the row's own.
@@ -88,7 +89,10 @@ def _instruction(prompt: list[dict[str, str]]) -> str:
 
 
 def judgeable(row: dict[str, Any], judge: str) -> bool:
-    """Has a user turn (and references, for the reference judge)."""
+    """Not a judged response itself, has a user turn (and references, for the reference
+    judge)."""
+    if row.get("judgment_ok") is not None:
+        return False
     if not any(m["role"] == "user" for m in row["prompt"] or []):
         return False
     return judge != "reference" or bool(row.get("references"))
@@ -109,6 +113,8 @@ def run_judge(
     """Sample and judge (``judge_engine`` is required for ``judge: llm``).
     ``release_target`` closes the target engine once sampled, before the judge loads."""
     columns = ["id", "task", "prompt", "references", "choices"]
+    if "judgment_ok" in table.column_names:
+        columns.append("judgment_ok")
     all_rows = table.select(columns).to_pylist()
     rows = [r for r in all_rows if judgeable(r, params.judge)]
     sampling = Sampling(

@@ -23,7 +23,7 @@ from trl.data_utils import is_conversational
 import datasets
 from engines.cached import CachedEngine
 from pipelines.build import build_dataset
-from pipelines.judge import JudgeParams, judge_stage
+from pipelines.judge import JudgeParams, judge_stage, judgeable
 from pipelines.self_guide import SelfGuideParams, run_self_guide
 from pipelines.self_instruct import SelfInstructParams, self_instruct_stage
 from pipelines.spec import SpecError, parse_spec
@@ -193,8 +193,10 @@ def test_reference_judgments_agree_with_the_gold(synth_run: dict) -> None:
         contains = any(a.lower() in row["response"].lower() for a in aliases)
         assert row["judgment_ok"] == contains
         assert repr(aliases[0]) in row["judgment"] or row["judgment_ok"]
-    dup = [r for r in synthetic(synth_run["rejected"], "judge")]
+    dup = synthetic(synth_run["rejected"], "judge")
     assert {r["reject_reason"] for r in dup} <= {jd.DUPLICATE_SAMPLE, jd.EMPTY_RESPONSE}
+    corpus_row = next(r for r in synth_run["train"].to_pylist() if r["origin"] == "corpus")
+    assert judgeable(corpus_row, "reference") and not judgeable(judged[0], "reference")
 
 
 def test_second_build_and_rerun_make_no_engine_calls(synth_run: dict) -> None:
