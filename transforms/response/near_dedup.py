@@ -50,6 +50,7 @@ from transforms.schema import rejected
 from transforms.stage import StageResult, reject_table
 
 STAGE = "near_dedup"
+_CHUNK = 65_536  # pairs compared at once
 
 
 class NearDedupParams(BaseModel):
@@ -126,17 +127,21 @@ class NearDedupIndex:
         """Bytes held by the arrays, plus 32 per id."""
         return self.sigs.nbytes + self.keys.nbytes + self.rows.nbytes + 32 * len(self.ids)
 
-    def lookup(self, keys: np.ndarray) -> list[np.ndarray]:
-        """For each row of ``keys`` (n × bands), the kept row numbers sharing a band."""
-        n, bands = keys.shape
+    def candidates(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct ``(row, kept number)`` pairs: rows of ``keys`` (n × bands) and the kept
+        rows that share a band with them, sorted by row then kept number."""
+        bands = keys.shape[1]
         flat = keys.ravel()
         left = np.searchsorted(self.keys, flat, side="left")
-        right = np.searchsorted(self.keys, flat, side="right")
-        out: list[np.ndarray] = [np.zeros(0, np.uint32)] * n
-        for i in np.unique(np.flatnonzero(right > left) // bands):
-            spans = [self.rows[left[k] : right[k]] for k in range(i * bands, (i + 1) * bands)]
-            out[i] = np.unique(np.concatenate(spans))
-        return out
+        count = np.searchsorted(self.keys, flat, side="right") - left
+        total = int(count.sum())
+        if not total:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        rows = np.repeat(np.arange(len(flat)) // bands, count)
+        first = np.repeat(left - (np.cumsum(count) - count), count)
+        kept = self.rows[first + np.arange(total)].astype(np.int64)
+        pair = np.unique(rows * (len(self.ids) + 1) + kept)
+        return pair // (len(self.ids) + 1), pair % (len(self.ids) + 1)
 
     def add(self, ids: list[str], sigs: np.ndarray, keys: np.ndarray) -> None:
         start = len(self.ids)
@@ -157,11 +162,44 @@ def _compact(sig: np.ndarray, bits: int) -> np.ndarray:
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
-    """Jaccard estimates of row ``a`` against each row of ``b`` from ``bits``-bit minhashes
-    (matches by chance, ``2^-bits``, corrected out)."""
+    """Jaccard estimates of the rows of ``a`` against the rows of ``b`` (pairwise, or one
+    row against many) from ``bits``-bit minhashes (chance matches, ``2^-bits``, corrected)."""
     match = (b == a).mean(axis=-1)
     chance = 2.0**-bits
     return (match - chance) / (1 - chance)
+
+
+def _similar(a: np.ndarray, b: np.ndarray, bits: int, threshold: float) -> np.ndarray:
+    """Which pairs (rows of ``a`` and ``b``, taken in chunks) reach ``threshold``."""
+    out = np.zeros(len(a), dtype=bool)
+    for s in range(0, len(a), _CHUNK):
+        out[s : s + _CHUNK] = (
+            estimated_jaccard(a[s : s + _CHUNK], b[s : s + _CHUNK], bits) >= threshold
+        )
+    return out
+
+
+def _shard_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``(earlier, later)`` row pairs of this shard that share a band key."""
+    n, bands = keys.shape
+    flat = keys.ravel()
+    order = np.lexsort((np.arange(n * bands) // bands, flat))
+    sorted_keys, sorted_rows = flat[order], (order // bands).astype(np.int64)
+    earlier, later = [], []
+    d = 1
+    while d < len(flat):
+        same = sorted_keys[d:] == sorted_keys[:-d]
+        if not same.any():
+            break
+        earlier.append(sorted_rows[:-d][same])
+        later.append(sorted_rows[d:][same])
+        d += 1
+    if not earlier:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    earlier_rows, later_rows = np.concatenate(earlier), np.concatenate(later)
+    distinct = earlier_rows < later_rows
+    pair = np.unique(later_rows[distinct] * n + earlier_rows[distinct])
+    return pair % n, pair // n
 
 
 def near_dedup(table: pa.Table, params: NearDedupParams, state: dict) -> StageResult:
@@ -176,35 +214,23 @@ def near_dedup(table: pa.Table, params: NearDedupParams, state: dict) -> StageRe
     keys = band_keys(sig, b, r)
     small = _compact(sig, params.signature_bits)
     ids = table.column("id").to_pylist()
-    earlier = index.lookup(keys) if len(index) else [np.zeros(0, np.uint32)] * n
-    # Band keys shared inside this shard: only those rows need the sequential pass.
-    flat = keys.ravel()
-    _uniq, inverse, counts = np.unique(flat, return_inverse=True, return_counts=True)
-    shared = (counts[inverse] > 1).reshape(n, b)
-    busy = shared.any(axis=1) | np.array([len(e) > 0 for e in earlier], dtype=bool)
-    kept = np.ones(n, dtype=bool)
-    reasons: list[str] = []
-    local: dict[int, list[int]] = {}  # shared band key (as index into uniq) → kept rows here
-    slots = inverse.reshape(n, b)
-    for i in np.flatnonzero(busy):
-        best, best_j = -1.0, None
-        if len(earlier[i]):
-            sims = estimated_jaccard(small[i], index.sigs[earlier[i]], params.signature_bits)
-            k = int(np.argmax(sims))
-            best, best_j = float(sims[k]), index.ids[int(earlier[i][k])]
-        mine = slots[i][shared[i]]
-        near = sorted({j for s in mine for j in local.get(int(s), ())})
-        if near:
-            sims = estimated_jaccard(small[i], small[near], params.signature_bits)
-            k = int(np.argmax(sims))
-            if sims[k] > best:
-                best, best_j = float(sims[k]), ids[near[k]]
-        if best >= params.threshold:
-            kept[i] = False
-            reasons.append(f"near_duplicate_of:{best_j}")
-        else:
-            for s in mine:
-                local.setdefault(int(s), []).append(int(i))
+    bits, threshold = params.signature_bits, params.threshold
+    owner: list[str | None] = [None] * n  # the kept row each duplicate names
+    if len(index):  # against the kept rows of earlier shards: the earliest that is similar
+        rows, numbers = index.candidates(keys)
+        hit = _similar(small[rows], index.sigs[numbers], bits, threshold)
+        rows, numbers = rows[hit], numbers[hit]
+        first = np.unique(rows, return_index=True)[1]
+        for row, number in zip(rows[first].tolist(), numbers[first].tolist(), strict=True):
+            owner[row] = index.ids[number]
+    # Inside this shard, in row order: the earliest earlier row that is kept and similar.
+    earlier, later = _shard_pairs(keys)
+    hit = _similar(small[earlier], small[later], bits, threshold)
+    for j, i in zip(earlier[hit].tolist(), later[hit].tolist(), strict=True):
+        if owner[i] is None and owner[j] is None:
+            owner[i] = ids[j]
+    kept = np.array([o is None for o in owner], dtype=bool)
+    reasons = [f"near_duplicate_of:{o}" for o in owner if o is not None]
     keep = pa.array(kept)
     index.add([ids[i] for i in np.flatnonzero(kept)], small[kept], keys[kept])
     return StageResult(

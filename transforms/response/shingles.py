@@ -5,8 +5,9 @@ every run of non-word characters turned into one space; shingles are its word ``
 (``n = 5`` by default), each hashed to 64 bits. A text with fewer than ``n`` words is one
 shingle of all its words (an empty text: the hash of the empty word).
 
-Words are hashed once per distinct word (XXH3-64 over Arrow's dictionary encoding), and the
-n-grams are folded from the word hashes with numpy, so no Python object is made per shingle.
+Words are hashed straight from Arrow's string buffers with numpy (a polynomial hash of the
+bytes), and the n-grams are folded from the word hashes, so no Python object is made per
+word or shingle.
 The result is one flat ``uint64`` array plus row offsets: the layout
 ``rensa.RMinHash.digest_matrix_from_flat_token_hashes`` reads.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import xxhash
 
 from transforms.response.lengths import prompt_plain
 from transforms.text import combined
@@ -36,16 +36,32 @@ def row_texts(table: pa.Table) -> pa.Array:
 
 
 def _word_hashes(flat: pa.Array) -> np.ndarray:
-    encoded = pc.dictionary_encode(combined(flat)) if len(flat) else None
-    if encoded is None:
+    """A 64-bit hash of each word: each distinct word (Arrow's dictionary encoding) is
+    hashed once by :func:`_string_hashes`."""
+    if not len(flat):
         return np.zeros(0, dtype=np.uint64)
-    digest = xxhash.xxh3_64_intdigest
-    table = np.fromiter(
-        (digest(w.encode()) for w in encoded.dictionary.to_pylist()),
-        dtype=np.uint64,
-        count=len(encoded.dictionary),
-    )
-    return table[encoded.indices.to_numpy(zero_copy_only=False)]
+    encoded = pc.dictionary_encode(combined(flat))
+    return _string_hashes(encoded.dictionary)[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _string_hashes(strings: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each string, from the Arrow buffers: a polynomial hash of its bytes
+    (mod 2^64, summed per string with ``np.add.reduceat``) folded with its length."""
+    words = strings.cast(pa.large_string())
+    n = len(words)
+    if not n:
+        return np.zeros(0, dtype=np.uint64)
+    offsets = np.frombuffer(words.buffers()[1], dtype=np.int64)[words.offset : words.offset + n + 1]
+    data = np.frombuffer(words.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    out = np.zeros(n, dtype=np.uint64)
+    full = lengths > 0
+    if full.any():
+        pos = np.arange(len(data)) - np.repeat(starts, lengths)
+        powers = np.cumprod(np.full(int(lengths.max()), _PRIME, dtype=np.uint64))
+        terms = (data.astype(np.uint64) + np.uint64(1)) * powers[pos]
+        out[full] = np.add.reduceat(terms, starts[full])
+    return fold([out, lengths.astype(np.uint64)])
 
 
 def fold(parts: list[np.ndarray]) -> np.ndarray:

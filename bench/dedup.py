@@ -1,0 +1,304 @@
+"""Benchmark: near-dedup of 200k rows (``near_dedup``) against datasketch's MinHashLSH, and
+distribution matching on the same rows.
+
+The corpus: every row of the shared Alpaca corpora and NQ (about 24k distinct rows), then
+edited copies of random rows until there are ``--rows`` (200,000): light edits (typos,
+extra whitespace, two sentences swapped) and heavy ones (half the response cut, or two
+rows joined), so that pairs fall on both sides of the threshold.
+
+Cases, each in its own child process (peak RSS from ``wait4``), shards of 20k rows:
+
+- ``ours``: the ``near_dedup`` stage (numpy shingles, rensa signatures, the numpy LSH
+  index with verification), shard after shard with its carried state;
+- ``datasketch``: the same shingles (the same function, 32-bit values), ``MinHash.bulk``
+  with 128 permutations, ``MinHashLSH`` with the same bands (16 × 8) and threshold 0.8,
+  and the same verification (``MinHash.jaccard`` against the stored MinHash of each
+  candidate; the earliest kept candidate at or above the threshold is named), row after
+  row;
+- ``match``: ``match_distribution`` with DSIR and with the discriminative variant, target
+  the GPTeacher roleplay file, keeping 10%, against a floor: ``HashingVectorizer`` over
+  the same texts (the features both methods need).
+
+Pair agreement: the (duplicate → kept row) pairs of both methods, ``|A ∩ B| / |A ∪ B|``;
+row agreement: the share of rows on which both methods decide the same (keep or drop).
+
+Usage: ``python bench/dedup.py [--rows 200000]``. Prints a JSON report and markdown rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# `python bench/X.py` puts bench/ first on sys.path, where bench/engines.py would shadow the
+# `engines` package: put the repository there instead.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p).resolve() != Path(__file__).parent]
+SHARED = REPO.parent / "shared" / "data"
+CORPORA = [
+    "instructions/gsm8k_train_alpaca.json",
+    "instructions/gpteacher_roleplay.json",
+    "instructions/gpteacher_toolformer.json",
+    "safety/safety_only_data_Instructions.json",
+    "nq/dev.csv",
+]
+TARGET = SHARED / "instructions" / "gpteacher_roleplay.json"
+SHARD = 20_000
+SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def _typos(text: str, rng: random.Random) -> str:
+    words = text.split(" ")
+    for _ in range(rng.randint(1, 4)):
+        i = rng.randrange(len(words))
+        w = words[i]
+        if len(w) > 3:
+            j = rng.randrange(len(w) - 1)
+            words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
+    return " ".join(words)
+
+
+def _whitespace(text: str, rng: random.Random) -> str:
+    return "  " + text.replace(" ", "  ", rng.randint(1, 20)) + "\n"
+
+
+def _swap(text: str, rng: random.Random) -> str:
+    parts = SENTENCE.split(text)
+    if len(parts) < 3:
+        return _typos(text, rng)
+    i = rng.randrange(len(parts) - 1)
+    parts[i], parts[i + 1] = parts[i + 1], parts[i]
+    return " ".join(parts)
+
+
+def _cut(text: str, rng: random.Random) -> str:
+    words = text.split(" ")
+    return " ".join(words[: max(1, len(words) // 2)])
+
+
+def make_corpus(path: Path, rows: int, seed: int = 0) -> dict:
+    """Real rows plus edited copies, written as a canonical Parquet table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transforms.ids import row_ids
+    from transforms.ingest import read_source
+
+    base = pa.concat_tables(
+        [r.kept for f in CORPORA for r in read_source(SHARED / f)], promote_options="permissive"
+    )
+    base = base.select(["id", "source", "source_index", "task", "prompt", "response", "origin"])
+    rng = random.Random(seed)
+    light, heavy = [_typos, _whitespace, _swap], [_cut]
+    prompts = base.column("prompt").to_pylist()
+    responses = base.column("response").to_pylist()
+    copies: dict[str, list] = {"prompt": [], "response": []}
+    kinds = {"light": 0, "heavy": 0, "joined": 0}
+    for _ in range(rows - base.num_rows):
+        i = rng.randrange(base.num_rows)
+        roll = rng.random()
+        if roll < 0.75:
+            text, kind = rng.choice(light)(responses[i], rng), "light"
+        elif roll < 0.9:
+            text, kind = rng.choice(heavy)(responses[i], rng), "heavy"
+        else:
+            text, kind = responses[i] + "\n" + responses[rng.randrange(base.num_rows)], "joined"
+        kinds[kind] += 1
+        copies["prompt"].append(prompts[i])
+        copies["response"].append(text)
+    n = len(copies["response"])
+    extra = pa.table(
+        {
+            "source": pa.array(["copies"] * n),
+            "source_index": pa.array(range(n), pa.int64()),
+            "task": pa.array(["instruction"] * n),
+            "prompt": pa.array(copies["prompt"], base.schema.field("prompt").type),
+            "response": pa.array(copies["response"]),
+            "origin": pa.array(["corpus"] * n),
+        }
+    )
+    ids = row_ids(extra.column("source"), extra.column("prompt"), extra.column("response"))
+    extra = extra.add_column(0, "id", ids)
+    table = pa.concat_tables([base, extra.cast(base.schema)])
+    order = list(range(table.num_rows))
+    rng.shuffle(order)
+    table = table.take(pa.array(order))
+    pq.write_table(table, path)
+    return {"rows": table.num_rows, "distinct_real_rows": base.num_rows, "copies": kinds}
+
+
+def _shards(path: Path):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return [table.slice(s, SHARD) for s in range(0, table.num_rows, SHARD)]
+
+
+def child_ours(corpus: Path) -> dict:
+    from transforms.response.near_dedup import NearDedupParams, near_dedup
+
+    shards = _shards(corpus)
+    start = time.perf_counter()
+    state: dict = {}
+    pairs = []
+    for shard in shards:
+        out = near_dedup(shard, NearDedupParams(), state)
+        pairs += [
+            [i, r.split(":", 1)[1]]
+            for i, r in zip(
+                out.rejected.column("id").to_pylist(),
+                out.rejected.column("reject_reason").to_pylist(),
+                strict=True,
+            )
+        ]
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "pairs": pairs, "index_mib": state["index"].nbytes / 2**20}
+
+
+def child_datasketch(corpus: Path) -> dict:
+    import numpy as np
+    from datasketch import MinHash, MinHashLSH
+
+    from transforms.response.near_dedup import NearDedupParams, lsh_shape
+    from transforms.response.shingles import row_texts, shingle_hashes
+
+    params = NearDedupParams()
+    shards = _shards(corpus)
+    start = time.perf_counter()
+    lsh = MinHashLSH(threshold=params.threshold, num_perm=params.num_perm, params=lsh_shape(params))
+    kept: dict[str, tuple[int, MinHash]] = {}
+    pairs = []
+    for shard in shards:
+        hashes, offsets = shingle_hashes(row_texts(shard), params.ngram)
+        values = (hashes & np.uint64(0xFFFFFFFF)).tolist()
+        bounds = offsets.tolist()
+        sets = [values[bounds[i] : bounds[i + 1]] for i in range(shard.num_rows)]
+        minhashes = MinHash.bulk(sets, num_perm=params.num_perm, hashfunc=int)
+        for row_id, m in zip(shard.column("id").to_pylist(), minhashes, strict=True):
+            # the earliest kept candidate at or above the threshold, as near_dedup names
+            similar = [k for k in lsh.query(m) if m.jaccard(kept[k][1]) >= params.threshold]
+            if similar:
+                pairs.append([row_id, min(similar, key=lambda k: kept[k][0])])
+            else:
+                lsh.insert(row_id, m)
+                kept[row_id] = (len(kept), m)
+    return {"seconds": time.perf_counter() - start, "pairs": pairs}
+
+
+def child_match(corpus: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    from transforms.response.match import MatchParams, featurize, match_distribution, texts_of
+
+    table = pq.read_table(corpus)
+    out: dict = {"rows": table.num_rows}
+    params = MatchParams(target_path=str(TARGET), size=0.1)
+    start = time.perf_counter()
+    featurize(texts_of(table, "response"), params)
+    out["floor_seconds"] = time.perf_counter() - start
+    for method in ("dsir", "discriminative"):
+        start = time.perf_counter()
+        result = match_distribution(table, params.model_copy(update={"method": method}))
+        out[method] = {
+            "seconds": time.perf_counter() - start,
+            "kl_before": result.stats["kl_before"],
+            "kl_after": result.stats["kl_after"],
+            "kept": result.kept.num_rows,
+        }
+    return out
+
+
+CHILDREN = {"ours": child_ours, "datasketch": child_datasketch, "match": child_match}
+
+
+def run_child(kind: str, corpus: Path) -> dict:
+    """Run one measurement in a fresh process; add its peak RSS from wait4."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, str(corpus)], stdout=subprocess.PIPE, cwd=REPO
+    )
+    out = proc.stdout.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{kind} child failed with status {status}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
+    return result
+
+
+def agreement(ours: list, theirs: list, rows: int) -> dict:
+    a = {tuple(p) for p in ours}
+    b = {tuple(p) for p in theirs}
+    dropped_a, dropped_b = {p[0] for p in a}, {p[0] for p in b}
+    return {
+        "pairs_ours": len(a),
+        "pairs_datasketch": len(b),
+        "pair_agreement": round(len(a & b) / max(len(a | b), 1), 4),
+        "row_agreement": round(1 - len(dropped_a ^ dropped_b) / rows, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "CORPUS"))
+    parser.add_argument("--skip-match", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        kind, corpus = args.child
+        print(json.dumps(CHILDREN[kind](Path(corpus))))
+        return
+    with tempfile.TemporaryDirectory(prefix="aligncurate-bench-") as tmp:
+        corpus = Path(tmp) / "corpus.parquet"
+        made = make_corpus(corpus, args.rows)
+        ours = run_child("ours", corpus)
+        theirs = run_child("datasketch", corpus)
+        match = None if args.skip_match else run_child("match", corpus)
+    from importlib.metadata import version
+
+    report = {
+        "corpus": made,
+        "ours": {k: v for k, v in ours.items() if k != "pairs"},
+        "datasketch": {k: v for k, v in theirs.items() if k != "pairs"},
+        "speedup": round(theirs["seconds"] / ours["seconds"], 2),
+        **agreement(ours["pairs"], theirs["pairs"], made["rows"]),
+        "match": match,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average": os.getloadavg(),
+            **{p: version(p) for p in ("datasketch", "rensa", "scikit-learn", "numpy")},
+        },
+    }
+    print(json.dumps(report, indent=2))
+    print()
+    print("| case | seconds | rows/s | ratio | peak RSS |")
+    print("|---|---:|---:|---:|---:|")
+    rows = made["rows"]
+    for name, res in (("datasketch MinHashLSH", theirs), ("near_dedup", ours)):
+        ratio = theirs["seconds"] / res["seconds"]
+        print(
+            f"| {name} | {res['seconds']:.2f} | {rows / res['seconds']:,.0f} | {ratio:.2f} "
+            f"| {res['peak_rss_mib']:,.0f} MiB |"
+        )
+    if match:
+        for method in ("dsir", "discriminative"):
+            m = match[method]
+            print(
+                f"| match_distribution {method} | {m['seconds']:.2f} | "
+                f"{rows / m['seconds']:,.0f} | {match['floor_seconds'] / m['seconds']:.2f} "
+                f"(vs features) | {match['peak_rss_mib']:,.0f} MiB |"
+            )
+
+
+if __name__ == "__main__":
+    main()
