@@ -18,10 +18,11 @@ import pyarrow as pa
 import pytest
 import yaml
 from rouge_score import rouge_scorer
-from trl.data_utils import is_conversational
+from trl.data_utils import is_conversational, maybe_apply_chat_template
 
 import datasets
 from engines.cached import CachedEngine
+from engines.prompts import tokenizer
 from pipelines.build import build_dataset
 from pipelines.judge import JudgeParams, judge_stage, judgeable
 from pipelines.self_guide import SelfGuideParams, run_self_guide
@@ -100,6 +101,7 @@ def synth_run(fact_world, prefect_harness, tmp_path_factory: pytest.TempPathFact
         "facts": {f["question"]: f for f in fact_world.facts()},
         "rows": table.num_rows,
         "out": folder / "exports",
+        "model": fact_world.model_dir,
     }
 
 
@@ -220,9 +222,12 @@ def test_trl_preference_pairs(synth_run: dict, tmp_path: Path) -> None:
     assert result.rows > 0 and result.skipped_reasons.get("no negative response", 0) > 0
     data = load(out / result.files[0], tmp_path)
     assert len(data) == result.rows
+    template = tokenizer(str(synth_run["model"]))
     for row in data.to_list():
         assert is_conversational(row)
         assert set(row) == {"prompt", "chosen", "rejected"}
+        rendered = maybe_apply_chat_template(row, template)  # TRL's own DPO preprocessing
+        assert rendered["prompt"].endswith("<|assistant|>\n")
         aliases = synth_run["facts"][row["prompt"][0]["content"]]["answers"]
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
         assert any(a.lower() in chosen.lower() for a in aliases)
@@ -235,8 +240,11 @@ def test_trl_kto_labels_agree_with_the_reference(synth_run: dict, tmp_path: Path
     data = load(out / result.files[0], tmp_path).to_list()
     assert len(data) == len(synthetic(synth_run["train"], "judge"))
     assert {True, False} == {r["label"] for r in data}
+    template = tokenizer(str(synth_run["model"]))
     for row in data:
         assert is_conversational(row) and isinstance(row["label"], bool)
+        rendered = maybe_apply_chat_template(row, template)  # TRL's own KTO preprocessing
+        assert set(rendered) == {"prompt", "completion", "label"}
         aliases = synth_run["facts"][row["prompt"][0]["content"]]["answers"]
         text = row["completion"][0]["content"].lower()
         assert row["label"] == any(a.lower() in text for a in aliases)
@@ -342,3 +350,17 @@ def test_example_specs_validate_with_resolved_paths() -> None:
     assert fact.stages[2].params.seeds_path == str(SEEDS)
     judge = load_spec(folder / "judge_nq_gpu.yaml").stages[2].params
     assert judge.judge == "llm" and Path(judge.judge_llm.model).is_absolute()
+
+
+def test_cli_export_of_a_preference_format(synth_run: dict) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    out = synth_run["out"] / "cli"
+    args = ["export", NAME, "--format", "trl_kto", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--store", synth_run["store"].root, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["format"] == "trl_kto" and report["rows"] > 0
+    assert len((out / report["files"][0]).read_text().splitlines()) == report["rows"]
