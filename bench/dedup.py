@@ -20,7 +20,10 @@ Cases, each in its own child process (peak RSS from ``wait4``), shards of 20k ro
   the same texts (the features both methods need).
 
 Pair agreement: the (duplicate → kept row) pairs of both methods, ``|A ∩ B| / |A ∪ B|``;
-row agreement: the share of rows on which both methods decide the same (keep or drop).
+row agreement: the share of rows on which both methods decide the same (keep or drop), also
+by kind of row; exact precision: the share of each method's pairs (a sample of 3,000) whose
+exact Jaccard (from the shingle sets) reaches the threshold; and the exact Jaccard of the
+pairs the methods disagree on.
 
 Usage: ``python bench/dedup.py [--rows 200000]``. Prints a JSON report and markdown rows.
 """
@@ -101,7 +104,7 @@ def make_corpus(path: Path, rows: int, seed: int = 0) -> dict:
     light, heavy = [_typos, _whitespace, _swap], [_cut]
     prompts = base.column("prompt").to_pylist()
     responses = base.column("response").to_pylist()
-    copies: dict[str, list] = {"prompt": [], "response": []}
+    copies: dict[str, list] = {"prompt": [], "response": [], "kind": []}
     kinds = {"light": 0, "heavy": 0, "joined": 0}
     for _ in range(rows - base.num_rows):
         i = rng.randrange(base.num_rows)
@@ -113,6 +116,7 @@ def make_corpus(path: Path, rows: int, seed: int = 0) -> dict:
         else:
             text, kind = responses[i] + "\n" + responses[rng.randrange(base.num_rows)], "joined"
         kinds[kind] += 1
+        copies["kind"].append(kind)
         copies["prompt"].append(prompts[i])
         copies["response"].append(text)
     n = len(copies["response"])
@@ -129,6 +133,7 @@ def make_corpus(path: Path, rows: int, seed: int = 0) -> dict:
     ids = row_ids(extra.column("source"), extra.column("prompt"), extra.column("response"))
     extra = extra.add_column(0, "id", ids)
     table = pa.concat_tables([base, extra.cast(base.schema)])
+    table = table.append_column("kind", pa.array(["real"] * base.num_rows + copies["kind"]))
     order = list(range(table.num_rows))
     rng.shuffle(order)
     table = table.take(pa.array(order))
@@ -234,15 +239,57 @@ def run_child(kind: str, corpus: Path) -> dict:
     return result
 
 
-def agreement(ours: list, theirs: list, rows: int) -> dict:
+def agreement(ours: list, theirs: list, corpus: Path, sample: int = 3000) -> dict:
+    """Pair and row agreement, row agreement by kind of row, and for each method the share
+    of its (duplicate, named row) pairs whose exact Jaccard reaches the threshold (on a
+    sample), plus where the exact Jaccard of the disagreeing pairs lies."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from transforms.response.near_dedup import NearDedupParams
+    from transforms.response.shingles import row_texts, shingle_hashes
+
     a = {tuple(p) for p in ours}
     b = {tuple(p) for p in theirs}
     dropped_a, dropped_b = {p[0] for p in a}, {p[0] for p in b}
+    table = pq.read_table(corpus)
+    ids = table.column("id").to_pylist()
+    kinds = table.column("kind").to_pylist()
+    differ = dropped_a ^ dropped_b
+    by_kind = {}
+    for kind in sorted(set(kinds)):
+        rows = [i for i, k in zip(ids, kinds, strict=True) if k == kind]
+        by_kind[kind] = round(1 - sum(r in differ for r in rows) / len(rows), 4)
+    threshold = NearDedupParams().threshold
+    hashes, offsets = shingle_hashes(row_texts(table))
+    where = {row_id: i for i, row_id in enumerate(ids)}
+
+    def exact(pair: tuple) -> float:
+        x, y = (hashes[int(offsets[where[r]]) : int(offsets[where[r] + 1])] for r in pair)
+        sx, sy = set(x.tolist()), set(y.tolist())
+        return len(sx & sy) / len(sx | sy)
+
+    rng = random.Random(0)
+
+    def precision(pairs: set) -> float:
+        chosen = rng.sample(sorted(pairs), min(sample, len(pairs)))
+        return round(float(np.mean([exact(p) >= threshold for p in chosen])), 4)
+
+    disagreeing = sorted(a ^ b)
+    sims = np.array([exact(p) for p in rng.sample(disagreeing, min(sample, len(disagreeing)))])
     return {
         "pairs_ours": len(a),
         "pairs_datasketch": len(b),
         "pair_agreement": round(len(a & b) / max(len(a | b), 1), 4),
-        "row_agreement": round(1 - len(dropped_a ^ dropped_b) / rows, 4),
+        "row_agreement": round(1 - len(differ) / len(ids), 4),
+        "row_agreement_by_kind": by_kind,
+        "exact_precision": {"ours": precision(a), "datasketch": precision(b)},
+        "disagreeing_pairs_exact_jaccard": {
+            "p5_p50_p95": np.percentile(sims, [5, 50, 95]).round(3).tolist() if len(sims) else [],
+            "share_within_0.1_of_threshold": round(float(np.mean(abs(sims - threshold) <= 0.1)), 4)
+            if len(sims)
+            else None,
+        },
     }
 
 
@@ -262,6 +309,7 @@ def main() -> None:
         ours = run_child("ours", corpus)
         theirs = run_child("datasketch", corpus)
         match = None if args.skip_match else run_child("match", corpus)
+        agreement_ = agreement(ours["pairs"], theirs["pairs"], corpus)
     from importlib.metadata import version
 
     report = {
@@ -269,7 +317,7 @@ def main() -> None:
         "ours": {k: v for k, v in ours.items() if k != "pairs"},
         "datasketch": {k: v for k, v in theirs.items() if k != "pairs"},
         "speedup": round(theirs["seconds"] / ours["seconds"], 2),
-        **agreement(ours["pairs"], theirs["pairs"], made["rows"]),
+        **agreement_,
         "match": match,
         "machine": {
             "cpu": platform.processor() or platform.machine(),

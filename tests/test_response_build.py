@@ -134,3 +134,14 @@ def test_dataset_statistics_in_the_summary(build: dict) -> None:
     assert stats["rows"] == build["summary"]["rows"]["train"]
     assert stats["prompt_tokens"]["mean"] > 0 and stats["response_tokens"]["mean"] > 0
     assert set(stats["recommendation"]) >= {"loss_over_prompt", "trl", "llamafactory", "reasons"}
+
+
+def test_example_spec_validates(shared_data: Path) -> None:
+    from pipelines.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "response_tuning.yaml")
+    names = [s.name for s in spec.stages]
+    assert names[2:] == ["rule_filter", "near_dedup", "match_distribution", "refusal_mix"]
+    match = spec.stages[4].params
+    assert Path(match.target_path) == shared_data / "seeds" / "self_instruct_seed_tasks.jsonl"
+    assert all(Path(s.path).is_file() for s in spec.sources)
