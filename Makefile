@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/synthesis.py
+	$(BIN)/python bench/dedup.py
 
 lint: setup
 	$(BIN)/ruff check .
