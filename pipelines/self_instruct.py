@@ -65,6 +65,11 @@ class SelfInstructParams(GeneratorSettings):
     """Every published default of Self-Instruct (the code's), as parameters."""
 
     seeds_path: str = Field(default=DEFAULT_SEEDS, description="seed tasks (JSON lines)")
+    classification_only: bool = Field(
+        default=False,
+        description="prompt with the classification seeds only, under the classification "
+        "header (the code's --use_clf_seed_tasks_only)",
+    )
     target_instructions: int = Field(default=100, ge=1)
     max_rounds: int = Field(default=100, ge=1)
     requests_per_round: int = Field(default=5, ge=1)
@@ -122,7 +127,7 @@ def round_requests(
         n_seeds = min(params.prompt_instructions - len(chosen), len(seeds))
         chosen += [(s.instruction, s.id) for s in rng.sample(seeds, n_seeds)]
         rng.shuffle(chosen)
-        text = si.instruction_prompt([c[0] for c in chosen])
+        text = si.instruction_prompt([c[0] for c in chosen], params.classification_only)
         seed = row_seed(f"{params.seed}:{rnd}", STAGE, i)
         out.append((Request(as_prompt(params, text), sampling, seed), text, [c[1] for c in chosen]))
     return out
@@ -224,8 +229,13 @@ def run_self_instruct(
 ) -> StageResult:
     """Self-Instruct over ``engine``; ``table`` passes through, generated rows are added."""
     seeds = si.load_seed_tasks(params.seeds_path)  # fails before any generation
+    prompt_seeds = (
+        [t for t in seeds if t.is_classification] if params.classification_only else seeds
+    )
+    if not prompt_seeds:
+        raise si.SeedError(f"{params.seeds_path}: no classification seed tasks")
     rows: list[Generated] = []
-    tasks = bootstrap(params, engine, seeds, rows)
+    tasks = bootstrap(params, engine, prompt_seeds, rows)
     is_clf = _classify(params, engine, seeds, tasks) if tasks else []
     if tasks:
         _instances(params, engine, seeds, tasks, is_clf, rows)

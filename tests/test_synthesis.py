@@ -13,6 +13,7 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -20,7 +21,6 @@ import yaml
 from rouge_score import rouge_scorer
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-import datasets
 from engines.cached import CachedEngine
 from engines.prompts import tokenizer
 from pipelines.build import build_dataset
@@ -212,7 +212,10 @@ def test_second_build_and_rerun_make_no_engine_calls(synth_run: dict) -> None:
     )
 
 
-def load(path: Path, tmp: Path) -> datasets.Dataset:
+def load(path: Path, tmp: Path) -> Any:
+    """``datasets.load_dataset("json", ...)`` of an export file."""
+    import datasets  # imported here: ruff would sort it with the repo's datasets/ store
+
     return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp))
 
 
@@ -364,3 +367,31 @@ def test_cli_export_of_a_preference_format(synth_run: dict) -> None:
     report = json.loads(result.stdout)
     assert report["format"] == "trl_kto" and report["rows"] > 0
     assert len((out / report["files"][0]).read_text().splitlines()) == report["rows"]
+
+
+def test_truncated_generations_are_rejected_whole(vllm_engine, fact_world, tmp_path: Path) -> None:
+    """A response cut off at ``max_tokens`` is dropped whole, as in the authors' code; with
+    ``classification_only`` the prompts list classification seeds under their header."""
+    from pipelines.self_instruct import run_self_instruct
+
+    table = pa.table({"id": pa.array([], pa.string())})
+    params = SelfInstructParams(
+        model=str(fact_world.model_dir),
+        seeds_path=str(SEEDS),
+        chat_template=False,
+        classification_only=True,
+        temperature=2.0,
+        top_p=1.0,
+        max_tokens=3,
+        max_rounds=1,
+        requests_per_round=6,
+    )
+    engine = CachedEngine(vllm_engine, GenerationCache(tmp_path / "cache"))
+    result = run_self_instruct(table, params, engine)
+    rows = result.rejected.to_pylist()
+    truncated = [r for r in rows if r["reject_reason"] == si.TRUNCATED]
+    assert truncated and result.counts(0)["added"] == len(rows)
+    clf_seeds = {t.id for t in load_seed_tasks(SEEDS) if t.is_classification}
+    for row in truncated:
+        assert row["prompt"][0]["content"].startswith(si.CLF_INSTRUCTION_HEADER)
+        assert row["response"] and set(row["lineage_parents"]) <= clf_seeds
