@@ -21,8 +21,8 @@
    and ``SamplingParams`` on the same ``LLM`` instance, alternating order ``--repeats``
    times; then the round again on the filled cache (no engine call).
 
-Usage: ``python bench/synthesis.py [--pool 20000] [--candidates 16] [--requests 256]``.
-Prints a JSON report.
+Usage: ``python bench/synthesis.py [--pool 20000] [--candidates 16] [--requests 256]
+[--out report.json]``. Prints a JSON report (after vLLM's own log lines).
 """
 
 from __future__ import annotations
@@ -239,13 +239,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--out", type=Path, help="also write the JSON report to this file")
     args = parser.parse_args()
     report: dict[str, Any] = {"machine": machine()}
     report["novelty"] = novelty(args.pool, args.candidates)
     if not args.skip_generation:
         report["generation"] = generation(args.requests, args.repeats)
     report["load_avg_at_end"] = os.getloadavg()
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)  # vLLM logs to stdout too: --out keeps a clean copy
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
     if not report["novelty"]["decisions_agree"]:
         raise SystemExit("the index and the plain loop disagree")
 
