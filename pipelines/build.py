@@ -35,9 +35,9 @@ from pipelines.segments import (
     split_segments,
 )
 from pipelines.spec import BuildSpec, SourceSpec, load_spec
-from storage.dataset import DatasetStore, StoreError, default_store
+from storage.dataset import DatasetStore, default_store
 from storage.gencache import cache_dir
-from storage.uris import local_path
+from storage.uris import work_dir
 from transforms.ingest import IngestParams, read_source
 from transforms.registry import StageContext
 from transforms.response.stats import shard_stats
@@ -143,17 +143,6 @@ def _rows(paths: list[str]) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
 
 
-def _work_dir(root: str, name: str) -> Path:
-    """``<store>/_work/<name>``: shards and Prefect task results of this dataset's builds."""
-    folder = local_path(root)
-    if folder is None:
-        raise StoreError(
-            f"store {root!r}: builds into a remote store are not supported yet "
-            "(the shard work folder must be local)"
-        )
-    return Path(folder) / "_work" / name
-
-
 def _result_storage(work: Path) -> LocalFileSystem:
     block = LocalFileSystem(basepath=str(work / "results"))
     slug = "aligncurate-" + key_of(str(work))[:16]
@@ -167,7 +156,8 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     spec = load_spec(spec_path)
     root = store or spec.store or default_store()
     datasets = DatasetStore(root)
-    work = _work_dir(datasets.root, spec.name)
+    datasets.check()  # an unreachable or refused store fails now, not at commit
+    work = work_dir(datasets.root, spec.name)
     storage = _result_storage(work)
     segments = split_segments([ChainStep.of(s.name, s.params) for s in spec.stages])
 

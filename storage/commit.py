@@ -37,7 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable
 from deltalake import Schema as DeltaSchema
-from deltalake.exceptions import DeltaError
+from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from storage.metadata import commit_id_of, encode_metadata
@@ -87,7 +87,7 @@ def commit_shards(
     plan = ShardPlan.build(shards, batch_rows)
     commit_id = uuid.uuid4().hex
     properties = CommitProperties(custom_metadata=encode_metadata(metadata, plan.rows, commit_id))
-    delta_schema = plan.delta_schema  # fails before any write on types Delta lacks
+    _ = plan.delta_schema  # fails before any write on types Delta lacks
     created = not DeltaTable.is_deltatable(target.uri, target.storage_options)
 
     parts = PartWriter(target.filesystem, target.path, plan.file_schema, target_file_bytes)
@@ -96,34 +96,80 @@ def commit_shards(
     except BaseException:
         parts.discard()  # nothing references these files: remove them
         raise
-    try:
-        if created:
-            create_table_with_add_actions(
-                target.uri,
-                delta_schema,
-                actions,
-                mode="error",
-                partition_by=["split"],
-                name=target.name,
-                configuration=TABLE_CONFIG,
-                storage_options=target.storage_options,
-                commit_properties=properties,
+    _transact(target, plan, actions, properties, created)
+    return _landed_version(target, commit_id)
+
+
+def _landed_version(target: CommitTarget, commit_id: str, search: int = 50) -> int:
+    """The version whose log entry carries ``commit_id``, read from the log files
+    themselves: while other builds commit, ``DeltaTable.history()`` can number its entries
+    off by the commits that landed between its two listings of the log."""
+    latest = target.open_table().version()
+    for version in range(latest, max(-1, latest - search), -1):
+        path = f"{target.path}/_delta_log/{version:020d}.json"
+        with target.filesystem.open_input_stream(path) as stream:
+            lines = stream.read().decode("utf-8").splitlines()
+        for line in lines:
+            info = json.loads(line).get("commitInfo") if line.strip() else None
+            if info is not None and commit_id_of(info) == commit_id:
+                return version
+    raise StoreError(  # pragma: no cover - more than `search` concurrent commits
+        f"commit to dataset {target.name!r} landed, but not in its last {search} versions"
+    )
+
+
+COMMIT_ATTEMPTS = 5
+"""Tries of the Delta transaction when another build commits first (see :func:`_transact`)."""
+
+
+def _transact(
+    target: CommitTarget,
+    plan: ShardPlan,
+    actions: list[AddAction],
+    properties: CommitProperties,
+    created: bool,
+) -> None:
+    """Add the written files in one Delta transaction; on a concurrent commit, retry onto
+    the newer version.
+
+    Two builds of one dataset may race. The log entry of a version is created atomically
+    (a rename locally, a conditional put on S3, see :mod:`storage.s3`), so exactly one of
+    them gets each version; the other sees ``CommitFailedError`` (its snapshot is stale)
+    or, when both created the dataset, a table that now exists. Every build commits the
+    complete dataset (``overwrite``), so the loser re-reads the latest snapshot and
+    commits on top of it: both builds become versions, in commit order.
+    """
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            if created:
+                create_table_with_add_actions(
+                    target.uri,
+                    plan.delta_schema,
+                    actions,
+                    mode="error",
+                    partition_by=["split"],
+                    name=target.name,
+                    configuration=TABLE_CONFIG,
+                    storage_options=target.storage_options,
+                    commit_properties=properties,
+                )
+            else:
+                target.open_table().create_write_transaction(
+                    actions,
+                    mode="overwrite",
+                    schema=plan.delta_schema,
+                    partition_by=["split"],
+                    commit_properties=properties,
+                )
+            return
+        except DeltaError as exc:  # files stay: a commit may fail after it landed
+            raced = isinstance(exc, CommitFailedError) or (
+                created and DeltaTable.is_deltatable(target.uri, target.storage_options)
             )
-        else:
-            target.open_table().create_write_transaction(
-                actions,
-                mode="overwrite",
-                schema=delta_schema,
-                partition_by=["split"],
-                commit_properties=properties,
-            )
-    except DeltaError as exc:  # files stay: a commit may fail after it landed
-        raise StoreError(f"commit to dataset {target.name!r} failed: {exc}") from exc
-    table = target.open_table()
-    for entry in table.history(limit=20):
-        if commit_id_of(entry) == commit_id:
-            return int(entry["version"])
-    return table.version()  # pragma: no cover - more than 20 concurrent commits
+            if not raced or attempt == COMMIT_ATTEMPTS:
+                tries = f" after {attempt} attempts (concurrent builds)" if raced else ""
+                raise StoreError(f"commit to dataset {target.name!r} failed{tries}: {exc}") from exc
+            created = False
 
 
 # -- the plan ----------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -42,6 +42,7 @@ from storage.names import (
     validate_split,
     validate_tag,
 )
+from storage.s3 import describe, fsspec_options, is_remote, s3_options
 from storage.uris import filesystem, local_path, normalize_root
 
 if TYPE_CHECKING:
@@ -56,6 +57,23 @@ TARGET_FILE_BYTES = 128 * 1024 * 1024
 read on every commit and handed to the commit writer (:func:`storage.commit.commit_shards`)."""
 
 _TAGS_FILE = "_aligncurate/tags.json"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _remote_errors(fn: F) -> F:
+    """Turn a failed request to a remote store (``OSError`` from deltalake or pyarrow)
+    into a :class:`StoreError` that says what to check (endpoint, credentials, bucket)."""
+
+    def wrapper(self: DatasetStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except OSError as exc:
+            if not is_remote(self.root):
+                raise
+            raise describe(self.root, self.storage_options, exc) from exc
+
+    wrapper.__doc__, wrapper.__name__ = fn.__doc__, fn.__name__
+    return wrapper  # type: ignore[return-value]
 
 
 def default_store() -> str:
@@ -75,11 +93,34 @@ class VersionInfo:
 
 
 class DatasetStore:
-    """Versioned datasets under one root. The constructor does no I/O."""
+    """Versioned datasets under one root. The constructor does no I/O.
+
+    An ``s3://bucket/prefix`` root takes its options from the ``AWS_*`` variables
+    (``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, credentials, region) with
+    ``storage_options`` on top, and commits atomically through S3 conditional writes
+    (see :mod:`storage.s3`).
+    """
 
     def __init__(self, root: str | None = None, storage_options: dict[str, str] | None = None):
         self.root = normalize_root(root) if root else default_store()
-        self.storage_options = dict(storage_options) if storage_options else None
+        self.storage_options = s3_options(self.root, storage_options)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the root is an object store (``s3://``) rather than a local folder."""
+        return is_remote(self.root)
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """``storage_options`` for fsspec readers (s3fs) of :meth:`files`, e.g.
+        ``datasets.load_dataset("parquet", data_files=..., storage_options=...)``."""
+        return fsspec_options(self.storage_options)
+
+    @_remote_errors
+    def check(self) -> None:
+        """Fail fast, with a clear :class:`StoreError`, when the root cannot be listed
+        (unreachable endpoint, refused credentials, missing bucket)."""
+        fs, base = self._fs
+        fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
 
     def __repr__(self) -> str:
         return f"DatasetStore({self.root!r})"
@@ -100,10 +141,12 @@ class DatasetStore:
 
     # -- datasets and versions -----------------------------------------------------------
 
+    @_remote_errors
     def exists(self, name: str) -> bool:
         """Whether ``name`` has at least one committed version."""
         return DeltaTable.is_deltatable(self.uri(name), self.storage_options)
 
+    @_remote_errors
     def datasets(self) -> list[str]:
         """Names of the datasets in the store, sorted."""
         fs, base = self._fs
@@ -128,6 +171,7 @@ class DatasetStore:
             what = "latest version" if version is None else f"version {version}"
             raise StoreError(f"{what} of dataset {name!r} cannot be loaded: {exc}") from exc
 
+    @_remote_errors
     def versions(self, name: str) -> list[VersionInfo]:
         """Every version of ``name``, oldest first, with metadata and tags."""
         history = self._table(name).history()
@@ -146,6 +190,7 @@ class DatasetStore:
         ]
         return sorted(infos, key=lambda info: info.version)
 
+    @_remote_errors
     def resolve(self, ref: Ref | str) -> tuple[str, int]:
         """The dataset name and concrete version a reference points at.
 
@@ -175,6 +220,7 @@ class DatasetStore:
 
     # -- commit --------------------------------------------------------------------------
 
+    @_remote_errors
     def commit(
         self,
         name: str,
@@ -238,6 +284,7 @@ class DatasetStore:
 
     # -- reading -------------------------------------------------------------------------
 
+    @_remote_errors
     def schema(self, ref: Ref | str) -> pa.Schema:
         """The Arrow schema of a version, including the ``split`` column."""
         return self._open(ref)[2].to_pyarrow_dataset().schema
@@ -255,6 +302,7 @@ class DatasetStore:
         selected = _select_columns(dataset.schema, columns, with_split=split is None)
         return dataset.to_batches(columns=selected, batch_size=batch_size)
 
+    @_remote_errors
     def read(
         self, ref: Ref | str, split: str | None = "train", columns: list[str] | None = None
     ) -> pa.Table:
@@ -270,6 +318,7 @@ class DatasetStore:
         predicate = [("split", "=", split)] if split is not None else None
         return table.to_pyarrow_dataset(file_pruning_predicate=predicate)
 
+    @_remote_errors
     def files(self, ref: Ref | str, split: str = "train") -> list[str]:
         """The Parquet file URIs holding exactly one version's split.
 
@@ -282,10 +331,12 @@ class DatasetStore:
 
     # -- tags ----------------------------------------------------------------------------
 
+    @_remote_errors
     def tags(self, name: str) -> dict[str, int]:
         """Tag -> version for dataset ``name``."""
         return {tag: entry["version"] for tag, entry in self._read_tags(name).items()}
 
+    @_remote_errors
     def tag(self, ref: Ref | str, tag: str) -> int:
         """Point ``tag`` at the version ``ref`` resolves to (moving it if it exists).
 
@@ -299,6 +350,7 @@ class DatasetStore:
         self._write_tags(name, tags)
         return version
 
+    @_remote_errors
     def untag(self, name: str, tag: str) -> int:
         """Remove ``tag`` from dataset ``name``; returns the version it pointed at."""
         tags = self._read_tags(name)

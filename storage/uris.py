@@ -6,8 +6,10 @@ All file access in :mod:`storage` goes through URIs and pyarrow filesystems, wit
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -24,6 +26,16 @@ _S3_OPTIONS = {
     "endpoint": "endpoint_override",
     "endpoint_url": "endpoint_override",
 }
+_S3_SECONDS = {"connect_timeout": "connect_timeout", "timeout": "request_timeout"}
+
+
+def _seconds(value: str) -> float:
+    """object_store durations (``10s``, ``500ms``, ``2m``) in seconds."""
+    value = value.strip().lower()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if value.endswith(suffix):
+            return float(value.removesuffix(suffix)) * scale
+    return float(value)
 
 
 def normalize_root(root: str) -> str:
@@ -47,7 +59,8 @@ def filesystem(root: str, storage_options: Mapping[str, str] | None) -> tuple[pa
     """A pyarrow filesystem and base path for ``root``.
 
     ``storage_options`` use deltalake's (object_store's) keys, e.g. ``AWS_ENDPOINT_URL``,
-    ``AWS_ACCESS_KEY_ID``, ``AWS_ALLOW_HTTP``; they are mapped onto ``S3FileSystem``.
+    ``AWS_ACCESS_KEY_ID``, ``AWS_ALLOW_HTTP``, ``timeout``; they are mapped onto
+    ``S3FileSystem`` (keys it has no use for, such as ``conditional_put``, are skipped).
     """
     if "://" not in root:
         return pafs.LocalFileSystem(), root
@@ -58,7 +71,11 @@ def filesystem(root: str, storage_options: Mapping[str, str] | None) -> tuple[pa
     kwargs: dict[str, Any] = {}
     for key, value in storage_options.items():
         name = key.lower().removeprefix("aws_")
-        if name == "allow_http":
+        if name in _S3_SECONDS:
+            kwargs[_S3_SECONDS[name]] = _seconds(value)
+        elif name == "max_retries":
+            kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=int(value) + 1)
+        elif name == "allow_http":
             kwargs.setdefault("scheme", "http" if value.lower() == "true" else "https")
         elif name in _S3_OPTIONS:
             target = _S3_OPTIONS[name]
@@ -67,3 +84,19 @@ def filesystem(root: str, storage_options: Mapping[str, str] | None) -> tuple[pa
                 kwargs["scheme"] = scheme
             kwargs[target] = value
     return pafs.S3FileSystem(**kwargs), root.removeprefix("s3://")
+
+
+WORK_ENV = "ALIGNCURATE_WORK"
+
+
+def work_dir(root: str, name: str) -> Path:
+    """The local folder for the shards and Prefect task results of dataset ``name``'s
+    builds: ``<root>/_work/<name>`` for a local store; for a remote one (shards are
+    scratch files, read and written many times), ``$ALIGNCURATE_WORK`` or
+    ``~/.cache/aligncurate/work``, then a hash of the store root, then ``<name>``."""
+    folder = local_path(root)
+    if folder is not None:
+        return Path(folder) / "_work" / name
+    base = os.environ.get(WORK_ENV) or Path.home() / ".cache" / "aligncurate" / "work"
+    digest = hashlib.sha256(root.encode()).hexdigest()[:16]
+    return Path(base).expanduser() / digest / name
