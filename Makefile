@@ -48,6 +48,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/engines.py
+	$(BIN)/python bench/craft.py
 	$(BIN)/python bench/synthesis.py
 	$(BIN)/python bench/dedup.py
 

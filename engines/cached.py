@@ -8,7 +8,9 @@ for the next. A rebuild or a resumed build therefore never pays twice for a gene
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from engines.base import Engine, Request, Sample
 from storage.gencache import CacheStats, GenerationCache, cache_key
@@ -54,8 +56,8 @@ class CachedEngine:
         done = len(requests) - len(missing)
         for start in range(0, len(pending), self.batch_size):
             batch = pending[start : start + self.batch_size]
-            outputs = self.engine.generate([request for _, request in batch])
-            self.stats.engine_calls += 1
+            with self._timed():
+                outputs = self.engine.generate([request for _, request in batch])
             stored = [
                 (key, [s.to_dict() for s in samples])
                 for (key, _), samples in zip(batch, outputs, strict=True)
@@ -69,5 +71,15 @@ class CachedEngine:
 
     def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
         """Option probabilities; deterministic and cheap, so not cached."""
-        self.stats.engine_calls += 1
-        return self.engine.score_options(prompts, options)
+        with self._timed():
+            return self.engine.score_options(prompts, options)
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Count one engine call and the time spent in it."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats.engine_calls += 1
+            self.stats.engine_seconds += time.perf_counter() - start

@@ -9,6 +9,7 @@ answers' embeddings.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +41,8 @@ class Embedder:
     def __init__(self, model_path: str | Path | None = None, batch_size: int = 64) -> None:
         self.model_path = Path(model_path) if model_path else None
         self.batch_size = batch_size
+        self.seconds = 0.0
+        """Wall-clock time spent embedding (the model's loading included)."""
 
     @cached_property
     def path(self) -> Path:
@@ -60,13 +63,17 @@ class Embedder:
         """``(len(texts), dim)`` float32, each row with unit L2 norm."""
         if not texts:
             return np.zeros((0, 384), dtype=np.float32)
-        return self.model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        start = time.perf_counter()
+        try:
+            return self.model.encode(
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def mean_pairwise_cosine(vectors: np.ndarray) -> float:

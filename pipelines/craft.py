@@ -3,9 +3,11 @@
 CRaFT (Zhu et al., AAAI-25, arXiv 2410.06913) as one stage over the whole table (its
 selection fills global quotas). The pure parts live in :mod:`transforms.craft`; this module
 owns the model I/O: it builds the engines (through the generation cache, so a rerun makes
-no model calls), fine-tunes M̃ (the merged checkpoint is kept under the work folder, keyed
-by the base model and the training data, so a rerun reuses it) and adds every per-row
-score as a column.
+no model calls), fine-tunes M̃ in the Prefect task ``rehearsal`` (cached on the base model,
+the training data and the hyper-parameters; its result is the merged checkpoint under the
+work folder, so a rerun reuses it), adds every per-row score as a column, and writes the
+diagnostics (:mod:`transforms.craft.diagnostics`): the knowledge-state scatter as a PNG and
+the CRSS static-conflict rate. ``stats["seconds"]`` times each phase.
 
 Rehearsal data follows the code: open-QA rows with μ ≥ 0.995 and σ ≥ 0.995, at most 1,000
 (seeded), each trained on the model's own most frequent correct answer; MCQ rows with
@@ -16,22 +18,32 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines import make_engine
 from engines.cached import CachedEngine
 from engines.embeddings import Embedder
+from engines.hf import TransformersEngine
 from engines.models import fingerprint
 from engines.prompts import render
 from engines.rehearsal import RehearsalParams, rehearse
-from pipelines.fingerprint import key_of
+from pipelines.fingerprint import fresh, key_of
 from storage.gencache import GenerationCache
+from transforms.craft.diagnostics import (
+    CRSS_THRESHOLD,
+    knowledge_state_png,
+    state_labels,
+    static_conflict_rate,
+)
 from transforms.craft.query import (
     Knowledge,
     QueryParams,
@@ -43,7 +55,15 @@ from transforms.craft.query import (
 )
 from transforms.craft.relabel import RelabelParams, relabel
 from transforms.craft.scores import most_frequent_correct
-from transforms.craft.select import SelectionParams, select
+from transforms.craft.select import (
+    CERTAINTY,
+    CORRECTNESS,
+    FLOW,
+    IDK,
+    LABEL_COLUMN,
+    SelectionParams,
+    select,
+)
 from transforms.stage import StageResult
 
 log = logging.getLogger("aligncurate.craft")
@@ -67,6 +87,10 @@ class CraftParams(BaseModel):
     rehearsal_min_p_gold: float = 0.99
     selection: SelectionParams = Field(default_factory=SelectionParams)
     relabel: RelabelParams = Field(default_factory=RelabelParams)
+    static_conflict: bool = Field(
+        default=True, description="measure CRSS (needs a transformers pass over kept rows)"
+    )
+    crss_threshold: float = CRSS_THRESHOLD
     seed: int = 0
 
 
@@ -117,60 +141,163 @@ def rehearsal_pairs(
     return pairs
 
 
+@task(
+    name="rehearsal",
+    cache_key_fn=lambda _context, parameters: parameters["key"],
+    persist_result=True,
+)
+def rehearsal_task(
+    key: str, model: str, pairs: list[tuple[str, str]], params: RehearsalParams, folder: str
+) -> str:
+    """Rehearse M0 into M̃: one Prefect task, cached on (base model, training pairs,
+    hyper-parameters), whose result is the merged checkpoint folder."""
+    if not (Path(folder) / "config.json").is_file():
+        log.info("rehearsal: fine-tuning on %d rows", len(pairs))
+        rehearse(model, pairs, Path(folder), params)
+    return folder
+
+
+def rehearsed_model(params: CraftParams, pairs: list[tuple[str, str]], work: Path) -> str:
+    """The merged checkpoint of M̃, trained now or reused from an earlier run."""
+    key = key_of(
+        "rehearsal",
+        fingerprint("model", params.model),
+        pairs,
+        params.rehearsal.model_dump(mode="json"),
+    )
+    folder = work / "rehearsed" / key
+    # The task's key names the folder too: a cached result is a path, valid only there.
+    return fresh(rehearsal_task, folder)(
+        key_of(key, str(folder)), params.model, pairs, params.rehearsal, str(folder)
+    )
+
+
+class _Clock:
+    """Wall-clock seconds per named phase (the benchmark's per-stage breakdown), and the
+    part of them spent in models: engine start-up and calls, embeddings, training and
+    hidden states."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.model_seconds = 0.0
+
+    @contextmanager
+    def __call__(self, phase: str, model: bool = False) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + elapsed, 3)
+            if model:
+                self.model_seconds += elapsed
+
+
+def question_vectors(model: str, questions: list[str], work: Path) -> tuple[np.ndarray, int]:
+    """Last-layer hidden states of the questions' final tokens on ``model`` (CRSS's
+    representation), kept under the work folder so a rerun computes none; returns the
+    vectors and how many were computed now."""
+    key = key_of("hidden", fingerprint("transformers", model), questions)
+    path = work / "hidden" / f"{key}.npy"
+    if path.is_file():
+        return np.load(path), 0
+    vectors = TransformersEngine(model).hidden_states(questions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_suffix(".tmp").open("wb") as handle:
+        np.save(handle, vectors)
+    path.with_suffix(".tmp").replace(path)
+    return vectors, len(questions)
+
+
+def diagnose(
+    selected: StageResult, params: CraftParams, work: Path, clock: _Clock
+) -> dict[str, Any]:
+    """The knowledge-state scatter (a PNG under the work folder) and the CRSS rate."""
+    kept, dropped = selected.kept, selected.rejected
+    labels = state_labels(kept, dropped, LABEL_COLUMN)
+    both = pa.concat_tables(
+        [kept.select([CORRECTNESS, CERTAINTY]), dropped.select([CORRECTNESS, CERTAINTY])]
+    )
+    png = knowledge_state_png(
+        both.column(CORRECTNESS).to_numpy(zero_copy_only=False),
+        both.column(CERTAINTY).to_numpy(zero_copy_only=False),
+        labels,
+        f"CRaFT knowledge state ({params.method})",
+    )
+    figure = work / "figures" / f"{key_of(png.hex())}.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    figure.write_bytes(png)
+    out: dict[str, Any] = {"figures": {"knowledge_state": str(figure)}}
+    if params.static_conflict:
+        rows = kept.select(["task", "prompt", LABEL_COLUMN]).to_pylist()
+        with clock("hidden_states", model=True):
+            vectors, computed = question_vectors(params.model, [question_of(r) for r in rows], work)
+        is_idk = np.array([r[LABEL_COLUMN] == IDK for r in rows], dtype=bool)
+        out["static_conflict"] = {
+            **static_conflict_rate(vectors[is_idk], vectors[~is_idk], params.crss_threshold),
+            "hidden_states_computed": computed,
+        }
+    return out
+
+
 def run_craft(
     table: pa.Table, params: CraftParams, work: Path, cache: GenerationCache
 ) -> StageResult:
     """The whole CRaFT stage over ``table``; adds the score columns, then selects."""
     embedder = Embedder()
+    clock = _Clock()
 
     def render_messages(messages: list[dict[str, str]]) -> str:
         return render(params.model, messages)
 
-    engine0 = _engine(params, params.model, cache)
-    try:
-        k0 = query_knowledge(table, engine0, render_messages, embedder, params.query, "craft_init")
-    finally:
-        _close(engine0)
-    stats: dict[str, Any] = {"engine_init": engine0.stats.to_dict()}
+    def query(model: str, label: str) -> tuple[Knowledge, dict[str, int]]:
+        engine = _engine(params, model, cache)  # the model loads on its first call
+        try:
+            return query_knowledge(
+                table, engine, render_messages, embedder, params.query, label
+            ), engine.stats.to_dict()
+        finally:
+            _close(engine)
+            clock.model_seconds += engine.stats.engine_seconds
+
+    with clock("query_init"):
+        k0, stats_init = query(params.model, "craft_init")
+    stats: dict[str, Any] = {"engine_init": stats_init}
     flow = certainty_flow = correctness_m1 = certainty_m1 = np.full(table.num_rows, np.nan)
     if params.method in FLOW_METHODS:
         pairs = rehearsal_pairs(table, k0, params, render_messages)
         stats["rehearsal_rows"] = len(pairs)
-        key = key_of(
-            "rehearsal",
-            fingerprint("model", params.model),
-            pairs,
-            params.rehearsal.model_dump(mode="json"),
-        )
-        rehearsed = work / "rehearsed" / key
-        if not (rehearsed / "config.json").is_file():
-            log.info("rehearsal: fine-tuning on %d rows", len(pairs))
-            rehearse(params.model, pairs, rehearsed, params.rehearsal)
-        engine1 = _engine(params, str(rehearsed), cache)
-        try:
-            k1 = query_knowledge(
-                table, engine1, render_messages, embedder, params.query, "craft_rehearsal"
-            )
-        finally:
-            _close(engine1)
-        stats["engine_rehearsal"] = engine1.stats.to_dict()
+        with clock("rehearsal", model=True):
+            rehearsed = rehearsed_model(params, pairs, work)
+        with clock("query_rehearsal"):
+            k1, stats["engine_rehearsal"] = query(rehearsed, "craft_rehearsal")
         correctness_m1, certainty_m1 = k1.correctness, k1.certainty
         flow = k1.correctness - k0.correctness
         certainty_flow = k1.certainty - k0.certainty
-    scored = table
-    for name, values in (
-        ("correctness_init", k0.correctness),
-        ("certainty_init", k0.certainty),
-        ("correctness_rehearsal", correctness_m1),
-        ("certainty_rehearsal", certainty_m1),
-        ("knowledge_flow", flow),
-        ("certainty_flow", certainty_flow),
-    ):
-        scored = scored.append_column(name, pa.array(values, pa.float64(), from_pandas=True))
-    selected = select(scored, params.selection.model_copy(update={"method": params.method}))
-    relabelled = relabel(selected.kept, params.relabel)
+    with clock("selection"):
+        scored = table
+        for name, values in (
+            (CORRECTNESS, k0.correctness),
+            (CERTAINTY, k0.certainty),
+            ("correctness_rehearsal", correctness_m1),
+            ("certainty_rehearsal", certainty_m1),
+            (FLOW, flow),
+            ("certainty_flow", certainty_flow),
+        ):
+            scored = scored.append_column(name, pa.array(values, pa.float64(), from_pandas=True))
+        selected = select(scored, params.selection.model_copy(update={"method": params.method}))
+        relabelled = relabel(selected.kept, params.relabel)
+    with clock("diagnostics"):
+        stats.update(diagnose(selected, params, work, clock))
+    clock.model_seconds += embedder.seconds
     return StageResult(
         kept=relabelled.kept,
         rejected=selected.rejected,
-        stats={**stats, **selected.stats, **relabelled.stats},
+        stats={
+            **stats,
+            **selected.stats,
+            **relabelled.stats,
+            "seconds": clock.seconds,
+            "model_seconds": round(clock.model_seconds, 3),
+        },
     )

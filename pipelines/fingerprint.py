@@ -55,3 +55,9 @@ def code_version() -> str:
             digest.update(str(path.relative_to(root)).encode())
             digest.update(path.read_bytes())
     return f"{release}+{digest.hexdigest()[:12]}"
+
+
+def fresh(task: Any, folder: str | Path) -> Any:
+    """The Prefect task, told to recompute when the folder its cached result points to is
+    gone (deleted by hand): a cached result naming files that no longer exist is useless."""
+    return task if Path(folder).is_dir() else task.with_options(refresh_cache=True)

@@ -53,13 +53,17 @@ def cache_key(fingerprint: str, prompt: str, sampling: Mapping[str, Any], seed: 
 
 @dataclass
 class CacheStats:
-    """Requests answered from the cache, requests sent to an engine, and engine calls."""
+    """Requests answered from the cache, requests sent to an engine, engine calls and the
+    time they took."""
 
     hits: int = 0
     misses: int = 0
     engine_calls: int = 0
+    engine_seconds: float = 0.0
+    """Wall-clock time spent inside the engine's own calls."""
 
     def to_dict(self) -> dict[str, int]:
+        """The cache accounting (``engine_seconds`` is a timing, reported apart)."""
         return {"hits": self.hits, "misses": self.misses, "engine_calls": self.engine_calls}
 
 

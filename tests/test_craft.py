@@ -39,6 +39,8 @@ def craft_run(fact_world, prefect_harness, tmp_path_factory: pytest.TempPathFact
     # The stage alone over the same rows, with the build's work folder and cache: the
     # generation cache and the rehearsed checkpoint are reused, so no model is called.
     table = pa.concat_tables(r.kept for r in read_source(fact_world.facts_path, format="open_qa"))
+    work = Path(store.root) / "_work" / "fw-rait" / "stages"
+    checkpoints = {p: p.stat().st_mtime_ns for p in work.glob("rehearsed/*/*.safetensors")}
     again = run_craft(
         table,
         CraftParams(model=str(fact_world.model_dir)),
@@ -53,6 +55,8 @@ def craft_run(fact_world, prefect_harness, tmp_path_factory: pytest.TempPathFact
         "store": store,
         "groups": groups,
         "rows": table.num_rows,
+        "checkpoints": checkpoints,
+        "checkpoints_after": {p: p.stat().st_mtime_ns for p in checkpoints},
     }
 
 
@@ -111,6 +115,34 @@ def test_second_build_makes_no_engine_calls(craft_run: dict) -> None:
     )
 
 
+def test_rehearsal_is_one_cached_prefect_task(craft_run: dict) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_task_runs(limit=200) if r.name.startswith("rehearsal")]
+    states = [r.state.name for r in runs if str(r.flow_run_id) == craft_run["first"]["build_id"]]
+    assert states and set(states) == {"Completed"}  # trained as its own task of the build
+    # the stage run again reused the merged checkpoint: its weights were not rewritten
+    assert craft_run["checkpoints"] and craft_run["checkpoints_after"] == craft_run["checkpoints"]
+
+
+def test_diagnostics_scatter_and_static_conflict(craft_run: dict) -> None:
+    stats = craft_run["first"]["stage_stats"]["craft"]
+    png = Path(stats["figures"]["knowledge_state"]).read_bytes()
+    assert png.startswith(b"\x89PNG")
+    conflict = stats["static_conflict"]
+    kept = craft_run["store"].read("fw-rait", "train").column("craft_label").to_pylist()
+    assert conflict["idk"] == kept.count("idk") and conflict["vanilla"] == kept.count("vanilla")
+    assert 0.0 <= conflict["rate"] <= 1.0
+    assert conflict["conflicts"] == round(conflict["rate"] * conflict["idk"])
+    assert conflict["hidden_states_computed"] == len(kept)
+    again = craft_run["again"].stats["static_conflict"]
+    assert again["hidden_states_computed"] == 0 and again["rate"] == conflict["rate"]
+    phases = {"query_init", "rehearsal", "query_rehearsal", "selection", "diagnostics"}
+    assert phases <= set(stats["seconds"])
+    assert 0 < stats["model_seconds"] < sum(stats["seconds"][p] for p in phases)
+
+
 def test_example_specs_validate_with_resolved_paths() -> None:
     from pipelines.spec import load_spec
 
@@ -147,3 +179,28 @@ def test_mcq_path_on_a_small_subject(vllm_engine, fact_world, shared_data: Path)
     assert np.all((knowledge.p_gold > 0) & (knowledge.p_gold < 1))
     probs = np.array(vllm_engine.score_options(["Question: x?\nAnswer:"], list("ABCD")))
     assert mcq_knowledge(probs, [0]).renormalised.sum() == pytest.approx(1.0)
+
+
+def test_rait_exports_for_trl_and_llamafactory(craft_run: dict, tmp_path: Path) -> None:
+    import json
+
+    from storage import export
+    from transforms.craft import OEQA_RAIT_PROMPT
+
+    store = craft_run["store"]
+    rows = {r["id"]: r for r in store.read("fw-rait", "train").to_pylist()}
+    trl = export(store, "fw-rait", "trl_messages", tmp_path / "trl")
+    lines = (tmp_path / "trl" / trl.files[0]).read_text().splitlines()
+    alpaca = export(store, "fw-rait", "llamafactory_alpaca", tmp_path / "lf")
+    records = json.loads((tmp_path / "lf" / alpaca.files[0]).read_text())
+    assert len(lines) == len(records) == len(rows) and trl.skipped == alpaca.skipped == 0
+    expected = {
+        OEQA_RAIT_PROMPT.format(question=r["rait_question"]): r["response"] for r in rows.values()
+    }
+    for line in lines:
+        user, assistant = json.loads(line)["messages"]
+        assert user["role"] == "user" and expected[user["content"]] == assistant["content"]
+    assert {r["instruction"]: r["output"] for r in records} == expected
+    assert sum(v == "I don't know" for v in expected.values()) == sum(
+        r["craft_label"] == "idk" for r in rows.values()
+    )

@@ -663,3 +663,25 @@ def test_ths_hand_cases() -> None:
         truthful_helpfulness_score(1.0, 0.0, 0.5, 0.1)
     with pytest.raises(ValueError, match="outside"):
         truthful_helpfulness_score(66.8, 33.1, 53.3, 9.6)  # percentages need percent=True
+
+
+def test_static_conflict_rate_by_hand() -> None:
+    from transforms.craft.diagnostics import static_conflict_rate
+
+    vanilla = np.array([[1.0, 0.0], [0.0, 1.0]])
+    # cos to (1,0): 0.995 > 0.97 (conflict); cos to nearest of the second: 0.8 (none)
+    idk = np.array([[1.0, 0.1], [0.6, 0.8]])
+    out = static_conflict_rate(idk, vanilla)
+    assert out["conflicts"] == 1 and out["rate"] == pytest.approx(0.5)
+    assert out["idk"] == 2 and out["vanilla"] == 2 and out["threshold"] == 0.97
+    assert static_conflict_rate(idk, vanilla, threshold=0.7)["conflicts"] == 2
+    assert static_conflict_rate(idk[:0], vanilla)["rate"] is None
+
+
+def test_knowledge_state_png_is_a_picture() -> None:
+    from transforms.craft.diagnostics import knowledge_state_png
+
+    png = knowledge_state_png(
+        np.array([1.0, 0.0, 0.5]), np.array([-0.1, -1.2, -0.7]), ["vanilla", "idk", "rejected"], "t"
+    )
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5_000

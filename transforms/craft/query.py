@@ -131,6 +131,15 @@ def _dev_shots(folder: str | None, subject: str, k: int) -> list[tuple[str, list
     return [(r["question"], [r[x] for x in "ABCD"], r["target"].strip()) for r in rows]
 
 
+def _embed_unique(embedder: Embeds, groups: list[list[str]]) -> list[np.ndarray]:
+    """Each group's embeddings, from one ``embed`` call over the distinct texts of all groups
+    (sampled answers repeat a lot: a certain model says the same thing ten times)."""
+    unique = list(dict.fromkeys(text for group in groups for text in group))
+    index = {text: k for k, text in enumerate(unique)}
+    vectors = embedder.embed(unique)
+    return [vectors[[index[text] for text in group]] for group in groups]
+
+
 def query_knowledge(
     table: pa.Table,
     engine: Generator,
@@ -164,9 +173,10 @@ def query_knowledge(
         outputs = engine.generate(requests)
         texts = [[s.text.strip() for s in out] for out in outputs]
         mu = oeqa_correctness(texts, [rows[i]["references"] for i in qa], rule=params.match)
+        vectors = _embed_unique(embedder, texts)
         for k, i in enumerate(qa):
             correctness[i], samples[i] = mu[k], texts[k]
-            certainty[i] = mean_pairwise_cosine(embedder.embed(texts[k]))
+            certainty[i] = mean_pairwise_cosine(vectors[k])
 
     mcq = [i for i, r in enumerate(rows) if r["task"] == "mcq"]
     if mcq:
