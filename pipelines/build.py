@@ -9,7 +9,6 @@ task that had finished and redoes only the rest.
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 from pathlib import Path
@@ -23,7 +22,8 @@ from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
-from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
+from pipelines.fingerprint import code_version, file_fingerprint, key_of
+from pipelines.report import publish_report
 from pipelines.segments import (
     ChainStep,
     Counts,
@@ -119,6 +119,12 @@ def _chain_identity(chain: list[ChainStep]) -> list[Any]:
     ]
 
 
+def _fresh(task_: Any, folder: Path) -> Any:
+    """The task, told to recompute when its shard folder is gone (deleted by hand): a
+    cached result whose shards no longer exist must not be reused."""
+    return task_ if folder.is_dir() else task_.with_options(refresh_cache=True)
+
+
 def _engine_stats(outputs: list[SegmentOutput]) -> dict[str, int]:
     """Generation-cache hits, misses and engine calls of this run's model-backed stages
     (a task reused from an earlier run made no calls now)."""
@@ -171,7 +177,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         )
         folder = work / "shards" / key
         futures.append(
-            fresh(ingest, folder).submit(key, source, spec.ingest, segments[0], str(folder))
+            _fresh(ingest, folder).submit(key, source, spec.ingest, segments[0], str(folder))
         )
     outputs = [f.result() for f in futures]
 
@@ -181,7 +187,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     for chain in segments[1:]:
         key = key_of("segment", code_version(), [o.key for o in outputs], _chain_identity(chain))
         folder = work / "shards" / key
-        out = fresh(segment, folder)(key, train, chain, str(folder), context)
+        out = _fresh(segment, folder)(key, train, chain, str(folder), context)
         outputs.append(out)
         train = out.train
 
@@ -218,12 +224,13 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         "stage_stats": {name: st for o in outputs for name, st in o.stats.items()},
         "dataset_stats": shard_stats(train),
     }
-    _publish(spec, summary)
+    _publish(spec, summary, work)
     return summary
 
 
-def _publish(spec: BuildSpec, summary: dict[str, Any]) -> None:
-    """Prefect artifacts: a markdown summary and the per-stage counts table."""
+def _publish(spec: BuildSpec, summary: dict[str, Any], work: Path) -> None:
+    """Prefect artifacts: a markdown summary, the per-stage counts table and a link to the
+    version's HTML report (written under ``work/reports``; its path goes into ``summary``)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-") or "dataset"
     table = [{"stage": stage, **line} for stage, line in summary["counts"].items()]
     create_table_artifact(
@@ -252,11 +259,6 @@ def _publish(spec: BuildSpec, summary: dict[str, Any]) -> None:
         key=f"{slug}-build-summary",
         description=f"Build summary of {spec.name}",
     )
-    for stage_name, stats in summary["stage_stats"].items():
-        for figure, path in stats.get("figures", {}).items():
-            encoded = base64.b64encode(Path(path).read_bytes()).decode()
-            create_markdown_artifact(
-                markdown=f"![{figure}](data:image/png;base64,{encoded})",
-                key=f"{slug}-{stage_name}-{figure}".replace("_", "-"),
-                description=f"{stage_name}: {figure} of {spec.name} v{summary['version']}",
-            )
+    summary["report"] = publish_report(
+        summary["store"], spec.name, summary["version"], work / "reports", f"{slug}-report"
+    )
