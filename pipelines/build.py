@@ -9,6 +9,7 @@ task that had finished and redoes only the rest.
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 from pathlib import Path
@@ -22,7 +23,7 @@ from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
-from pipelines.fingerprint import code_version, file_fingerprint, key_of
+from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
 from pipelines.report import publish_report
 from pipelines.segments import (
     ChainStep,
@@ -119,12 +120,6 @@ def _chain_identity(chain: list[ChainStep]) -> list[Any]:
     ]
 
 
-def _fresh(task_: Any, folder: Path) -> Any:
-    """The task, told to recompute when its shard folder is gone (deleted by hand): a
-    cached result whose shards no longer exist must not be reused."""
-    return task_ if folder.is_dir() else task_.with_options(refresh_cache=True)
-
-
 def _engine_stats(outputs: list[SegmentOutput]) -> dict[str, int]:
     """Generation-cache hits, misses and engine calls of this run's model-backed stages
     (a task reused from an earlier run made no calls now)."""
@@ -177,7 +172,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         )
         folder = work / "shards" / key
         futures.append(
-            _fresh(ingest, folder).submit(key, source, spec.ingest, segments[0], str(folder))
+            fresh(ingest, folder).submit(key, source, spec.ingest, segments[0], str(folder))
         )
     outputs = [f.result() for f in futures]
 
@@ -187,7 +182,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     for chain in segments[1:]:
         key = key_of("segment", code_version(), [o.key for o in outputs], _chain_identity(chain))
         folder = work / "shards" / key
-        out = _fresh(segment, folder)(key, train, chain, str(folder), context)
+        out = fresh(segment, folder)(key, train, chain, str(folder), context)
         outputs.append(out)
         train = out.train
 
@@ -262,3 +257,11 @@ def _publish(spec: BuildSpec, summary: dict[str, Any], work: Path) -> None:
     summary["report"] = publish_report(
         summary["store"], spec.name, summary["version"], work / "reports", f"{slug}-report"
     )
+    for stage_name, stats in summary["stage_stats"].items():
+        for figure, path in stats.get("figures", {}).items():
+            encoded = base64.b64encode(Path(path).read_bytes()).decode()
+            create_markdown_artifact(
+                markdown=f"![{figure}](data:image/png;base64,{encoded})",
+                key=f"{slug}-{stage_name}-{figure}".replace("_", "-"),
+                description=f"{stage_name}: {figure} of {spec.name} v{summary['version']}",
+            )
