@@ -1,4 +1,4 @@
-"""The ``aligncurate`` command line: build, versions, inspect, diff, tag, export.
+"""The ``aligncurate`` command line: build, versions, inspect, diff, tag, export, schedule.
 
 Every read command takes ``--json`` and then prints one JSON object on stdout.
 ``--store`` (or ``ALIGNCURATE_STORE``) chooses the store; the default is ``./datasets``.
@@ -47,6 +47,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _user_errors() -> tuple[type[Exception], ...]:
     from engines.base import EngineError
     from pipelines.build import AccountingError
+    from pipelines.schedule import ScheduleError
     from pipelines.spec import SpecError
     from storage.dataset import StoreError
     from transforms.ingest import IngestError
@@ -59,6 +60,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         SchemaError,
         AccountingError,
         EngineError,
+        ScheduleError,
         FileNotFoundError,
     )
 
@@ -377,6 +379,54 @@ def generate(
         f"{stats['prompts']} prompts, {stats['completions']} completions in "
         f"{stats['seconds']} s ({stats['completions_per_s']}/s); cache: {stats['hits']} hits, "
         f"{stats['misses']} misses, {stats['engine_calls']} engine calls → {target}"
+    )
+
+
+@app.command()
+@_friendly
+def schedule(
+    spec: Annotated[Path | None, typer.Argument(help="Build spec (YAML) to schedule.")] = None,
+    cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 3 * * *".')] = None,
+    pool: Annotated[str, typer.Option(help="Process work pool (created if missing).")] = (
+        "aligncurate"
+    ),
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",
+    show: Annotated[
+        bool, typer.Option("--list", help="Show the deployments and their next runs.")
+    ] = False,
+    store: BuildStoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create or update a scheduled build of SPEC on the Prefect server ($PREFECT_API_URL),
+    or --list the scheduled builds."""
+    from pipelines.schedule import list_schedules, schedule_spec
+
+    if show == (spec is not None):
+        raise typer.BadParameter("give a SPEC with --cron, or --list")
+    if spec is not None and not cron:
+        raise typer.BadParameter('--cron is required, e.g. --cron "0 3 * * *"')
+    if show:
+        found = list_schedules()
+        if as_json:
+            _emit_json(found)
+            return
+        table = Table("deployment", "cron", "pool", "paused", "next runs", title="scheduled builds")
+        for d in found:
+            crons = ", ".join(f"{c} ({tz})" for c, tz in zip(d["cron"], d["timezone"], strict=True))
+            table.add_row(
+                d["name"], crons, d["work_pool"], str(d["paused"]), "\n".join(d["next_runs"])
+            )
+        out.print(table)
+        return
+    assert spec is not None and cron is not None
+    result = schedule_spec(spec, cron, pool=pool, store=store, timezone=timezone)
+    if as_json:
+        _emit_json(result)
+        return
+    out.print(
+        f"[bold green]{result['name']}[/] scheduled ({cron}, {timezone}) in pool {pool!r}; "
+        f"next run {result['next_runs'][0] if result['next_runs'] else 'none'}. "
+        f"Start a worker: prefect worker start --pool {pool}"
     )
 
 
