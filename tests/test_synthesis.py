@@ -395,3 +395,33 @@ def test_truncated_generations_are_rejected_whole(vllm_engine, fact_world, tmp_p
     for row in truncated:
         assert row["prompt"][0]["content"].startswith(si.CLF_INSTRUCTION_HEADER)
         assert row["response"] and set(row["lineage_parents"]) <= clf_seeds
+
+
+def test_build_with_a_malformed_seed_file_fails_clearly(
+    fact_world, prefect_harness, tmp_path: Path
+) -> None:
+    """Through ``aligncurate build``: exit code 2, the file and line named, no version."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    bad = tmp_path / "seeds.jsonl"
+    lines = SEEDS.read_text().splitlines()
+    bad.write_text("\n".join([*lines[:4], lines[4][:-1], *lines[5:]]) + "\n")
+    spec = tmp_path / "spec.yaml"
+    stage = {"model": str(fact_world.model_dir), "seeds_path": str(bad)}
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bad-seeds",
+                "sources": [{"path": str(fact_world.facts_path), "format": "open_qa"}],
+                "stages": [{"self_instruct": stage}],
+            }
+        )
+    )
+    store = tmp_path / "store"
+    result = CliRunner().invoke(app, ["build", str(spec), "--store", str(store)])
+    assert result.exit_code == 2, result.output
+    assert f"{bad}, line 5: invalid JSON" in result.output.replace("\n", "")
+    assert not any(cache_dir(str(store)).glob("*"))  # no generation was cached
+    assert not DatasetStore(str(store)).exists("bad-seeds")
