@@ -110,48 +110,71 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 class NearDedupIndex:
-    """The kept rows seen so far: ids, compact signatures, and the band keys sorted for
-    lookup. The state the ordered stage carries across shards."""
+    """The kept rows seen so far: ids, compact signatures, and their band keys in sorted
+    runs for lookup. The state the ordered stage carries across shards.
+
+    Each shard's kept rows add one sorted run of band keys; a run is merged into the one
+    before it while it is at least as large (a binary counter), so a lookup searches
+    O(log shards) runs and the merging costs O(n log n) over a build. Signatures live in
+    a buffer that doubles when full.
+    """
 
     def __init__(self) -> None:
         self.ids: list[str] = []
-        self.sigs = np.zeros((0, 0), dtype=np.uint16)
-        self.keys = np.zeros(0, dtype=np.uint64)
-        self.rows = np.zeros(0, dtype=np.uint32)
+        self._sigs = np.zeros((0, 0), dtype=np.uint16)
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, kept numbers)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
+    def sigs(self) -> np.ndarray:
+        """``(kept rows, num_perm)`` compact signatures."""
+        return self._sigs[: len(self.ids)]
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by the arrays, plus 32 per id."""
-        return self.sigs.nbytes + self.keys.nbytes + self.rows.nbytes + 32 * len(self.ids)
+        """Bytes held by the arrays (signature buffer included), plus 32 per id."""
+        runs = sum(k.nbytes + r.nbytes for k, r in self.runs)
+        return self._sigs.nbytes + runs + 32 * len(self.ids)
 
     def candidates(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Distinct ``(row, kept number)`` pairs: rows of ``keys`` (n × bands) and the kept
         rows that share a band with them, sorted by row then kept number."""
         bands = keys.shape[1]
         flat = keys.ravel()
-        left = np.searchsorted(self.keys, flat, side="left")
-        count = np.searchsorted(self.keys, flat, side="right") - left
-        total = int(count.sum())
-        if not total:
+        found_rows, found_kept = [], []
+        for run_keys, run_rows in self.runs:
+            left = np.searchsorted(run_keys, flat, side="left")
+            count = np.searchsorted(run_keys, flat, side="right") - left
+            total = int(count.sum())
+            if total:
+                found_rows.append(np.repeat(np.arange(len(flat)) // bands, count))
+                first = np.repeat(left - (np.cumsum(count) - count), count)
+                found_kept.append(run_rows[first + np.arange(total)].astype(np.int64))
+        if not found_rows:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        rows = np.repeat(np.arange(len(flat)) // bands, count)
-        first = np.repeat(left - (np.cumsum(count) - count), count)
-        kept = self.rows[first + np.arange(total)].astype(np.int64)
-        pair = np.unique(rows * (len(self.ids) + 1) + kept)
-        return pair // (len(self.ids) + 1), pair % (len(self.ids) + 1)
+        size = len(self.ids) + 1
+        pair = np.unique(np.concatenate(found_rows) * size + np.concatenate(found_kept))
+        return pair // size, pair % size
 
     def add(self, ids: list[str], sigs: np.ndarray, keys: np.ndarray) -> None:
-        start = len(self.ids)
+        start, end = len(self.ids), len(self.ids) + len(ids)
+        if self._sigs.shape[0] < end or self._sigs.shape[1] != sigs.shape[1]:
+            grown = np.zeros((max(end, 2 * self._sigs.shape[0]), sigs.shape[1]), sigs.dtype)
+            if start:
+                grown[:start] = self._sigs[:start]
+            self._sigs = grown
+        self._sigs[start:end] = sigs
         self.ids.extend(ids)
-        self.sigs = np.concatenate([self.sigs.reshape(-1, sigs.shape[1]), sigs])
-        numbers = np.repeat(np.arange(start, start + len(ids), dtype=np.uint32), keys.shape[1])
-        merged_keys = np.concatenate([self.keys, keys.ravel()])
-        merged_rows = np.concatenate([self.rows, numbers])
-        order = np.argsort(merged_keys, kind="stable")
-        self.keys, self.rows = merged_keys[order], merged_rows[order]
+        numbers = np.repeat(np.arange(start, end, dtype=np.uint32), keys.shape[1])
+        order = np.argsort(keys.ravel(), kind="stable")
+        self.runs.append((keys.ravel()[order], numbers[order]))
+        while len(self.runs) > 1 and len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+            (k2, r2), (k1, r1) = self.runs.pop(), self.runs.pop()
+            merged_keys, merged_rows = np.concatenate([k1, k2]), np.concatenate([r1, r2])
+            order = np.argsort(merged_keys, kind="stable")
+            self.runs.append((merged_keys[order], merged_rows[order]))
 
 
 def _compact(sig: np.ndarray, bits: int) -> np.ndarray:
