@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pytest
 from test_storage import commit_build
 from trl import SFTConfig
 from trl.data_utils import is_conversational
 
-import datasets
 from storage import DatasetStore, export
 from transforms.ingest import read_source
 
