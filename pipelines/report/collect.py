@@ -32,6 +32,8 @@ SCATTER_POINTS = 5_000
 """At most this many (μ, σ) points in the CRaFT scatter (a seeded uniform sample beyond)."""
 CATEGORY_COLUMNS = ("source", "task", "origin", LABEL_COLUMN)
 """Columns counted per split (when present), besides the reject stage and reason."""
+ID_PATTERN = r"[0-9a-f]{16,}"
+"""Row ids and content hashes inside a reject reason (ids are 32 hex digits)."""
 LINEAGE_KEYS = ("lineage_method", "lineage_round", "lineage_generator")
 LINEAGE_EXAMPLES = 5
 
@@ -47,8 +49,8 @@ class SplitData:
     units: set[str] = field(default_factory=set)
     counts: dict[str, Counter[str]] = field(default_factory=dict)
     reasons: Counter[tuple[str, str]] = field(default_factory=Counter)
-    """Rejected rows by (stage, kind of reason): the reason up to its first ``:``, so that
-    ``duplicate_of:<id>`` is one line, not one line per row."""
+    """Rejected rows by (stage, kind of reason): the reason with row ids and hashes
+    replaced by ``<id>``, so that ``duplicate_of:<id>`` is one line, not one line per row."""
     reason_examples: dict[tuple[str, str], str] = field(default_factory=dict)
     """One full reason of each (stage, kind) (the smallest), shown as an example."""
     sample: list[dict[str, Any]] = field(default_factory=list)
@@ -219,7 +221,7 @@ def _count(data: SplitData, table: pa.Table) -> None:
         reasons = pa.table(
             {
                 "stage": pc.fill_null(table.column("reject_stage").cast(pa.string()), "-"),
-                "kind": pc.list_element(pc.split_pattern(reason, ":", max_splits=1), 0),
+                "kind": pc.replace_substring_regex(reason, ID_PATTERN, "<id>"),
                 "reason": reason,
             }
         )

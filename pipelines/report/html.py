@@ -46,7 +46,8 @@ figcaption{color:#495057;font-size:12px}
 code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
 pre{white-space:pre-wrap;word-break:break-word;background:#f8f9fa;padding:6px 8px;
 margin:4px 0;border-radius:4px;max-height:320px;overflow:auto}
-.row{border-top:1px solid #dee2e6;padding:8px 0}
+.row{border-top:1px solid #dee2e6;padding:8px 0;display:grid;
+grid-template-columns:minmax(240px,420px) minmax(0,1fr);gap:14px}
 .muted{color:#868e96}
 .turn{margin:2px 0}
 .role{font-weight:600;color:#495057}
@@ -240,7 +241,9 @@ def _statistics(stats: Mapping[str, Any]) -> str:
     advice = stats["recommendation"]
     verdict = "loss over the prompt" if advice["loss_over_prompt"] else "loss on responses only"
     reasons = "".join(f"<li>{escape(r)}</li>" for r in advice["reasons"])
-    settings = f"TRL {advice['trl']}, LLaMA-Factory {advice['llamafactory']}"
+    settings = (
+        f"TRL {json.dumps(advice['trl'])}, LLaMA-Factory {json.dumps(advice['llamafactory'])}"
+    )
     return (
         f"<p>{stats['rows']:,} train rows; mean prompt/response length ratio "
         f"<b>{_fmt(stats['length_ratio'])}</b>.</p>"
@@ -365,8 +368,8 @@ def sample_row(row: Mapping[str, Any]) -> str:
     fields = [(k, v) for k, v in row.items() if k not in SAMPLE_SKIP and v is not None]
     return (
         f'<div class="row">{_table(["column", "value"], [(k, _short(v)) for k, v in fields])}'
-        f'{turns}<div class="turn"><span class="role">response</span><pre>{response}</pre>'
-        "</div></div>"
+        f'<div>{turns}<div class="turn"><span class="role">response</span><pre>{response}</pre>'
+        "</div></div></div>"
     )
 
 
