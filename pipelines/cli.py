@@ -109,10 +109,12 @@ def build(
 ) -> None:
     """Build a new version of the dataset a spec describes."""
     from pipelines.build import build_dataset
+    from pipelines.progress import build_bars, wanted
     from pipelines.spec import load_spec
 
-    load_spec(spec)  # fail fast on a bad spec, before Prefect starts
-    summary = build_dataset(str(spec), store=store)
+    loaded = load_spec(spec)  # fail fast on a bad spec, before Prefect starts
+    with build_bars(wanted(as_json), out, loaded):
+        summary = build_dataset(str(spec), store=store)
     if as_json:
         cache = summary.get("cache", {})
         _emit_json(
@@ -360,6 +362,7 @@ def generate(
     """Sample completions for a JSONL file of prompts, through the generation cache."""
     from engines import Sampling
     from pipelines.generate import GenerateOptions, generate_file
+    from pipelines.progress import bars, wanted
     from storage.dataset import default_store
     from storage.gencache import GenerationCache, cache_dir
 
@@ -373,9 +376,10 @@ def generate(
             n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=logprobs
         ),
     )
-    stats = generate_file(
-        source, target, options, GenerationCache(cache_dir(store or default_store()))
-    )
+    cache = GenerationCache(cache_dir(store or default_store()))
+    with bars(wanted(as_json), out) as shown:
+        progress = shown.requests("generate") if shown else None
+        stats = generate_file(source, target, options, cache, progress=progress)
     if as_json:
         _emit_json(stats)
         return

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engines import EngineError, Request, Sampling, make_engine, row_seed
-from engines.cached import CachedEngine
+from engines.cached import CachedEngine, Progress
 from engines.prompts import render
 from storage.gencache import GenerationCache
 
@@ -83,9 +83,14 @@ def open_engine(options: GenerateOptions) -> Iterator[Any]:
 
 
 def generate_file(
-    source: Path, target: Path, options: GenerateOptions, cache: GenerationCache
+    source: Path,
+    target: Path,
+    options: GenerateOptions,
+    cache: GenerationCache,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Generate for every line of ``source`` into ``target``; returns the statistics."""
+    """Generate for every line of ``source`` into ``target``; returns the statistics.
+    ``progress(done, total)`` is called as batches of requests complete."""
     records, prompts = read_prompts(source, options.model)
     requests = [
         Request(p, options.sampling, row_seed(f"{options.seed}\x1f{p}", "generate"))
@@ -94,7 +99,7 @@ def generate_file(
     start = time.perf_counter()
     with open_engine(options) as engine:
         cached = CachedEngine(engine, cache)
-        outputs = cached.generate(requests)
+        outputs = cached.generate(requests, progress=progress)
     seconds = time.perf_counter() - start
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".tmp")
