@@ -24,6 +24,10 @@ from engines.base import EngineError, Request, Sample
 from engines.models import fingerprint, model_dir
 from engines.prompts import encode, option_token_id
 
+# vLLM configures its loggers when first imported, writing to stdout by default, which would
+# mix with `--json` output: send them to stderr (a user's own setting wins).
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20
 
 
