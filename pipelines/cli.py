@@ -110,9 +110,11 @@ def build(
     """Build a new version of the dataset a spec describes."""
     from pipelines.build import build_dataset
     from pipelines.progress import build_bars, wanted
+    from pipelines.schedule import check_server
     from pipelines.spec import load_spec
 
     loaded = load_spec(spec)  # fail fast on a bad spec, before Prefect starts
+    check_server()  # an unreachable PREFECT_API_URL: one line and exit 2, before any work
     with build_bars(wanted(as_json), out, loaded):
         summary = build_dataset(str(spec), store=store)
     if as_json:

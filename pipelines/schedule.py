@@ -53,6 +53,15 @@ def _client() -> Any:
     return client
 
 
+def check_server() -> None:
+    """When ``PREFECT_API_URL`` names a server, fail with one clear error unless it answers
+    (without a URL, Prefect runs ephemerally and there is nothing to check)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        _client().__exit__(None, None, None)
+
+
 def ensure_pool(client: Any, pool: str) -> str:
     """The work pool's type; a ``process`` pool is created when it does not exist."""
     from prefect.client.schemas.actions import WorkPoolCreate

@@ -193,3 +193,15 @@ def test_no_server_is_one_clear_line(url: str | None, message: str, tmp_path: Pa
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert message in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_build_with_an_unreachable_server_is_one_line_and_no_version(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": url}
+    store = tmp_path / "store"
+    args = [str(BIN / "aligncurate"), "build", "examples/demo/spec.yaml", "--store", str(store)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: Prefect server at {url} is unreachable")
+    assert not store.exists()
