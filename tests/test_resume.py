@@ -1,0 +1,250 @@
+"""Crash-safe resume, end to end: ``kill -9`` the ``aligncurate build`` console script
+during ingest, mid-scoring in CRaFT and during commit, then run the same command again;
+and two builds of one dataset at once.
+
+Each killed run must leave no version; each rerun must commit a train split identical to
+an uninterrupted build's, and a rerun after a kill mid-scoring must not pay again for the
+generations that had completed. Timing is observed, never injected: the test polls what
+the build writes (ingest shards, rows in the SQLite generation cache, the data files of
+the commit) and kills the process group (the build and its vLLM engine processes) the
+moment it sees them.
+
+Cost control: the builds share the session's Prefect test server (``PREFECT_API_URL``)
+instead of starting an ephemeral one each, and the CRaFT spec scores 300 fact-world
+questions with ``craft_wo_flow`` (CRaFT's certainty scoring, without the rehearsal
+fine-tune: rehearsal is one cached Prefect task, resumed as a unit, see test_craft.py),
+so the generation cache fills in two batches (256 + 44 requests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+from corpora import enlarged_gsm8k
+
+from storage.dataset import DatasetStore
+
+EXE = Path(sys.executable).with_name("aligncurate")
+FACTS = 300  # two cache batches of CachedEngine's 256 requests
+CORPUS_ROWS = 90_000  # ingest and commit take seconds, not milliseconds
+
+
+# -- running and killing builds ------------------------------------------------------------
+
+
+class Build:
+    """``aligncurate build SPEC --store STORE --json`` in its own process group."""
+
+    def __init__(self, spec: Path, store: Path, env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.out = log.with_suffix(".out")
+        with self.out.open("w") as out, log.open("w") as err:
+            self.proc = subprocess.Popen(
+                [str(EXE), "build", str(spec), "--store", str(store), "--json"],
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
+
+    def kill_when(self, seen: Callable[[], bool], timeout: float = 240) -> None:
+        """``kill -9`` the build's process group as soon as ``seen()`` holds."""
+        deadline = time.monotonic() + timeout
+        while not seen():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the build ended before the kill point: {self.tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"kill point not reached in {timeout} s: {self.tail()}")
+            time.sleep(0.005)
+        self.kill()
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def summary(self, timeout: float = 300) -> dict:
+        """Wait for the build; its ``--json`` summary (the last JSON object on stdout:
+        vLLM logs to stdout too)."""
+        code = self.proc.wait(timeout=timeout)
+        assert code == 0, self.tail()
+        text = self.out.read_text()
+        return json.loads(text[text.rindex("\n{\n") + 1 :] if "\n{\n" in text else text)
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:]
+
+
+def _env(tmp: Path, api_url: str) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp / "prefect-home")}
+    env.pop("ALIGNCURATE_CACHE", None)  # the generation cache lives in each store's _cache
+    return env
+
+
+def _train(store: Path, name: str) -> pa.Table:
+    return DatasetStore(str(store)).read(name).sort_by("id")
+
+
+def _has_version(store: Path, name: str) -> bool:
+    return DatasetStore(str(store)).exists(name)
+
+
+def _files(folder: Path, pattern: str) -> Callable[[], bool]:
+    return lambda: folder.is_dir() and any(folder.rglob(pattern))
+
+
+# -- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api_url(prefect_harness: None) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="module")
+def corpus_spec(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
+    """A no-model spec over a large real corpus (GSM8K in Alpaca form, repeated; see
+    :func:`corpora.enlarged_gsm8k`): ingest → normalize → exact dedup → filter."""
+    folder = tmp_path_factory.mktemp("corpus")
+    enlarged_gsm8k(shared_data, folder / "gsm8k_x.jsonl", CORPUS_ROWS)
+    spec = folder / "spec.yaml"
+    stages = [{"normalize": {}}, {"exact_dedup": {}}, {"filter": {"max_chars": 1500}}]
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "gsm8k-resume",
+                "sources": [{"path": "gsm8k_x.jsonl"}],
+                "ingest": {"batch_rows": 8192},
+                "stages": stages,
+            }
+        )
+    )
+    return spec
+
+
+@pytest.fixture(scope="module")
+def craft_spec(tmp_path_factory: pytest.TempPathFactory, fact_world) -> Path:
+    folder = tmp_path_factory.mktemp("fw")
+    lines = Path(fact_world.facts_path).read_text().splitlines()[:FACTS]
+    (folder / "facts.jsonl").write_text("\n".join(lines) + "\n")
+    spec = folder / "spec.yaml"
+    craft = {
+        "model": str(fact_world.model_dir),
+        "method": "craft_wo_flow",
+        "static_conflict": False,
+    }
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "fw-resume",
+                "sources": [{"path": "facts.jsonl", "format": "open_qa"}],
+                "stages": [{"normalize": {}}, {"exact_dedup": {}}, {"craft": craft}],
+            }
+        )
+    )
+    return spec
+
+
+@pytest.fixture(scope="module")
+def corpus_reference(corpus_spec: Path, api_url: str, tmp_path_factory) -> dict:
+    """One uninterrupted build of the corpus spec: the reference for its reruns."""
+    tmp = tmp_path_factory.mktemp("corpus-ref")
+    summary = Build(corpus_spec, tmp / "store", _env(tmp, api_url), tmp / "build.log").summary()
+    return {"summary": summary, "train": _train(tmp / "store", "gsm8k-resume")}
+
+
+# -- tests -------------------------------------------------------------------------------
+
+
+def test_kill_during_ingest_then_during_commit_then_rerun(
+    corpus_spec: Path, corpus_reference: dict, api_url: str, tmp_path: Path
+) -> None:
+    store, env = tmp_path / "store", _env(tmp_path, api_url)
+    name = "gsm8k-resume"
+    shards = store / "_work" / name / "shards"
+
+    killed = Build(corpus_spec, store, env, tmp_path / "ingest.log")
+    killed.kill_when(_files(shards, "*.parquet"))  # the first ingest shard is on disk
+    assert not _has_version(store, name)
+
+    killed = Build(corpus_spec, store, env, tmp_path / "commit.log")
+    killed.kill_when(_files(store / name, "part-*.parquet"))  # data files, no log entry yet
+    assert not _has_version(store, name)
+    assert any((store / name).rglob("part-*.parquet"))  # orphans, referenced by no version
+
+    summary = Build(corpus_spec, store, env, tmp_path / "rerun.log").summary()
+    assert summary["version"] == 0
+    assert summary["rows"] == corpus_reference["summary"]["rows"]
+    assert summary["counts"] == corpus_reference["summary"]["counts"]
+    assert _train(store, name).equals(corpus_reference["train"])
+
+
+def test_kill_mid_scoring_in_craft_then_rerun_pays_only_for_the_rest(
+    craft_spec: Path, api_url: str, tmp_path: Path
+) -> None:
+    name = "fw-resume"
+    ref_store = tmp_path / "reference"
+    reference = Build(craft_spec, ref_store, _env(tmp_path, api_url), tmp_path / "ref.log")
+
+    store, env = tmp_path / "store", _env(tmp_path, api_url)
+    cache = store / "_cache"
+    killed = Build(craft_spec, store, env, tmp_path / "killed.log")
+    killed.kill_when(lambda: _rows(cache) > 0, timeout=400)
+    assert not _has_version(store, name)
+    done = _rows(cache)
+    assert 0 < done < FACTS  # killed between the two scoring batches
+
+    expected = reference.summary(timeout=400)
+    rerun = Build(craft_spec, store, env, tmp_path / "rerun.log").summary(timeout=400)
+    assert rerun["version"] == 0
+    assert expected["misses"] == FACTS
+    assert rerun["hits"] == done  # the completed batch is read back
+    assert rerun["misses"] == FACTS - done < expected["misses"]
+    assert rerun["counts"] == expected["counts"]
+    assert _train(store, name).equals(_train(ref_store, name))
+
+
+def test_two_builds_at_once_both_commit_and_the_table_stays_readable(
+    corpus_spec: Path, corpus_reference: dict, api_url: str, tmp_path: Path
+) -> None:
+    store, env = tmp_path / "store", _env(tmp_path, api_url)
+    name = "gsm8k-resume"
+    builds = [Build(corpus_spec, store, env, tmp_path / f"b{i}.log") for i in range(2)]
+    summaries = [b.summary() for b in builds]
+    assert sorted(s["version"] for s in summaries) == [0, 1]  # the loser retried onto v1
+    datasets = DatasetStore(str(store))
+    infos = datasets.versions(name)
+    assert [v.version for v in infos] == [0, 1]
+    assert {v.metadata["build_id"] for v in infos} == {s["build_id"] for s in summaries}
+    for info in infos:
+        train = datasets.read(f"{name}@{info.version}").sort_by("id")
+        assert train.equals(corpus_reference["train"])
+        assert (
+            datasets.read(f"{name}@{info.version}", split="rejected").num_rows
+            == (corpus_reference["summary"]["rows"]["rejected"])
+        )
+
+
+def _rows(cache: Path) -> int:
+    """Rows in the generation cache (SQLite, WAL: readable while the build writes)."""
+    path = cache / "generations.sqlite"
+    if not path.is_file():
+        return 0
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+        try:
+            return int(db.execute("SELECT count(*) FROM generations").fetchone()[0])
+        except sqlite3.OperationalError:  # not created yet
+            return 0
