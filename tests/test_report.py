@@ -217,9 +217,13 @@ def demo(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {"store": store, "first": first, "second": second, "folder": folder}
 
 
-def commit_fixture(store: DatasetStore, name: str, file: str) -> None:
-    """Commit a table saved from a real build (both splits, with ``split``) as a version."""
+def commit_fixture(
+    store: DatasetStore, name: str, file: str, shards_dir: Path | None = None
+) -> None:
+    """Commit a table saved from a real build (both splits, with ``split``) as a version
+    (its shards written to ``shards_dir``, by default the store's local root)."""
     table = pq.read_table(FIXTURES / file)
+    folder = str(shards_dir) if shards_dir is not None else store.root
     shards = {}
     for split in ("train", "rejected"):
         part = table.filter(pc.equal(table["split"], split)).drop_columns(["split"])
@@ -227,7 +231,7 @@ def commit_fixture(store: DatasetStore, name: str, file: str) -> None:
             part = part.drop_columns(
                 [c for c in ("reject_stage", "reject_reason") if c in part.column_names]
             )
-        shards[split] = store.root + f"/{name}-{split}.parquet"
+        shards[split] = folder + f"/{name}-{split}.parquet"
         pq.write_table(part, shards[split])
     store.commit(
         name,
@@ -404,3 +408,25 @@ def test_cli_report(demo: dict[str, Any], tmp_path: Path) -> None:
     bad = runner.invoke(app, ["report", "demo-sft@7", "--out", str(tmp_path), "--store", store])
     assert bad.exit_code == 2
     assert "unknown version 7" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_report_of_a_version_in_an_s3_store(tmp_path: Path, browser: Chromium) -> None:
+    """``aligncurate report`` reads an ``s3://`` store configured by the ``AWS_*``
+    variables (a real moto_server on loopback, request signing enforced)."""
+    from s3server import moto_s3
+
+    with moto_s3(tmp_path / "moto.log") as server:
+        env = server.env()
+        store = DatasetStore("s3://aligncurate/reports", storage_options=env)
+        commit_fixture(store, "fw-craft", "craft.parquet", shards_dir=tmp_path)
+        result = CliRunner().invoke(
+            app,
+            ["report", "fw-craft", "--out", str(tmp_path / "out"), "--store", store.root, "--json"],
+            env=env,
+        )
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    splits = pq.read_table(FIXTURES / "craft.parquet", columns=["split"])["split"]
+    assert data["rows"] == {s: pc.sum(pc.equal(splits, s)).as_py() for s in ("train", "rejected")}
+    assert "craft" in data["sections"]
+    assert_page_ok(browser.open(Path(data["path"])))
