@@ -142,14 +142,15 @@ class NearDedupIndex:
         """Distinct ``(row, kept number)`` pairs: rows of ``keys`` (n × bands) and the kept
         rows that share a band with them, sorted by row then kept number."""
         bands = keys.shape[1]
-        flat = keys.ravel()
+        order = np.argsort(keys.ravel())  # sorted needles: searchsorted stays cache-friendly
+        flat, owners = keys.ravel()[order], order // bands
         found_rows, found_kept = [], []
         for run_keys, run_rows in self.runs:
             left = np.searchsorted(run_keys, flat, side="left")
             count = np.searchsorted(run_keys, flat, side="right") - left
             total = int(count.sum())
             if total:
-                found_rows.append(np.repeat(np.arange(len(flat)) // bands, count))
+                found_rows.append(np.repeat(owners, count))
                 first = np.repeat(left - (np.cumsum(count) - count), count)
                 found_kept.append(run_rows[first + np.arange(total)].astype(np.int64))
         if not found_rows:
