@@ -116,3 +116,11 @@ def test_absolute_size_and_seed(candidates_and_target) -> None:
     second = match_distribution(table, params)
     assert first.kept.num_rows == 100
     assert first.kept.column("id").equals(second.kept.column("id"))
+
+
+def test_empty_input(candidates_and_target) -> None:
+    table, target = candidates_and_target
+    empty = table.slice(0, 0)
+    out = match_distribution(empty, MatchParams(target_path=str(target), size=0.5))
+    assert out.counts(0) == {"in": 0, "kept": 0, "rejected": 0, "added": 0}
+    assert refusal_mix(empty, RefusalMixParams(n=3)).counts(0)["kept"] == 3

@@ -139,6 +139,9 @@ def read_target(params: MatchParams) -> pa.Table:
 def match_distribution(table: pa.Table, params: MatchParams, context: Any = None) -> StageResult:
     """Keep ``size`` rows drawn by importance weight toward the target distribution."""
     n = table.num_rows
+    if n == 0:
+        empty = with_columns(table, {"match_log_weight": pa.array([], pa.float64())})
+        return StageResult(kept=empty, stats={"method": params.method, "selected": 0})
     k = min(n, int(params.size) if params.size >= 1 else round(params.size * n))
     target_table = read_target(params)
     target = featurize(texts_of(target_table, params.field), params)
