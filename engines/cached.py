@@ -8,6 +8,7 @@ for the next. A rebuild or a resumed build therefore never pays twice for a gene
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +17,10 @@ from engines.base import Engine, Request, Sample
 from storage.gencache import CacheStats, GenerationCache, cache_key
 
 Progress = Callable[[int, int], None]
+REQUESTS_MESSAGE = "%s: %d/%d requests"
+"""Logged (INFO, logger ``engines.cached``) after each batch when no ``progress`` callback
+is given: the CLI turns it into a progress bar (``pipelines/progress.py``)."""
+_log = logging.getLogger(__name__)
 
 
 class CachedEngine:
@@ -67,6 +72,8 @@ class CachedEngine:
             done += len(batch)
             if progress is not None:
                 progress(done, len(requests))
+            else:
+                _log.info(REQUESTS_MESSAGE, self.kind, done, len(requests))
         return [[Sample.from_dict(s) for s in found[key]] for key in keys]
 
     def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:

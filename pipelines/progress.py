@@ -3,9 +3,10 @@ generation by requests.
 
 The flow stays free of terminal UI: during ``aligncurate build`` a logging handler reads the
 build's own Prefect task-run log records (``<source>: N rows read``, ``<stage>: shard i/n``,
-``Finished in state ...``) and moves rich bars; ``aligncurate generate`` passes a callback
-to :meth:`engines.cached.CachedEngine.generate`. Bars are drawn only when stdout is a
-terminal and ``--json`` is off, so scripted output stays clean.
+``Finished in state ...``) and the generation cache's ``<engine>: i/n requests`` records,
+and moves rich bars; ``aligncurate generate`` passes a callback to
+:meth:`engines.cached.CachedEngine.generate`. Bars are drawn only when stdout is a terminal
+and ``--json`` is off, so scripted output stays clean.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from engines.cached import REQUESTS_MESSAGE
+
 TASK_LOGGER = "prefect.task_runs"
+GENERATION_LOGGER = "engines.cached"  # engines.cached.REQUESTS_MESSAGE, in-process stages
 INGEST_MESSAGE = "%s: %d rows read"  # pipelines.build.ingest_source
 SHARD_MESSAGE = "%s: shard %d/%d"  # pipelines.build.run_segment
 FINISHED = "Finished in state"  # Prefect's task-engine line at the end of every task run
@@ -99,7 +103,10 @@ class BuildLogBars(logging.Handler):
     def _handle(self, record: logging.LogRecord) -> None:
         run = str(getattr(record, "task_run_name", "") or "")
         args: Any = record.args
-        if record.msg == INGEST_MESSAGE and isinstance(args, tuple):
+        if record.msg == REQUESTS_MESSAGE and isinstance(args, tuple):
+            kind, done, total = args
+            self.bars.update(f"generate ({kind})", int(done), int(total), "requests")
+        elif record.msg == INGEST_MESSAGE and isinstance(args, tuple):
             path, rows = args
             key = f"reading {Path(str(path)).name}"
             self.sources[run] = key
@@ -141,9 +148,17 @@ def build_bars(enabled: bool, console: Console, spec: Any) -> Iterator[Bars | No
             return
         chain = [ChainStep.of(s.name, s.params) for s in spec.stages]
         handler = BuildLogBars(shown, spec.name, len(spec.sources), len(split_segments(chain)) - 1)
-        logger = logging.getLogger(TASK_LOGGER)
-        logger.addHandler(handler)
+        tasks, generation = logging.getLogger(TASK_LOGGER), logging.getLogger(GENERATION_LOGGER)
+        # Generation records are for the bars only: INFO, not passed on to other handlers.
+        saved = generation.level, generation.propagate
+        generation.setLevel(logging.INFO)
+        generation.propagate = False
+        for logger in (tasks, generation):
+            logger.addHandler(handler)
         try:
             yield shown
         finally:
-            logger.removeHandler(handler)
+            for logger in (tasks, generation):
+                logger.removeHandler(handler)
+            generation.setLevel(saved[0])
+            generation.propagate = saved[1]

@@ -45,6 +45,54 @@ def test_bars_follow_a_real_build(prefect_harness: None, tmp_path: Path) -> None
     assert "commit demo-sft" in drawn and CURSOR_HIDE in drawn
 
 
+def _fact_prompts(world: object, n: int) -> list[str]:
+    return [f"Question: {f['question']}\nAnswer:" for f in world.facts()[:n]]  # type: ignore[attr-defined]
+
+
+def test_generation_inside_a_build_moves_a_requests_bar(fact_world: object, tmp_path: Path) -> None:
+    """Model-backed stages call ``CachedEngine.generate`` without a callback: its per-batch
+    log records drive a bar, and nothing else prints them."""
+    import logging
+
+    from engines import Request, Sampling, make_engine
+    from engines.cached import CachedEngine
+    from pipelines.progress import GENERATION_LOGGER, build_bars
+    from pipelines.spec import load_spec
+    from storage.gencache import GenerationCache
+
+    engine = make_engine("transformers", fact_world.model_dir)  # type: ignore[attr-defined]
+    cached = CachedEngine(engine, GenerationCache(tmp_path / "cache"), batch_size=2)
+    sampling = Sampling(temperature=0.0, max_tokens=4)
+    requests = [Request(p, sampling, seed=i) for i, p in enumerate(_fact_prompts(fact_world, 5))]
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=120)
+    with build_bars(True, console, load_spec(DEMO)) as shown:
+        assert shown is not None
+        cached.generate(requests)
+    bar = {t.description: t for t in shown.progress.tasks}["generate (transformers)"]
+    assert (bar.completed, bar.total, bar.fields["unit"]) == (5, 5, "requests")
+    assert cached.stats.engine_calls == 3  # batches of 2, 2 and 1
+    assert "5/5" in screen.getvalue()
+    logger = logging.getLogger(GENERATION_LOGGER)
+    assert logger.propagate and not logger.handlers  # restored after the build
+
+
+def test_generate_command_shows_requests_on_a_terminal(
+    fact_world: object, env: dict[str, str], tmp_path: Path
+) -> None:
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompts = _fact_prompts(fact_world, 3)
+    source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    model = str(fact_world.model_dir)  # type: ignore[attr-defined]
+    args = [EXE, "generate", "--model", model, "--engine", "transformers", "--in", str(source)]
+    args += ["--out", str(target), "--max-tokens", "4", "--store", str(tmp_path / "store")]
+    code, stdout, stderr = _on_a_terminal(args, env)
+    assert code == 0, stderr[-3000:]
+    assert CURSOR_HIDE in stdout and "generate" in stdout and "3/3" in stdout
+    assert "requests" in stdout
+    assert len(target.read_text().splitlines()) == 3
+
+
 def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
     """Run ``args`` with stdout on a pseudo-terminal; its stdout (``\\r\\n`` as ``\\n``)
     and stderr."""
