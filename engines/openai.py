@@ -7,6 +7,12 @@ is a clear error, not a hang. The prompt is sent as the token ids of the text we
 (``prompt`` accepts a token list), so the server sees exactly what in-process vLLM sees.
 Retries happen below the cache: a batch is stored only once all its requests succeeded,
 so a retried request is never counted or stored twice.
+
+Model work scales out by giving several servers of the same model (a list of URLs, or one
+string with commas): request ``i`` of a batch goes to server ``i mod k`` and its retries
+move on to the next servers, so the load is spread evenly and a dead server costs retries,
+not the batch. The fingerprint does not depend on the URLs (same model, same outputs for a
+seeded request), so each request is still cached once, whichever server answered it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +41,7 @@ class OpenAIEngine:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         model_path: str | Path,
         *,
         served_name: str = "model",
@@ -44,7 +51,10 @@ class OpenAIEngine:
         timeout: float = 600,
         api_key: str | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.urls = _urls(url)
+        self.url = self.urls[0]
+        self.sent: Counter[str] = Counter()
+        """Requests answered by each server (a retry counts where it succeeded)."""
         self.model_path = str(model_dir(model_path))
         self.served_name = served_name
         self.concurrency = concurrency
@@ -104,38 +114,61 @@ class OpenAIEngine:
         return body
 
     async def _post_all(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        limit = asyncio.Semaphore(self.concurrency)
-        async with httpx.AsyncClient(
-            base_url=self.url, timeout=self.timeout, headers=self.headers
-        ) as client:
+        limit = asyncio.Semaphore(self.concurrency * len(self.urls))
+        clients = [
+            httpx.AsyncClient(base_url=url, timeout=self.timeout, headers=self.headers)
+            for url in self.urls
+        ]
+        try:
 
-            async def one(body: dict[str, Any]) -> dict[str, Any]:
+            async def one(index: int, body: dict[str, Any]) -> dict[str, Any]:
                 async with limit:
-                    return await self._post(client, body)
+                    return await self._post(clients, index, body)
 
-            return list(await asyncio.gather(*(one(b) for b in bodies)))
+            return list(await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies))))
+        finally:
+            for client in clients:
+                await client.aclose()
 
-    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
+    async def _post(
+        self, clients: list[httpx.AsyncClient], index: int, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Request ``index`` of a batch: server ``index mod k`` first, the next on retry."""
         last = ""
+        tried: list[str] = []
         for attempt in range(self.retries + 1):
+            server = (index + attempt) % len(clients)
+            url = self.urls[server]
+            tried.append(url)
             try:
-                response = await client.post("/v1/completions", json=body)
+                response = await clients[server].post("/v1/completions", json=body)
             except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last = f"{url}: {type(exc).__name__}: {exc}"
             else:
                 if response.status_code == 200:
+                    self.sent[url] += 1
                     return response.json()
                 if response.status_code not in _RETRY_STATUS:
                     raise EngineError(
-                        f"server {self.url} refused the request ({response.status_code}): "
+                        f"server {url} refused the request ({response.status_code}): "
                         f"{_message(response)}"
                     )
-                last = f"HTTP {response.status_code}: {_message(response)}"
+                last = f"{url}: HTTP {response.status_code}: {_message(response)}"
             if attempt < self.retries:
                 await asyncio.sleep(self.backoff * 2**attempt * (1 + random.random() / 4))
+        servers = ", ".join(dict.fromkeys(tried))
         raise EngineError(
-            f"server {self.url} failed after {self.retries + 1} attempts (is it running?): {last}"
+            f"server {servers} failed after {self.retries + 1} attempts (is it running?): {last}"
         )
+
+
+def _urls(url: str | Sequence[str]) -> list[str]:
+    """Server URLs from a list or a comma-separated string, without trailing ``/``."""
+    parts = url.split(",") if isinstance(url, str) else list(url)
+    urls = [u.strip().rstrip("/") for u in parts if u.strip()]
+    if not urls:
+        raise EngineError("openai engine: no server URL given")
+    return urls
 
 
 def _message(response: httpx.Response) -> str:

@@ -47,6 +47,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _user_errors() -> tuple[type[Exception], ...]:
     from engines.base import EngineError
     from pipelines.build import AccountingError
+    from pipelines.runners import RunnerError
     from pipelines.schedule import ScheduleError
     from pipelines.self_guide import SelfGuideError
     from pipelines.spec import SpecError
@@ -62,6 +63,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         SchemaError,
         AccountingError,
         EngineError,
+        RunnerError,
         ScheduleError,
         SeedError,
         SelfGuideError,
@@ -105,18 +107,31 @@ def _counts_table(counts: dict[str, dict[str, int]]) -> Table:
 def build(
     spec: Annotated[Path, typer.Argument(help="Build spec (YAML).")],
     store: BuildStoreOpt = None,
+    runner: Annotated[
+        str, typer.Option(help="threads (default) or dask: where shard-level stages run.")
+    ] = "threads",
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="dask: scheduler of an existing cluster; default: a LocalCluster."),
+    ] = None,
+    dask_workers: Annotated[int, typer.Option(help="dask: LocalCluster worker processes.")] = 2,
     as_json: JsonOpt = False,
 ) -> None:
     """Build a new version of the dataset a spec describes."""
-    from pipelines.build import build_dataset
     from pipelines.progress import build_bars, wanted
+    from pipelines.runners import RunnerOptions, build_flow
     from pipelines.schedule import check_server
     from pipelines.spec import load_spec
 
     loaded = load_spec(spec)  # fail fast on a bad spec, before Prefect starts
+    if runner not in ("threads", "dask"):
+        raise typer.BadParameter("--runner must be threads or dask")
+    flow = build_flow(
+        RunnerOptions(runner=runner, dask_address=dask_address, dask_workers=dask_workers)
+    )
     check_server()  # an unreachable PREFECT_API_URL: one line and exit 2, before any work
     with build_bars(wanted(as_json), out, loaded):
-        summary = build_dataset(str(spec), store=store)
+        summary = flow(str(spec), store=store)
     if as_json:
         cache = summary.get("cache", {})
         _emit_json(
