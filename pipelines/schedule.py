@@ -11,6 +11,8 @@ deployments of ``build_dataset`` with their next runs. Both need a real server
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +41,17 @@ def _api_url() -> str:
     return url
 
 
-def _client() -> Any:
+@contextmanager
+def _connected() -> Iterator[Any]:
     """A sync client to a server that answers its health check."""
     from prefect.client.orchestration import get_client
 
     url = _api_url()
-    client = get_client(sync_client=True)
-    client.__enter__()
-    failure = client.api_healthcheck()
-    if failure is not None:
-        client.__exit__(None, None, None)
-        raise ScheduleError(f"Prefect server at {url} is unreachable: {failure}")
-    return client
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+        if failure is not None:
+            raise ScheduleError(f"Prefect server at {url} is unreachable: {failure}")
+        yield client
 
 
 def check_server() -> None:
@@ -59,7 +60,8 @@ def check_server() -> None:
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
-        _client().__exit__(None, None, None)
+        with _connected():
+            pass
 
 
 def ensure_pool(client: Any, pool: str) -> str:
@@ -98,8 +100,7 @@ def schedule_spec(
     except ValidationError as exc:
         reason = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise ScheduleError(f"--cron {cron!r} --timezone {timezone!r}: {reason}") from None
-    client = _client()
-    try:
+    with _connected() as client:
         kind = ensure_pool(client, pool)
         if kind != "process":
             raise ScheduleError(f"work pool {pool!r} is a {kind!r} pool; use a process pool")
@@ -117,22 +118,17 @@ def schedule_spec(
         )
         deployment.apply(work_pool_name=pool)
         return _describe(client, client.read_deployment_by_name(f"{FLOW_NAME}/{spec.name}"))
-    finally:
-        client.__exit__(None, None, None)
 
 
 def list_schedules(runs: int = 3) -> list[dict[str, Any]]:
     """Every deployment of ``build_dataset`` with its schedules and next ``runs`` runs."""
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-    client = _client()
-    try:
+    with _connected() as client:
         deployments = client.read_deployments(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME]))
         )
         return [_describe(client, d, runs) for d in sorted(deployments, key=lambda d: d.name)]
-    finally:
-        client.__exit__(None, None, None)
 
 
 def _describe(client: Any, deployment: Any, runs: int = 3) -> dict[str, Any]:

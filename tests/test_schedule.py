@@ -205,3 +205,15 @@ def test_build_with_an_unreachable_server_is_one_line_and_no_version(tmp_path: P
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: Prefect server at {url} is unreachable")
     assert not store.exists()
+
+
+def test_bad_cron_and_time_zone_are_named(tmp_path: Path) -> None:
+    exe = str(BIN / "aligncurate")
+    args = [exe, "schedule", "examples/demo/spec.yaml", "--cron", "0 3 * *"]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    proc = subprocess.run(
+        [*args, "--timezone", "Mars/Base"], capture_output=True, text=True, env=env, cwd=REPO
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "Invalid cron string" in line and "Invalid timezone" in line
