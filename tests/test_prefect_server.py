@@ -39,4 +39,4 @@ def test_build_runs_on_a_real_server_and_records_its_flow_run(
     with urllib.request.urlopen(request, timeout=10) as response:
         artifacts = json.loads(response.read())
     keys = {a["key"] for a in artifacts if a["flow_run_id"] == build_id}
-    assert keys == {"demo-sft-build-summary", "demo-sft-stage-counts"}
+    assert keys == {"demo-sft-build-summary", "demo-sft-stage-counts", "demo-sft-report"}
