@@ -144,6 +144,7 @@ def build(
                 "hits": cache.get("hits", 0),
                 "misses": cache.get("misses", 0),
                 "engine_calls": cache.get("engine_calls", 0),
+                "dataset_stats": summary.get("dataset_stats"),
             }
         )
         return
@@ -154,6 +155,7 @@ def build(
         + (f" + {rows['generated']} generated" if rows.get("generated") else "")
     )
     out.print(_counts_table(summary["counts"]))
+    _print_instruction_response(summary.get("dataset_stats"))
 
 
 @app.command()
