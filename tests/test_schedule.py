@@ -63,9 +63,9 @@ def _env(url: str, home: Path) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(home)}
 
 
-def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> Any:
+def _run(args: list[str], env: dict[str, str], timeout: float = 300, cwd: Path = REPO) -> Any:
     proc = subprocess.run(
-        args, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout, check=False
+        args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout, check=False
     )
     assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
     return proc
@@ -166,6 +166,20 @@ def test_prefect_yaml_deploys_every_example_spec(server: str, tmp_path: Path) ->
             s["active"] for s in deployment["schedules"]
         ]
         assert got["pull_steps"] == config["pull"]
+
+    # A worker started elsewhere runs the demo from the checkout $ALIGNCURATE_HOME names.
+    from storage.dataset import DatasetStore
+
+    store = tmp_path / "store"
+    demo = stored["demo-sft"]["id"]
+    flow_run = _api(
+        server, f"/deployments/{demo}/create_flow_run", {"parameters": {"store": str(store)}}
+    )
+    worker = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"]
+    _run(worker, {**env, "ALIGNCURATE_HOME": str(REPO)}, timeout=420, cwd=tmp_path)
+    assert _api(server, f"/flow_runs/{flow_run['id']}")["state"]["type"] == "COMPLETED"
+    (version,) = DatasetStore(str(store)).versions("demo-sft")
+    assert version.metadata["build_id"] == flow_run["id"]
 
 
 def _schedule_error(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
