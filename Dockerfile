@@ -24,8 +24,8 @@ COPY transforms ./transforms
 COPY storage ./storage
 COPY engines ./engines
 COPY examples ./examples
+# PyPI's torchvision/torchaudio/torchcodec break `import transformers` with CPU torch.
 RUN pip install --extra-index-url "$TORCH_INDEX" -e ".[${EXTRAS}]" \
-    # PyPI's torchvision/torchaudio/torchcodec break `import transformers` with CPU torch.
     && (pip uninstall -y torchvision torchaudio torchcodec || true)
 COPY prefect.yaml docker-compose.yml ./
 COPY docs ./docs
