@@ -7,9 +7,10 @@ from pathlib import Path
 
 
 def enlarged_gsm8k(shared_data: Path, target: Path, rows: int, start: int = 0) -> Path:
-    """``rows`` Alpaca rows (from row ``start`` of the endless sequence) of GSM8K (``instructions/gsm8k_train_alpaca.json``) as JSONL:
-    the corpus repeated, each copy's instruction suffixed with its copy number, so the
-    rows stay distinct (exact dedup keeps them) and near-duplicate across copies."""
+    """``rows`` Alpaca rows of GSM8K (``instructions/gsm8k_train_alpaca.json``) as JSONL,
+    from row ``start`` of the endless sequence: the corpus repeated, each copy's
+    instruction suffixed with its copy number, so the rows stay distinct (exact dedup keeps
+    them) and near-duplicate across copies."""
     source = json.loads((shared_data / "instructions" / "gsm8k_train_alpaca.json").read_text())
     with target.open("w") as out:
         for i in range(start, start + rows):
