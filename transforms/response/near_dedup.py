@@ -16,7 +16,7 @@ The stage is *ordered*: shards arrive in order with one :class:`NearDedupIndex` 
 across them, so a row is compared with every earlier kept row of the build. A row is a
 duplicate when a kept row shares a band with it **and** their estimated Jaccard similarity
 (from the stored signatures) is at least the threshold; it goes to ``rejected`` with
-reason ``near_duplicate_of:<kept id>`` naming the most similar kept row. The first
+reason ``near_duplicate_of:<kept id>`` naming the earliest such kept row. The first
 occurrence is kept.
 
 What does what:
@@ -37,6 +37,7 @@ about 400 bytes per kept row at the defaults.
 from __future__ import annotations
 
 from functools import cache
+from itertools import chain
 from typing import Literal
 
 import numpy as np
@@ -96,7 +97,10 @@ def signatures(table: pa.Table, params: NearDedupParams) -> np.ndarray:
     matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
         hashes, offsets, params.num_perm, params.seed
     )
-    return np.array(matrix.to_rows(), dtype=np.uint32).reshape(table.num_rows, params.num_perm)
+    # rensa hands the matrix out only as lists of ints: one flat pass is cheaper than np.array
+    flat = chain.from_iterable(matrix.to_rows())
+    size = table.num_rows * params.num_perm
+    return np.fromiter(flat, dtype=np.uint32, count=size).reshape(table.num_rows, params.num_perm)
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -107,6 +111,20 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
         salt = np.full(len(sig), j + 1, dtype=np.uint64)
         out[:, j] = fold([salt, *(wide[:, j * rows + k] for k in range(rows))])
     return out
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values (as ``np.unique``, which is many times slower here)."""
+    values = np.sort(values)
+    return values[_starts(values)]
+
+
+def _starts(values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts (a boolean mask)."""
+    mask = np.empty(len(values), dtype=bool)
+    mask[:1] = True
+    np.not_equal(values[1:], values[:-1], out=mask[1:])
+    return mask
 
 
 class NearDedupIndex:
@@ -156,7 +174,7 @@ class NearDedupIndex:
         if not found_rows:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         size = len(self.ids) + 1
-        pair = np.unique(np.concatenate(found_rows) * size + np.concatenate(found_kept))
+        pair = _distinct(np.concatenate(found_rows) * size + np.concatenate(found_kept))
         return pair // size, pair % size
 
     def add(self, ids: list[str], sigs: np.ndarray, keys: np.ndarray) -> None:
@@ -193,13 +211,31 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
     return (match - chance) / (1 - chance)
 
 
-def _similar(a: np.ndarray, b: np.ndarray, bits: int, threshold: float) -> np.ndarray:
-    """Which pairs (rows of ``a`` and ``b``, taken in chunks) reach ``threshold``."""
-    out = np.zeros(len(a), dtype=bool)
-    for s in range(0, len(a), _CHUNK):
-        out[s : s + _CHUNK] = (
-            estimated_jaccard(a[s : s + _CHUNK], b[s : s + _CHUNK], bits) >= threshold
-        )
+@cache
+def _min_matches(num_perm: int, bits: int, threshold: float) -> int:
+    """The fewest equal minhashes (of ``num_perm``) whose :func:`estimated_jaccard` reaches
+    ``threshold``: the same float arithmetic, so comparing counts decides as the estimate."""
+    chance = 2.0**-bits
+    estimates = (np.arange(num_perm + 1) / num_perm - chance) / (1 - chance)
+    reached = np.flatnonzero(estimates >= threshold)
+    return int(reached[0]) if len(reached) else num_perm + 1
+
+
+def _similar(
+    a: np.ndarray,
+    rows_a: np.ndarray,
+    b: np.ndarray,
+    rows_b: np.ndarray,
+    bits: int,
+    threshold: float,
+) -> np.ndarray:
+    """Which pairs ``(a[rows_a[k]], b[rows_b[k]])`` reach ``threshold``: rows gathered and
+    their equal minhashes counted in chunks (no float estimate per pair)."""
+    out = np.zeros(len(rows_a), dtype=bool)
+    need = _min_matches(a.shape[1], bits, threshold)
+    for s in range(0, len(rows_a), _CHUNK):
+        equal = a[rows_a[s : s + _CHUNK]] == b[rows_b[s : s + _CHUNK]]
+        out[s : s + _CHUNK] = np.count_nonzero(equal, axis=1) >= need
     return out
 
 
@@ -207,7 +243,7 @@ def _shard_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct ``(earlier, later)`` row pairs of this shard that share a band key."""
     n, bands = keys.shape
     flat = keys.ravel()
-    order = np.lexsort((np.arange(n * bands) // bands, flat))
+    order = np.argsort(flat, kind="stable")  # ties stay in row order
     sorted_keys, sorted_rows = flat[order], (order // bands).astype(np.int64)
     earlier, later = [], []
     d = 1
@@ -222,7 +258,7 @@ def _shard_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     earlier_rows, later_rows = np.concatenate(earlier), np.concatenate(later)
     distinct = earlier_rows < later_rows
-    pair = np.unique(later_rows[distinct] * n + earlier_rows[distinct])
+    pair = _distinct(later_rows[distinct] * n + earlier_rows[distinct])
     return pair % n, pair // n
 
 
@@ -242,14 +278,14 @@ def near_dedup(table: pa.Table, params: NearDedupParams, state: dict) -> StageRe
     owner: list[str | None] = [None] * n  # the kept row each duplicate names
     if len(index):  # against the kept rows of earlier shards: the earliest that is similar
         rows, numbers = index.candidates(keys)
-        hit = _similar(small[rows], index.sigs[numbers], bits, threshold)
+        hit = _similar(small, rows, index.sigs, numbers, bits, threshold)
         rows, numbers = rows[hit], numbers[hit]
-        first = np.unique(rows, return_index=True)[1]
+        first = _starts(rows)  # rows are sorted: the earliest kept row of each
         for row, number in zip(rows[first].tolist(), numbers[first].tolist(), strict=True):
             owner[row] = index.ids[number]
     # Inside this shard, in row order: the earliest earlier row that is kept and similar.
     earlier, later = _shard_pairs(keys)
-    hit = _similar(small[earlier], small[later], bits, threshold)
+    hit = _similar(small, earlier, small, later, bits, threshold)
     for j, i in zip(earlier[hit].tolist(), later[hit].tolist(), strict=True):
         if owner[i] is None and owner[j] is None:
             owner[i] = ids[j]
