@@ -27,15 +27,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from engines import make_engine
-from engines.cached import CachedEngine
 from engines.embeddings import Embedder
 from engines.hf import TransformersEngine
 from engines.models import fingerprint
 from engines.prompts import render
 from engines.rehearsal import RehearsalParams, rehearse
+from pipelines.engine_settings import EngineSettings, close_engine, open_engine
 from pipelines.fingerprint import fresh, key_of
 from storage.gencache import GenerationCache
 from transforms.craft.diagnostics import (
@@ -70,14 +69,10 @@ log = logging.getLogger("aligncurate.craft")
 FLOW_METHODS = {"craft", "craft_wo_cer"}
 
 
-class CraftParams(BaseModel):
+class CraftParams(EngineSettings):
     """Every published default of CRaFT, as parameters."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str = Field(description="the model to be tuned (M0): a local HF folder")
-    engine: Literal["vllm", "openai", "transformers"] = "vllm"
-    url: str | None = None
-    max_model_len: int | None = 512
     method: Literal["craft", "cor_rait", "craft_wo_flow", "craft_wo_cer", "vanilla"] = "craft"
     query: QueryParams = Field(default_factory=QueryParams)
     rehearsal: RehearsalParams = Field(default_factory=RehearsalParams)
@@ -92,21 +87,6 @@ class CraftParams(BaseModel):
     )
     crss_threshold: float = CRSS_THRESHOLD
     seed: int = 0
-
-
-def _engine(params: CraftParams, model: str, cache: GenerationCache) -> CachedEngine:
-    options: dict[str, Any] = {}
-    if params.engine == "vllm" and params.max_model_len:
-        options["max_model_len"] = params.max_model_len
-    if params.engine == "openai":
-        options["url"] = params.url
-    return CachedEngine(make_engine(params.engine, model, **options), cache)
-
-
-def _close(engine: CachedEngine) -> None:
-    close = getattr(engine.engine, "close", None)
-    if close is not None:
-        close()
 
 
 def rehearsal_pairs(
@@ -251,13 +231,13 @@ def run_craft(
         return render(params.model, messages)
 
     def query(model: str, label: str) -> tuple[Knowledge, dict[str, int]]:
-        engine = _engine(params, model, cache)  # the model loads on its first call
+        engine = open_engine(params, cache, model)  # the model loads on its first call
         try:
             return query_knowledge(
                 table, engine, render_messages, embedder, params.query, label
             ), engine.stats.to_dict()
         finally:
-            _close(engine)
+            close_engine(engine)
             clock.model_seconds += engine.stats.engine_seconds
 
     with clock("query_init"):

@@ -30,12 +30,11 @@ from pydantic import Field, model_validator
 
 from engines.base import Request, Sampling, row_seed
 from engines.cached import CachedEngine
+from pipelines.engine_settings import close_engine, open_engine
 from pipelines.synthesis import (
     GeneratorSettings,
     as_chat_prompt,
     as_prompt,
-    close_engine,
-    open_engine,
     with_generated,
 )
 from storage.gencache import GenerationCache

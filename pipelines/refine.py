@@ -21,15 +21,14 @@ fields are ``{prompt}`` (every prompt turn's content), ``{response}`` and ``{mar
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from engines import Engine, Request, Sampling, make_engine, row_seed
+from engines import Engine, Request, Sampling, row_seed
 from engines.cached import CachedEngine
 from engines.prompts import encode, render
+from pipelines.engine_settings import EngineSettings, open_engine
 from storage.gencache import GenerationCache
 from transforms.registry import StageContext
 from transforms.response.lengths import prompt_plain, with_columns
@@ -46,28 +45,16 @@ TEMPLATE = (
 )
 
 
-class RefineParams(BaseModel):
+class RefineParams(EngineSettings):
     """The refining model and how it is asked (temperature 0, as the paper)."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str = Field(description="the refining model: a local HF folder (or server model)")
-    engine: Literal["vllm", "openai", "transformers"] = "vllm"
-    url: str | None = None
     max_model_len: int | None = 4096
     max_tokens: int = Field(default=1024, gt=0)
     min_new_tokens: int = Field(default=16, gt=0)
     template: str = TEMPLATE
     marker: str = MARKER
     prefill_marker: bool = False
-
-
-def _engine(params: RefineParams, cache: GenerationCache) -> CachedEngine:
-    options: dict[str, Any] = {}
-    if params.engine == "vllm" and params.max_model_len:
-        options["max_model_len"] = params.max_model_len
-    if params.engine == "openai":
-        options["url"] = params.url
-    return CachedEngine(make_engine(params.engine, params.model, **options), cache)
 
 
 def requests_for(table: pa.Table, params: RefineParams) -> list[Request | None]:
@@ -109,7 +96,7 @@ def run_refine(
     """
     requests = requests_for(table, params)
     todo = [i for i, r in enumerate(requests) if r is not None]
-    cached = CachedEngine(engine, cache) if engine is not None else _engine(params, cache)
+    cached = CachedEngine(engine, cache) if engine is not None else open_engine(params, cache)
     try:
         samples = cached.generate([requests[i] for i in todo]) if todo else []
     finally:

@@ -25,11 +25,10 @@ from pydantic import Field
 
 from engines.base import Request, Sampling, row_seed
 from engines.cached import CachedEngine
+from pipelines.engine_settings import close_engine, open_engine
 from pipelines.synthesis import (
     GeneratorSettings,
     as_prompt,
-    close_engine,
-    open_engine,
     with_generated,
 )
 from storage.gencache import GenerationCache

@@ -1,5 +1,5 @@
-"""What the synthesis stages share: the generator settings, opening an engine behind the
-generation cache, and rendering a prompt for it.
+"""What the synthesis stages share: the generator settings and rendering a prompt for them
+(engines open through :mod:`pipelines.engine_settings`).
 
 The stages themselves live in :mod:`pipelines.self_instruct`, :mod:`pipelines.self_guide`
 and :mod:`pipelines.judge`; their pure parts in :mod:`transforms.synthesis`.
@@ -8,54 +8,24 @@ and :mod:`pipelines.judge`; their pure parts in :mod:`transforms.synthesis`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from engines import EngineError, make_engine
-from engines.cached import CachedEngine
 from engines.models import model_dir
 from engines.prompts import render, tokenizer
-from storage.gencache import GenerationCache
+from pipelines.engine_settings import EngineSettings
 from transforms.stage import StageResult
 
 
-class GeneratorSettings(BaseModel):
-    """Which model generates, through which engine."""
+class GeneratorSettings(EngineSettings):
+    """Which model generates, through which engine, and how prompts are laid out."""
 
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="a local HF model folder (the tokenizer, for every engine)")
-    engine: Literal["vllm", "openai", "transformers"] = "vllm"
-    url: str | None = Field(default=None, description="the server, for engine: openai")
-    max_model_len: int | None = 512
     chat_template: bool | None = Field(
         default=None,
         description="wrap prompts in the model's chat template; None: when it has one",
     )
-
-
-def open_engine(settings: GeneratorSettings, cache: GenerationCache) -> CachedEngine:
-    """The engine of ``settings`` behind the generation cache (nothing loads yet).
-
-    Raises:
-        EngineError: the model folder is missing, or ``openai`` has no ``url``.
-    """
-    model_dir(settings.model)  # a clear error before any generation
-    options: dict[str, Any] = {}
-    if settings.engine == "vllm" and settings.max_model_len:
-        options["max_model_len"] = settings.max_model_len
-    if settings.engine == "openai":
-        if not settings.url:
-            raise EngineError("engine 'openai' needs a url (a running vllm serve)")
-        options["url"] = settings.url
-    return CachedEngine(make_engine(settings.engine, settings.model, **options), cache)
-
-
-def close_engine(engine: CachedEngine) -> None:
-    close = getattr(engine.engine, "close", None)
-    if close is not None:
-        close()
 
 
 def uses_chat(settings: GeneratorSettings) -> bool:
