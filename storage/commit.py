@@ -93,8 +93,14 @@ def commit_shards(
     parts = PartWriter(target.filesystem, target.path, plan.file_schema, target_file_bytes)
     try:
         actions = parts.write(plan)
-    except BaseException:
+    except OSError as exc:  # a full disk, a lost mount, a refused object store
         parts.discard()  # nothing references these files: remove them
+        raise StoreError(
+            f"writing the data files of dataset {target.name!r} failed, no version was "
+            f"committed: {exc}"
+        ) from exc
+    except BaseException:
+        parts.discard()
         raise
     _transact(target, plan, actions, properties, created)
     return _landed_version(target, commit_id)

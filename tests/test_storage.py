@@ -4,7 +4,9 @@ tags, names, diff, atomicity and schema evolution."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -493,3 +495,38 @@ def test_stage_column_types_unify(store: DatasetStore, tmp_path: Path) -> None:
     shard_d = write_shard(with_split, tmp_path / "u" / "d.parquet")
     with pytest.raises(StoreError, match="'split' is reserved"):
         store.commit("sft", [shard_d], [], {})
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a real full disk for the commit to run into (needs root to mount)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_during_commit_leaves_no_version(small_disk: Path, tmp_path: Path) -> None:
+    store = DatasetStore(str(small_disk / "store"))
+    assert commit_build(store, "full", tmp_path, canonical_table(ids("a", 10))) == 0
+    # ~8 MB of incompressible responses cannot fit in what is left of 1 MiB
+    noise = [os.urandom(4000).hex() for _ in range(1000)]
+    big = canonical_table(ids("b", 1000)).set_column(
+        SCHEMA.get_field_index("response"), "response", pa.array(noise)
+    )
+    with pytest.raises(StoreError, match=r"no version was committed.*No space left"):
+        commit_build(store, "full", tmp_path, big)
+    assert [v.version for v in store.versions("full")] == [0]
+    assert sorted(store.read("full", "train").column("id").to_pylist()) == sorted(ids("a", 10))
+    table_files = {p.name for p in (small_disk / "store").rglob("*.parquet")}
+    assert table_files == {Path(f).name for f in store.files("full@0", "train")}  # no strays
