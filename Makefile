@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python bench/craft.py
 	$(BIN)/python bench/synthesis.py
 	$(BIN)/python bench/dedup.py
+	$(BIN)/python bench/report.py
 	$(BIN)/python bench/scale.py
 
 lint: setup
