@@ -6,7 +6,7 @@ edited copies of random rows until there are ``--rows`` (200,000): light edits (
 extra whitespace, two sentences swapped) and heavy ones (half the response cut, or two
 rows joined), so that pairs fall on both sides of the threshold.
 
-Cases, each in its own child process (peak RSS from ``wait4``), shards of 20k rows:
+Cases, each in its own child process (its peak RSS from ``VmHWM``), shards of 20k rows:
 
 - ``ours``: the ``near_dedup`` stage (numpy shingles, rensa signatures, the numpy LSH
   index with verification), shard after shard with its carried state;
@@ -19,13 +19,22 @@ Cases, each in its own child process (peak RSS from ``wait4``), shards of 20k ro
   the GPTeacher roleplay file, keeping 10%, against a floor: ``HashingVectorizer`` over
   the same texts (the features both methods need).
 
-Pair agreement: the (duplicate → kept row) pairs of both methods, ``|A ∩ B| / |A ∪ B|``;
-row agreement: the share of rows on which both methods decide the same (keep or drop), also
-by kind of row; exact precision: the share of each method's pairs (a sample of 3,000) whose
-exact Jaccard (from the shingle sets) reaches the threshold; and the exact Jaccard of the
-pairs the methods disagree on.
+A second corpus, the shared corpora as published (24,385 rows, file order, no edits): its
+only near-duplicates are the data's own (almost all among the GPTeacher toolformer calls).
+Both dedup cases run on both corpora, plus ``datasketch_seed2``: datasketch again with other
+random permutations (seed 2), to show how far the reference agrees with itself.
 
-Usage: ``python bench/dedup.py [--rows 200000]``. Prints a JSON report and markdown rows.
+Pair agreement: the (duplicate → kept row) pairs of both methods, ``|A ∩ B| / |A ∪ B|``;
+dropped-row agreement: the same over the sets of dropped rows; row agreement: the share of
+rows on which both methods decide the same (keep or drop), also by kind of row. Against the
+exact Jaccard of the shingle sets (a sparse matrix product): pair precision (the share of a
+sample of 3,000 of each method's pairs whose exact Jaccard reaches the threshold), and row
+precision / recall on a sample of 3,000 rows, where a row should be dropped when an earlier
+row has exact Jaccard ≥ the threshold with it; and the exact Jaccard of the pairs the
+methods disagree on.
+
+Usage: ``python bench/dedup.py [--rows 200000] [--skip-real] [--skip-match]``.
+Prints a JSON report and markdown rows.
 """
 
 from __future__ import annotations
@@ -143,6 +152,29 @@ def make_corpus(path: Path, rows: int, seed: int = 0) -> dict:
     return {"rows": table.num_rows, "distinct_real_rows": base.num_rows, "copies": kinds}
 
 
+def make_real_corpus(path: Path) -> dict:
+    """The shared corpora as published, in file order, no edits: their own near-duplicates
+    (templated GPTeacher toolformer calls, repeated refusals, ...) are the only ones."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transforms.ingest import read_source
+
+    parts = []
+    for f in CORPORA:
+        t = pa.concat_tables(
+            [r.kept for r in read_source(SHARED / f)], promote_options="permissive"
+        )
+        t = t.select(["id", "source", "source_index", "task", "prompt", "response", "origin"])
+        parts.append(t.append_column("kind", pa.array([Path(f).stem] * t.num_rows)))
+    table = pa.concat_tables(parts, promote_options="permissive")
+    pq.write_table(table, path)
+    return {
+        "rows": table.num_rows,
+        "files": {Path(f).stem: p.num_rows for f, p in zip(CORPORA, parts, strict=True)},
+    }
+
+
 def _shards(path: Path):
     import pyarrow.parquet as pq
 
@@ -173,7 +205,7 @@ def child_ours(corpus: Path) -> dict:
     return {"seconds": seconds, "cpu_seconds": cpu, "pairs": pairs, "index_mib": index_mib}
 
 
-def child_datasketch(corpus: Path) -> dict:
+def child_datasketch(corpus: Path, seed: int = 1) -> dict:
     import numpy as np
     from datasketch import MinHash, MinHashLSH
 
@@ -191,7 +223,7 @@ def child_datasketch(corpus: Path) -> dict:
         values = (hashes & np.uint64(0xFFFFFFFF)).tolist()
         bounds = offsets.tolist()
         sets = [values[bounds[i] : bounds[i + 1]] for i in range(shard.num_rows)]
-        minhashes = MinHash.bulk(sets, num_perm=params.num_perm, hashfunc=int)
+        minhashes = MinHash.bulk(sets, num_perm=params.num_perm, hashfunc=int, seed=seed)
         for row_id, m in zip(shard.column("id").to_pylist(), minhashes, strict=True):
             # the earliest kept candidate at or above the threshold, as near_dedup names
             similar = [k for k in lsh.query(m) if m.jaccard(kept[k][1]) >= params.threshold]
@@ -227,11 +259,32 @@ def child_match(corpus: Path) -> dict:
     return out
 
 
-CHILDREN = {"ours": child_ours, "datasketch": child_datasketch, "match": child_match}
+def child_datasketch_seed2(corpus: Path) -> dict:
+    """datasketch again with other permutations (seed 2): how far the reference agrees with
+    itself when only the random permutations change."""
+    return child_datasketch(corpus, seed=2)
+
+
+CHILDREN = {
+    "ours": child_ours,
+    "datasketch": child_datasketch,
+    "datasketch_seed2": child_datasketch_seed2,
+    "match": child_match,
+}
+
+
+def _own_peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``). Not ``ru_maxrss`` from ``wait4``: Linux keeps
+    the parent's high-water mark across fork and exec, so a child started after the
+    parent grew reported the parent's peak (1,930 MiB for every case of a first run)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run_child(kind: str, corpus: Path) -> dict:
-    """Run one measurement in a fresh process; add its peak RSS from wait4."""
+    """Run one measurement in a fresh process (it reports its own peak RSS)."""
     proc = subprocess.Popen(
         [sys.executable, __file__, "--child", kind, str(corpus)], stdout=subprocess.PIPE, cwd=REPO
     )
@@ -240,20 +293,41 @@ def run_child(kind: str, corpus: Path) -> dict:
     if status != 0:
         raise RuntimeError(f"{kind} child failed with status {status}")
     result = json.loads(out.decode().strip().splitlines()[-1])
-    result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     result["child_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 2)
     return result
 
 
+def _exact_sets(table):
+    """Binary (rows × distinct shingles) CSR matrix of the shingle sets and the set sizes."""
+    import numpy as np
+    from scipy import sparse
+
+    from transforms.response.near_dedup import NearDedupParams
+    from transforms.response.shingles import row_texts, shingle_hashes
+
+    hashes, offsets = shingle_hashes(row_texts(table), NearDedupParams().ngram)
+    rows = np.repeat(np.arange(table.num_rows), np.diff(offsets.astype(np.int64)))
+    columns = np.unique(hashes, return_inverse=True)[1]
+    m = sparse.csr_matrix(
+        (np.ones(len(hashes), np.float32), (rows, columns)),
+        shape=(table.num_rows, columns.max() + 1),
+    )
+    m.data[:] = 1  # duplicate shingles in a row were summed: sets, not bags
+    return m, np.asarray(m.sum(axis=1)).ravel()
+
+
 def agreement(ours: list, theirs: list, corpus: Path, sample: int = 3000) -> dict:
-    """Pair and row agreement, row agreement by kind of row, and for each method the share
-    of its (duplicate, named row) pairs whose exact Jaccard reaches the threshold (on a
-    sample), plus where the exact Jaccard of the disagreeing pairs lies."""
+    """Pair and row agreement (also by kind of row), and each method against the exact
+    Jaccard of the shingle sets: pair precision (the share of a sample of its (duplicate,
+    named row) pairs whose exact Jaccard reaches the threshold), and row precision and
+    recall on a sample of rows, where a row *should* be dropped when some earlier row of
+    the corpus has exact Jaccard ≥ threshold with it (an upper bound on what the greedy
+    earliest-kept-row rule drops: that earlier row may itself have been dropped). Plus
+    where the exact Jaccard of the pairs the methods disagree on lies."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from transforms.response.near_dedup import NearDedupParams
-    from transforms.response.shingles import row_texts, shingle_hashes
 
     a = {tuple(p) for p in ours}
     b = {tuple(p) for p in theirs}
@@ -267,19 +341,40 @@ def agreement(ours: list, theirs: list, corpus: Path, sample: int = 3000) -> dic
         rows = [i for i, k in zip(ids, kinds, strict=True) if k == kind]
         by_kind[kind] = round(1 - sum(r in differ for r in rows) / len(rows), 4)
     threshold = NearDedupParams().threshold
-    hashes, offsets = shingle_hashes(row_texts(table))
+    m, sizes = _exact_sets(table)
     where = {row_id: i for i, row_id in enumerate(ids)}
 
     def exact(pair: tuple) -> float:
-        x, y = (hashes[int(offsets[where[r]]) : int(offsets[where[r] + 1])] for r in pair)
-        sx, sy = set(x.tolist()), set(y.tolist())
-        return len(sx & sy) / len(sx | sy)
+        x, y = where[pair[0]], where[pair[1]]
+        inter = float(m[x].multiply(m[y]).sum())
+        return inter / (sizes[x] + sizes[y] - inter)
 
     rng = random.Random(0)
 
     def precision(pairs: set) -> float:
         chosen = rng.sample(sorted(pairs), min(sample, len(pairs)))
-        return round(float(np.mean([exact(p) >= threshold for p in chosen])), 4)
+        return round(float(np.mean([exact(p) >= threshold for p in chosen])), 4) if chosen else 1.0
+
+    # Rows of the sample with an earlier row at exact Jaccard >= threshold (batches of 256).
+    chosen_rows = np.array(sorted(rng.sample(range(len(ids)), min(sample, len(ids)))))
+    should = np.zeros(len(chosen_rows), bool)
+    mt = m.T.tocsc()
+    for s in range(0, len(chosen_rows), 256):
+        batch = chosen_rows[s : s + 256]
+        inter = (m[batch] @ mt).tocoo()
+        row, col = batch[inter.row], inter.col
+        jac = inter.data / (sizes[row] + sizes[col] - inter.data)
+        hit = (col < row) & (jac >= threshold)
+        should[s + np.unique(inter.row[hit])] = True
+    sample_ids = [ids[i] for i in chosen_rows]
+
+    def rows_vs_exact(dropped: set) -> dict:
+        drop = np.array([r in dropped for r in sample_ids])
+        tp = int((drop & should).sum())
+        return {
+            "row_precision": round(tp / max(int(drop.sum()), 1), 4),
+            "row_recall": round(tp / max(int(should.sum()), 1), 4),
+        }
 
     disagreeing = sorted(a ^ b)
     sims = np.array([exact(p) for p in rng.sample(disagreeing, min(sample, len(disagreeing)))])
@@ -287,9 +382,19 @@ def agreement(ours: list, theirs: list, corpus: Path, sample: int = 3000) -> dic
         "pairs_ours": len(a),
         "pairs_datasketch": len(b),
         "pair_agreement": round(len(a & b) / max(len(a | b), 1), 4),
+        "dropped_ours": len(dropped_a),
+        "dropped_datasketch": len(dropped_b),
+        "dropped_row_agreement": round(
+            len(dropped_a & dropped_b) / max(len(dropped_a | dropped_b), 1), 4
+        ),
         "row_agreement": round(1 - len(differ) / len(ids), 4),
         "row_agreement_by_kind": by_kind,
-        "exact_precision": {"ours": precision(a), "datasketch": precision(b)},
+        "exact": {
+            "sample_rows": len(chosen_rows),
+            "sample_rows_with_earlier_match": int(should.sum()),
+            "ours": {"pair_precision": precision(a), **rows_vs_exact(dropped_a)},
+            "datasketch": {"pair_precision": precision(b), **rows_vs_exact(dropped_b)},
+        },
         "disagreeing_pairs_exact_jaccard": {
             "p5_p50_p95": np.percentile(sims, [5, 50, 95]).round(3).tolist() if len(sims) else [],
             "share_within_0.1_of_threshold": round(float(np.mean(abs(sims - threshold) <= 0.1)), 4)
@@ -299,46 +404,37 @@ def agreement(ours: list, theirs: list, corpus: Path, sample: int = 3000) -> dic
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--child", nargs=2, metavar=("KIND", "CORPUS"))
-    parser.add_argument("--skip-match", action="store_true")
-    args = parser.parse_args()
-    if args.child:
-        kind, corpus = args.child
-        print(json.dumps(CHILDREN[kind](Path(corpus))))
-        return
-    with tempfile.TemporaryDirectory(prefix="aligncurate-bench-") as tmp:
-        corpus = Path(tmp) / "corpus.parquet"
-        made = make_corpus(corpus, args.rows)
-        ours = run_child("ours", corpus)
-        theirs = run_child("datasketch", corpus)
-        match = None if args.skip_match else run_child("match", corpus)
-        agreement_ = agreement(ours["pairs"], theirs["pairs"], corpus)
-    from importlib.metadata import version
-
-    report = {
+def dedup_case(made: dict, corpus: Path) -> dict:
+    """Both methods on one corpus, each in its own child process, and their agreement."""
+    ours = run_child("ours", corpus)
+    theirs = run_child("datasketch", corpus)
+    again = run_child("datasketch_seed2", corpus)
+    a, b, c = ({tuple(p) for p in x["pairs"]} for x in (ours, theirs, again))
+    da, db, dc = ({p[0] for p in x} for x in (a, b, c))
+    return {
         "corpus": made,
         "ours": {k: v for k, v in ours.items() if k != "pairs"},
         "datasketch": {k: v for k, v in theirs.items() if k != "pairs"},
         "speedup": round(theirs["seconds"] / ours["seconds"], 2),
         "speedup_cpu": round(theirs["cpu_seconds"] / ours["cpu_seconds"], 2),
-        **agreement_,
-        "match": match,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-            "load_average": os.getloadavg(),
-            **{p: version(p) for p in ("datasketch", "rensa", "scikit-learn", "numpy")},
+        **agreement(ours["pairs"], theirs["pairs"], corpus),
+        "datasketch_seed1_vs_seed2": {
+            "pair_agreement": round(len(b & c) / max(len(b | c), 1), 4),
+            "dropped_row_agreement": round(len(db & dc) / max(len(db | dc), 1), 4),
+            "row_agreement": round(1 - len(db ^ dc) / made["rows"], 4),
         },
+        "ours_vs_datasketch_seed2_pair_agreement": round(len(a & c) / max(len(a | c), 1), 4),
+        "ours_vs_datasketch_seed2_dropped_row_agreement": round(
+            len(da & dc) / max(len(da | dc), 1), 4
+        ),
     }
-    print(json.dumps(report, indent=2))
-    print()
+
+
+def print_table(title: str, case: dict) -> None:
+    ours, theirs, rows = case["ours"], case["datasketch"], case["corpus"]["rows"]
+    print(f"\n{title} ({rows:,} rows)\n")
     print("| case | seconds | rows/s | ratio | CPU seconds (ratio) | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|")
-    rows = made["rows"]
     for name, res in (("datasketch MinHashLSH", theirs), ("near_dedup", ours)):
         ratio = theirs["seconds"] / res["seconds"]
         cpu = f"{res['cpu_seconds']:.2f} ({theirs['cpu_seconds'] / res['cpu_seconds']:.2f})"
@@ -346,7 +442,46 @@ def main() -> None:
             f"| {name} | {res['seconds']:.2f} | {rows / res['seconds']:,.0f} | {ratio:.2f} "
             f"| {cpu} | {res['peak_rss_mib']:,.0f} MiB |"
         )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "CORPUS"))
+    parser.add_argument("--skip-match", action="store_true")
+    parser.add_argument("--skip-real", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        kind, corpus = args.child
+        result = CHILDREN[kind](Path(corpus))
+        result["peak_rss_mib"] = _own_peak_rss_mib()
+        print(json.dumps(result))
+        return
+    from importlib.metadata import version
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="aligncurate-bench-") as tmp:
+        synthetic = Path(tmp) / "synthetic.parquet"
+        report: dict = {"synthetic": dedup_case(make_corpus(synthetic, args.rows), synthetic)}
+        if not args.skip_real:
+            real = Path(tmp) / "real.parquet"
+            report["real"] = dedup_case(make_real_corpus(real), real)
+        report["match"] = None if args.skip_match else run_child("match", synthetic)
+    report["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        **{p: version(p) for p in ("datasketch", "rensa", "scikit-learn", "numpy")},
+    }
+    print(json.dumps(report, indent=2))
+    print_table("Synthetic copies (edited to straddle the threshold)", report["synthetic"])
+    if "real" in report:
+        print_table("Real corpora as published (no edits)", report["real"])
+    match, rows = report["match"], report["synthetic"]["corpus"]["rows"]
     if match:
+        print()
         for method in ("dsir", "discriminative"):
             m = match[method]
             print(
