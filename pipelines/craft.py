@@ -17,6 +17,7 @@ p(gold) > 0.99, trained on the letter. Both use the same prompt as the query.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -183,9 +184,10 @@ def question_vectors(model: str, questions: list[str], work: Path) -> tuple[np.n
         return np.load(path), 0
     vectors = TransformersEngine(model).hidden_states(questions)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.with_suffix(".tmp").open("wb") as handle:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two builds at once: own file
+    with tmp.open("wb") as handle:
         np.save(handle, vectors)
-    path.with_suffix(".tmp").replace(path)
+    tmp.replace(path)
     return vectors, len(questions)
 
 

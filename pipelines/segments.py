@@ -9,6 +9,7 @@ shard and (when it rejected anything) one ``rejected`` shard.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,9 @@ class ShardWriter:
 
     def _write(self, table: pa.Table, name: str) -> str:
         path = self.folder / name
-        tmp = path.with_suffix(".tmp")
+        # A temporary name of this writer's own: two builds of one spec at once write the
+        # same shards (same key, same content) into the same folder.
+        tmp = path.with_name(f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         pq.write_table(table, tmp, **_SHARD_OPTIONS)
         os.replace(tmp, path)
         return str(path)
