@@ -32,6 +32,8 @@ demo: setup
 	@echo
 	@echo "Per-label counts are under 'by craft_label' above; rejected rows and their reasons:"
 	@echo "  $(BIN)/aligncurate inspect fact-world-rait --split rejected --store $(DEMO_STORE)"
+	@echo "The HTML report (counts, plots, the CRaFT knowledge-state scatter, samples):"
+	@echo "  $(BIN)/aligncurate report fact-world-rait --out reports/fact-world-rait --store $(DEMO_STORE)"
 	@echo "Prefect artifacts (summary, stage counts) are in the flow run; export for a trainer:"
 	@echo "  $(BIN)/aligncurate export fact-world-rait --format trl_messages --out $(DEMO_OUT)/fact-world-rait --store $(DEMO_STORE)"
 
