@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,6 @@ def _published(service: dict[str, Any]) -> set[int]:
     return {int(str(p).split(":")[-1]) for p in service.get("ports", [])}
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose missing")
 @pytest.mark.parametrize("profiles", [[], ["gpu"], ["cpu"]])
 def test_docker_compose_config_is_valid(profiles: list[str]) -> None:
     flags = [x for p in profiles for x in ("--profile", p)]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from servers import postgres_bin, postgres_cluster, prefect_server
+from servers import postgres_cluster, prefect_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,9 +28,8 @@ POOL = "aligncurate-test"
 
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
-    """A fresh PostgreSQL cluster (asyncpg URL)."""
-    if postgres_bin() is None:
-        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    """A fresh PostgreSQL cluster (asyncpg URL); .ci/run installs PostgreSQL, so a missing
+    server fails here with the install command rather than skipping."""
     with postgres_cluster() as url:
         yield url
 
