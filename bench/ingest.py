@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 # `python bench/ingest.py` puts bench/ first on sys.path, where bench/engines.py would shadow
 # the `engines` package: put the repository there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p).resolve() != Path(__file__).parent]
+
+from bench import harness  # noqa: E402 (needs the path fixed above)
+
 SHARED = REPO.parent / "shared" / "data"
 CORPORA = [
     "instructions/gsm8k_train_alpaca.json",
@@ -134,20 +136,10 @@ CHILDREN = {"baseline": child_baseline, "pipeline": child_pipeline, "flow": chil
 
 
 def run_child(kind: str, corpus: Path, work: Path) -> dict:
-    """Run one measurement in a fresh process; add its peak RSS from wait4."""
+    """Run one measurement in a fresh process; add its peak RSS and throughput."""
     folder = work / kind
     folder.mkdir()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", kind, str(corpus), str(folder)],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-    )
-    out = proc.stdout.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{kind} child failed with status {status}")
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
+    result = harness.run_child(__file__, kind, str(corpus), str(folder))
     result["rows_per_s"] = round(result["rows"] / result["seconds"])
     return result
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 # `python bench/report.py` puts bench/ first on sys.path, where bench/engines.py would shadow
 # the `engines` package: put the repository there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p).resolve() != Path(__file__).parent]
+
+from bench import harness  # noqa: E402 (needs the path fixed above)
 
 
 def child_build(work: Path, rows: str) -> dict:
@@ -68,18 +69,7 @@ CHILDREN = {"build": child_build, "baseline": child_baseline, "report": child_re
 
 def run_child(kind: str, work: Path, rows: int) -> dict:
     """Run one measurement in a fresh process; add its peak RSS from wait4."""
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", kind, str(work), str(rows)],
-        stdout=subprocess.PIPE,
-        cwd=REPO,
-    )
-    out = proc.stdout.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{kind} child failed with status {status}")
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
-    return result
+    return harness.run_child(__file__, kind, str(work), str(rows))
 
 
 def main() -> None:
