@@ -473,7 +473,7 @@ def main() -> None:
         "python": platform.python_version(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        **{p: version(p) for p in ("datasketch", "rensa", "scikit-learn", "numpy")},
+        **{p: version(p) for p in ("datasketch", "scikit-learn", "numpy")},
     }
     print(json.dumps(report, indent=2))
     print_table("Synthetic copies (edited to straddle the threshold)", report["synthetic"])

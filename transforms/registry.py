@@ -64,7 +64,7 @@ STAGES: dict[str, StageDef] = {
         StageDef("exact_dedup", ExactDedupParams, exact_dedup, new_state=dict),
         StageDef("filter", FilterParams, filter_rows),
         StageDef("rule_filter", RuleFilterParams, rule_filter),
-        StageDef("near_dedup", NearDedupParams, near_dedup, new_state=dict),
+        StageDef("near_dedup", NearDedupParams, near_dedup, version="2", new_state=dict),
         StageDef("semantic_dedup", SemanticDedupParams, semantic_dedup, whole=True),
         StageDef("match_distribution", MatchParams, match_distribution, whole=True),
         StageDef("refusal_mix", RefusalMixParams, refusal_mix, whole=True),

@@ -21,12 +21,20 @@ occurrence is kept.
 
 What does what:
 
-- signatures: ``rensa`` (Rust MinHash), ``RMinHash.digest_matrix_from_flat_token_hashes``
-  straight from the numpy shingle hashes: no Python object per row or shingle;
+- signatures: datasketch's MinHash, scheme ``affine32`` (its default since 2.0): each
+  shingle's 32-bit hash is mixed once with the MurmurHash3 finalizer, then permutation ``k``
+  is ``a_k * h + b_k mod 2^32`` with the odd ``a_k`` and the ``b_k`` that
+  ``numpy.random.RandomState(seed)`` draws, and the signature is the minimum per
+  permutation. The values are bit for bit those of ``datasketch.MinHash(num_perm, seed,
+  hashfunc=<our 32-bit shingle hash>)`` (a test checks it), so near_dedup decides as
+  datasketch with the same permutations would, and its signatures can go into a datasketch
+  index. Computed here with numpy over every shingle of a shard at once, because
+  datasketch computes them one row at a time in Python (``MinHash.bulk`` too), and rensa,
+  the fast Rust library, uses another hash family (R-MinHash) and hands its matrices out
+  only as Python lists;
 - banding, the index and the verification are hand-written with numpy, because rensa's
-  ``RMinHashLSH`` answers queries only for ``RMinHash`` objects (which cannot be built from
-  a digest matrix or from pre-hashed shingles), returns flags but not keys for matrices,
-  and keeps no signatures to verify a candidate against.
+  ``RMinHashLSH`` answers queries only for its own ``RMinHash`` objects and keeps no
+  signatures to verify a candidate against, and datasketch's ``MinHashLSH`` goes row by row.
 
 Memory is bounded by the kept rows, never their texts: per kept row its id (32 bytes), its
 signature cut to the low ``signature_bits`` bits of each permutation (b-bit minwise
@@ -37,13 +45,11 @@ about 400 bytes per kept row at the defaults.
 from __future__ import annotations
 
 from functools import cache
-from itertools import chain
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import rensa
 from pydantic import BaseModel, ConfigDict, Field
 
 from transforms.response.shingles import fold, row_texts, shingle_hashes
@@ -63,7 +69,7 @@ class NearDedupParams(BaseModel):
     ngram: int = Field(default=5, ge=1)
     bands: int | None = Field(default=None, ge=1, description="default: optimal for threshold")
     false_negative_weight: float = Field(default=0.95, gt=0, lt=1)
-    seed: int = 42
+    seed: int = Field(default=1, description="datasketch's default seed")
     signature_bits: Literal[8, 16, 32] = 16
 
 
@@ -91,16 +97,53 @@ def lsh_shape(params: NearDedupParams) -> tuple[int, int]:
     return optimal_bands(params.threshold, params.num_perm, params.false_negative_weight)
 
 
+_SHINGLES_PER_CHUNK = 16_384  # the (permutations x shingles) block stays in cache
+
+
+def _fmix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (a bijection), as datasketch pre-mixes input hashes."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
+@cache
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)``, each ``(num_perm, 1)`` uint32: datasketch's ``affine32`` parameters for
+    ``seed`` (odd multipliers, then offsets, drawn by ``RandomState(seed)``)."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a[:, None], b[:, None]
+
+
+def minhash_matrix(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
+    """``(rows, num_perm)`` uint32 signatures of the rows whose shingle hashes are
+    ``hashes[offsets[i]:offsets[i + 1]]`` (every row has at least one): datasketch's
+    ``affine32`` MinHash of the low 32 bits of each hash, computed for a block of rows at a
+    time as a ``(num_perm, shingles)`` product reduced per row."""
+    a, b = permutations(num_perm, seed)
+    mixed = _fmix32((hashes & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    offsets = offsets.astype(np.int64)
+    rows = len(offsets) - 1
+    out = np.empty((rows, num_perm), dtype=np.uint32)
+    # row blocks of about _SHINGLES_PER_CHUNK shingles (a longer row is a block of its own)
+    starts = np.searchsorted(offsets, np.arange(0, offsets[-1], _SHINGLES_PER_CHUNK))
+    bounds = np.unique(np.append(starts, rows))
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        start = offsets[lo]
+        block = a * mixed[start : offsets[hi]]
+        block += b
+        out[lo:hi] = np.minimum.reduceat(block, offsets[lo:hi] - start, axis=1).T
+    return out
+
+
 def signatures(table: pa.Table, params: NearDedupParams) -> np.ndarray:
-    """``(rows, num_perm)`` uint32 MinHash signatures (rensa) of each row's shingles."""
+    """``(rows, num_perm)`` uint32 MinHash signatures of each row's shingles."""
     hashes, offsets = shingle_hashes(row_texts(table), params.ngram)
-    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-        hashes, offsets, params.num_perm, params.seed
-    )
-    # rensa hands the matrix out only as lists of ints: one flat pass is cheaper than np.array
-    flat = chain.from_iterable(matrix.to_rows())
-    size = table.num_rows * params.num_perm
-    return np.fromiter(flat, dtype=np.uint32, count=size).reshape(table.num_rows, params.num_perm)
+    return minhash_matrix(hashes, offsets, params.num_perm, params.seed)
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
