@@ -8,7 +8,7 @@ rows joined), so that pairs fall on both sides of the threshold.
 
 Cases, each in its own child process (its peak RSS from ``VmHWM``), shards of 20k rows:
 
-- ``ours``: the ``near_dedup`` stage (numpy shingles, rensa signatures, the numpy LSH
+- ``ours``: the ``near_dedup`` stage (numpy shingles, datasketch-equal signatures, the numpy LSH
   index with verification), shard after shard with its carried state;
 - ``datasketch``: the same shingles (the same function, 32-bit values), ``MinHash.bulk``
   with 128 permutations, ``MinHashLSH`` with the same bands (16 × 8) and threshold 0.8,

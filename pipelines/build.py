@@ -1,10 +1,11 @@
 """The Prefect flow ``build_dataset``: ingest → stages → one atomic commit.
 
 Tasks pass shard paths, never rows. Ingest runs one task per source; each ordered stage
-(exact dedup) runs as one task over the shards in order. Every task is cached on a key
-made of its input fingerprints, its stage parameters and the stage code versions, with
-the result persisted under ``<store>/_work``: a build rerun after a crash reuses every
-task that had finished and redoes only the rest.
+(exact dedup) runs as one task over the shards in order, after its per-shard ``prepare``
+step (near dedup's signatures), if it has one, has run as one task per shard. Every task
+is cached on a key made of its input fingerprints, its stage parameters and the stage
+code versions, with the result persisted under ``<store>/_work``: a build rerun after a
+crash reuses every task that had finished and redoes only the rest.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from pipelines.segments import (
     ShardWriter,
     add_counts,
     merge_counts,
+    read_prepared,
     read_shards,
     run_chain,
     split_segments,
+    write_prepared,
 )
 from pipelines.spec import BuildSpec, SourceSpec, load_spec
 from storage.dataset import DatasetStore, default_store
@@ -82,12 +85,27 @@ def ingest_source(
     return SegmentOutput(key, writer.train, writer.rejected, counts, produced_by=_run_id())
 
 
+@task(name="prepare", cache_key_fn=_task_key, persist_result=True)
+def prepare_shard(key: str, shard: str, step: ChainStep, folder: str) -> str:
+    """An ordered stage's per-shard work (its ``prepare``) on one shard, written to
+    ``folder``; returns the file's path."""
+    assert step.definition.prepare is not None
+    arrays = step.definition.prepare(pq.read_table(shard), step.params)
+    return write_prepared(folder, shard, arrays)
+
+
 @task(name="ordered-segment", cache_key_fn=_task_key, persist_result=True)
 def run_segment(
-    key: str, shards: list[str], chain: list[ChainStep], folder: str, context: StageContext
+    key: str,
+    shards: list[str],
+    chain: list[ChainStep],
+    folder: str,
+    context: StageContext,
+    prepared: list[str] | None = None,
 ) -> SegmentOutput:
     """Run an ordered stage over the shards in order (or a whole-table stage over all of
-    them at once), then the local stages after it."""
+    them at once), then the local stages after it. ``prepared``: the ordered stage's
+    ``prepare`` output for each shard, from :func:`prepare_shard`."""
     logger = _logger()
     writer = ShardWriter(folder)
     counts: Counts = {}
@@ -98,7 +116,8 @@ def run_segment(
         tables = [r.kept for r in inputs]
         inputs = iter([StageResult(kept=pa.concat_tables(tables, promote_options="permissive"))])
     for i, result in enumerate(inputs, 1):
-        kept, rejected = run_chain(result, chain, counts, states, context, stats)
+        arrays = read_prepared(prepared[i - 1]) if prepared else None
+        kept, rejected = run_chain(result, chain, counts, states, context, stats, arrays)
         writer.write(kept, rejected)
         logger.info("%s: shard %d/%d", chain[0].definition.name, i, len(shards))
     return SegmentOutput(
@@ -133,6 +152,23 @@ def _engine_stats(outputs: list[SegmentOutput]) -> dict[str, int]:
                     for k in total:
                         total[k] += value.get(k, 0)
     return total
+
+
+def _prepare(
+    step: ChainStep, shards: list[str], work: Path, storage: LocalFileSystem
+) -> list[str] | None:
+    """Run ``step``'s ``prepare`` on every shard as shard-level tasks (in parallel, on the
+    flow's task runner); ``None`` when the stage has none."""
+    if step.definition.prepare is None:
+        return None
+    prepare = prepare_shard.with_options(result_storage=storage)
+    identity = _chain_identity([step])
+    futures = []
+    for shard in shards:  # a shard's path names the task that wrote it: a content key
+        key = key_of("prepare", code_version(), shard, identity)
+        folder = work / "prepared" / key
+        futures.append(fresh(prepare, folder).submit(key, shard, step, str(folder)))
+    return [f.result() for f in futures]
 
 
 def _rows(paths: list[str]) -> int:
@@ -182,7 +218,8 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     for chain in segments[1:]:
         key = key_of("segment", code_version(), [o.key for o in outputs], _chain_identity(chain))
         folder = work / "shards" / key
-        out = fresh(segment, folder)(key, train, chain, str(folder), context)
+        prepared = _prepare(chain[0], train, work, storage)
+        out = fresh(segment, folder)(key, train, chain, str(folder), context, prepared)
         outputs.append(out)
         train = out.train
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
@@ -90,20 +91,24 @@ def run_chain(
     states: dict[str, Any] | None = None,
     context: StageContext | None = None,
     stats: dict[str, Any] | None = None,
+    prepared: dict[str, Any] | None = None,
 ) -> tuple[pa.Table, list[pa.Table]]:
     """Feed a first result (ingest's, or a shard read back) through ``chain``.
 
     Returns the rows kept by the last stage and every stage's rejected rows. ``states``
     holds the carried state of ordered stages, by stage name; ``context`` is given to
-    whole-table stages, whose statistics are collected into ``stats`` by stage name.
+    whole-table stages, whose statistics are collected into ``stats`` by stage name;
+    ``prepared`` is the first stage's ``prepare`` of this shard, computed ahead.
     """
     rejected = [result.rejected] if result.rejected.num_rows else []
     table = result.kept
-    for step in chain:
+    for i, step in enumerate(chain):
         args: tuple[Any, ...] = (table, step.params)
         if step.definition.ordered:
             assert states is not None, "ordered stages need a state"
             args = (*args, states.setdefault(step.definition.name, step.definition.new_state()))
+            if i == 0 and prepared is not None:
+                args = (*args, prepared)
         elif step.definition.whole:
             assert context is not None, "whole-table stages need a context"
             args = (*args, context)
@@ -141,6 +146,21 @@ class ShardWriter:
         pq.write_table(table, tmp, **_SHARD_OPTIONS)
         os.replace(tmp, path)
         return str(path)
+
+
+def write_prepared(folder: str | Path, shard: str, arrays: dict[str, np.ndarray]) -> str:
+    """Write a shard's prepared arrays as ``<folder>/<shard stem>.npz`` (atomically)."""
+    path = Path(folder) / f"{Path(shard).stem}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def read_prepared(path: str) -> dict[str, np.ndarray]:
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
 
 
 def read_shards(paths: Iterable[str]) -> Iterator[StageResult]:

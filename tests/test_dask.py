@@ -36,11 +36,18 @@ def _tables(store: Path, name: str) -> tuple:
 def test_dask_runner_output_is_identical_to_the_default_runners(
     prefect_harness: None, tmp_path: Path
 ) -> None:
-    """The demo spec (5 sources: 5 ingest tasks on the workers) through the CLI."""
-    code = runner.invoke(app, ["build", str(DEMO), "--store", str(tmp_path / "threads")])
+    """The demo spec (5 sources: 5 ingest tasks on the workers) with near dedup after
+    normalize (its signatures: one prepare task per shard on the workers), through the CLI."""
+    spec = yaml.safe_load(DEMO.read_text())
+    for source in spec["sources"]:
+        source["path"] = str(DEMO.parent / source["path"])
+    spec["stages"].insert(1, {"near_dedup": {}})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    code = runner.invoke(app, ["build", str(path), "--store", str(tmp_path / "threads")])
     assert code.exit_code == 0, code.stderr
     result = runner.invoke(
-        app, ["build", str(DEMO), "--store", str(tmp_path / "dask"), "--runner", "dask"]
+        app, ["build", str(path), "--store", str(tmp_path / "dask"), "--runner", "dask"]
     )
     assert result.exit_code == 0, result.stderr
     for a, b in zip(
@@ -49,6 +56,10 @@ def test_dask_runner_output_is_identical_to_the_default_runners(
         strict=True,
     ):
         assert a.num_rows > 0 and a.equals(b)
+    rejected = _tables(tmp_path / "dask", "demo-sft")[1]
+    assert "near_dedup" in rejected.column("reject_stage").to_pylist()
+    # one prepared file per ingest shard (5 sources), written by the workers
+    assert len(list((tmp_path / "dask").rglob("prepared/*/*.npz"))) == 5
 
 
 def test_runner_options_are_checked() -> None:

@@ -149,10 +149,10 @@ def signatures(table: pa.Table, params: NearDedupParams) -> np.ndarray:
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """``(n, bands)`` uint64 keys: each band's ``rows`` values folded, salted by the band."""
     out = np.empty((len(sig), bands), dtype=np.uint64)
-    wide = sig.astype(np.uint64)
+    columns = sig.T.astype(np.uint64)  # one contiguous array per permutation
     for j in range(bands):
         salt = np.full(len(sig), j + 1, dtype=np.uint64)
-        out[:, j] = fold([salt, *(wide[:, j * rows + k] for k in range(rows))])
+        out[:, j] = fold([salt, *columns[j * rows : (j + 1) * rows]])
     return out
 
 
@@ -305,17 +305,38 @@ def _shard_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pair % n, pair // n
 
 
-def near_dedup(table: pa.Table, params: NearDedupParams, state: dict) -> StageResult:
+Prepared = dict[str, np.ndarray]
+"""What :func:`prepare` computes for a shard: ``signatures`` (compact) and ``band_keys``."""
+
+
+def prepare(table: pa.Table, params: NearDedupParams) -> Prepared:
+    """The work of near_dedup that needs no other row: each row's compact signature and
+    band keys. It is most of the stage's cost (shingles, MinHash, band keys), so the flow
+    runs it on every shard as shard-level tasks (spread over the workers by ``--runner
+    dask``) before the ordered pass."""
+    b, r = lsh_shape(params)
+    sig = signatures(table, params) if table.num_rows else np.zeros((0, params.num_perm), np.uint32)
+    return {"signatures": _compact(sig, params.signature_bits), "band_keys": band_keys(sig, b, r)}
+
+
+def near_dedup(
+    table: pa.Table, params: NearDedupParams, state: dict, prepared: Prepared | None = None
+) -> StageResult:
     """Drop rows that are near duplicates of an earlier kept row (this shard or before).
 
     ``state`` is the carried dict; it holds the :class:`NearDedupIndex` under ``"index"``.
+    ``prepared`` is :func:`prepare` of this table, when it was computed ahead.
     """
     index: NearDedupIndex = state.setdefault("index", NearDedupIndex())
     n = table.num_rows
     b, r = lsh_shape(params)
-    sig = signatures(table, params) if n else np.zeros((0, params.num_perm), np.uint32)
-    keys = band_keys(sig, b, r)
-    small = _compact(sig, params.signature_bits)
+    prepared = prepare(table, params) if prepared is None else prepared
+    small, keys = prepared["signatures"], prepared["band_keys"]
+    if small.shape != (n, params.num_perm) or keys.shape != (n, b):
+        raise ValueError(
+            f"near_dedup: prepared arrays {small.shape} / {keys.shape} do not fit a shard "
+            f"of {n} rows with {params.num_perm} permutations in {b} bands"
+        )
     ids = table.column("id").to_pylist()
     bits, threshold = params.signature_bits, params.threshold
     owner: list[str | None] = [None] * n  # the kept row each duplicate names
