@@ -2,9 +2,13 @@
 
 1. Ingest → normalize → near dedup of ``--rows`` GSM8K rows (the real corpus, repeated;
    split over ``--sources`` files, since shard-level work is parallel per source) with
-   ``--runner dask`` on a 2-worker LocalCluster against the default runner (threads).
-   The ingest → normalize part alone is measured too: it is what Dask parallelises; near
-   dedup is an ordered stage and runs in the flow's process under either runner.
+   ``--runner dask`` on a 2-worker LocalCluster against the default runner (threads, one
+   per core) and against one thread (every task after the other).
+   The ingest → normalize part alone is measured too. Near dedup's per-shard work
+   (signatures, band keys) runs as shard-level ``prepare`` tasks on either runner; its
+   look-ups and verification are an ordered pass in the flow's process. Each build's
+   phases (ingest, prepare, ordered segment, commit, after the commit) come from Prefect's
+   task runs.
 2. The same build into an ``s3://`` store on loopback (moto_server) against a local store.
 
 Every build starts from an empty store and work folder (no task is reused). Usage::
@@ -44,13 +48,22 @@ def _spec(folder: Path, files: list[Path], stages: list[dict], name: str) -> Pat
 
 
 def _build(spec: Path, store: str, runner: str, env: dict[str, str] | None = None) -> dict:
+    """One build; ``runner`` is ``threads`` (the default), ``dask``, or ``serial`` (one
+    thread: every task after the other, the single-core reference)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from pipelines.build import build_dataset
     from pipelines.runners import RunnerOptions, build_flow
 
+    if runner == "serial":
+        flow = build_dataset.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    else:
+        flow = build_flow(RunnerOptions(runner=runner))
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     try:
         start = time.perf_counter()
-        summary = build_flow(RunnerOptions(runner=runner))(str(spec), store=store)
+        summary = flow(str(spec), store=store)
         summary["seconds"] = time.perf_counter() - start
     finally:
         for k, v in saved.items():
@@ -59,6 +72,31 @@ def _build(spec: Path, store: str, runner: str, env: dict[str, str] | None = Non
             else:
                 os.environ[k] = v
     return summary
+
+
+def _phases(flow_run_id: str) -> dict[str, float]:
+    """Wall seconds of each kind of task in one build (first start to last end), from
+    Prefect's task runs: where the time goes, and which part a runner can spread."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
+        )
+        flow = client.read_flow_run(flow_run_id)
+    spans: dict[str, list] = {}
+    for run in runs:
+        if run.start_time and run.end_time:
+            name = run.name.rsplit("-", 1)[0]
+            spans.setdefault(name, []).append((run.start_time, run.end_time))
+    out = {
+        name: round((max(e for _, e in v) - min(b for b, _ in v)).total_seconds(), 1)
+        for name, v in spans.items()
+    }
+    commit_end = max(e for _, e in spans.get("commit", [(None, flow.end_time)]))
+    out["after_commit"] = round((flow.end_time - commit_end).total_seconds(), 1)
+    return out
 
 
 def _same(a: str, b: str, name: str, options: dict[str, str] | None = None) -> bool:
@@ -120,11 +158,17 @@ def main() -> None:
             spec = _spec(tmp, files, stages, label.replace("_", "-"))
             threads = _build(spec, str(tmp / f"{label}-threads"), "threads")
             dask = _build(spec, str(tmp / f"{label}-dask"), "dask")
+            serial = _build(spec, str(tmp / f"{label}-serial"), "serial")
             identical = _same(str(tmp / f"{label}-threads"), str(tmp / f"{label}-dask"), spec.stem)
             results[label] = {
                 "threads_s": round(threads["seconds"], 1),
                 "dask_s": round(dask["seconds"], 1),
+                "serial_s": round(serial["seconds"], 1),
+                "threads_phases_s": _phases(threads["build_id"]),
+                "dask_phases_s": _phases(dask["build_id"]),
+                "serial_phases_s": _phases(serial["build_id"]),
                 "speedup": round(threads["seconds"] / dask["seconds"], 2),
+                "speedup_vs_serial": round(serial["seconds"] / dask["seconds"], 2),
                 "train_rows": threads["rows"]["train"],
                 "identical": identical,
             }

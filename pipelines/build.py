@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
 from pipelines.report import publish_report
@@ -182,7 +184,14 @@ def _result_storage(work: Path) -> LocalFileSystem:
     return block
 
 
-@flow(name="build_dataset")
+def default_task_runner() -> ThreadPoolTaskRunner:
+    """Threads, one per core (at least 2): shard-level tasks run at once up to that, so a
+    build of many shards holds a bounded number of them in memory (Prefect's own default
+    pool is unbounded)."""
+    return ThreadPoolTaskRunner(max_workers=max(2, os.cpu_count() or 2))
+
+
+@flow(name="build_dataset", task_runner=default_task_runner())
 def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     """Build a new version of the dataset that the spec at ``spec_path`` describes."""
     spec = load_spec(spec_path)

@@ -1,11 +1,14 @@
-"""Task runner selection for ``build_dataset``: threads (the default) or a Dask cluster.
+"""Task runner selection for ``build_dataset``: threads (the default: one per core, at least
+2) or a Dask cluster.
 
 ``--runner dask`` hands the shard-level tasks (one ingest task per source, running the
-local stages that follow it: normalize, filters, ...) to a Dask cluster through
+local stages that follow it: normalize, filters, ...; one ``prepare`` task per shard for
+an ordered stage that has one: near dedup's signatures) to a Dask cluster through
 ``prefect-dask``'s ``DaskTaskRunner``: an existing scheduler (``--dask-address
 tcp://host:8786``) or, without an address, a ``LocalCluster`` of ``--dask-workers``
-single-threaded worker processes on this machine. Ordered and whole-table stages (exact
-and near dedup, CRaFT, synthesis) see every shard at once and run in the flow's process.
+single-threaded worker processes on this machine. Ordered passes and whole-table stages
+(exact dedup, near dedup's look-ups, CRaFT, synthesis) see every shard and run in the
+flow's process.
 
 Task arguments are shard paths and parameters, never rows, so tasks travel cheaply; the
 workers must see the same files (one machine, or a shared filesystem / the same mount for

@@ -17,7 +17,8 @@ across them, so a row is compared with every earlier kept row of the build. A ro
 duplicate when a kept row shares a band with it **and** their estimated Jaccard similarity
 (from the stored signatures) is at least the threshold; it goes to ``rejected`` with
 reason ``near_duplicate_of:<kept id>`` naming the earliest such kept row. The first
-occurrence is kept.
+occurrence is kept. What needs no other row (shingles, signatures, band keys: most of the
+cost) is :func:`prepare`, which the flow runs per shard ahead of the ordered pass.
 
 What does what:
 
