@@ -80,10 +80,11 @@ def _phases(flow_run_id: str) -> dict[str, float]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    runs: list = []
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), limit=200
-        )
+        only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        while page := client.read_task_runs(flow_run_filter=only, limit=200, offset=len(runs)):
+            runs.extend(page)
         flow = client.read_flow_run(flow_run_id)
     spans: dict[str, list] = {}
     for run in runs:

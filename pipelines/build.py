@@ -24,6 +24,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
@@ -92,8 +93,8 @@ def prepare_shard(key: str, shard: str, step: ChainStep, folder: str) -> str:
     """An ordered stage's per-shard work (its ``prepare``) on one shard, written to
     ``folder``; returns the file's path."""
     assert step.definition.prepare is not None
-    arrays = step.definition.prepare(pq.read_table(shard), step.params)
-    return write_prepared(folder, shard, arrays)
+    table = pq.read_table(shard)
+    return write_prepared(folder, shard, table, step.definition.prepare(table, step.params))
 
 
 @task(name="ordered-segment", cache_key_fn=_task_key, persist_result=True)
@@ -118,7 +119,7 @@ def run_segment(
         tables = [r.kept for r in inputs]
         inputs = iter([StageResult(kept=pa.concat_tables(tables, promote_options="permissive"))])
     for i, result in enumerate(inputs, 1):
-        arrays = read_prepared(prepared[i - 1]) if prepared else None
+        arrays = read_prepared(prepared[i - 1], result.kept) if prepared else None
         kept, rejected = run_chain(result, chain, counts, states, context, stats, arrays)
         writer.write(kept, rejected)
         logger.info("%s: shard %d/%d", chain[0].definition.name, i, len(shards))
@@ -185,10 +186,12 @@ def _result_storage(work: Path) -> LocalFileSystem:
 
 
 def default_task_runner() -> ThreadPoolTaskRunner:
-    """Threads, one per core (at least 2): shard-level tasks run at once up to that, so a
-    build of many shards holds a bounded number of them in memory (Prefect's own default
-    pool is unbounded)."""
-    return ThreadPoolTaskRunner(max_workers=max(2, os.cpu_count() or 2))
+    """Threads: ``PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS`` when set, else one per core
+    this process may use (at least 2). Shard-level tasks run at once up to that, so a build
+    of many shards holds a bounded number of them in memory (Prefect's own default pool is
+    unbounded)."""
+    configured = get_current_settings().tasks.runner.thread_pool_max_workers
+    return ThreadPoolTaskRunner(max_workers=configured or max(2, len(os.sched_getaffinity(0))))
 
 
 @flow(name="build_dataset", task_runner=default_task_runner())

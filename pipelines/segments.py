@@ -8,6 +8,7 @@ shard and (when it rejected anything) one ``rejected`` shard.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Iterable, Iterator
@@ -148,19 +149,33 @@ class ShardWriter:
         return str(path)
 
 
-def write_prepared(folder: str | Path, shard: str, arrays: dict[str, np.ndarray]) -> str:
-    """Write a shard's prepared arrays as ``<folder>/<shard stem>.npz`` (atomically)."""
+def write_prepared(
+    folder: str | Path, shard: str, table: pa.Table, arrays: dict[str, np.ndarray]
+) -> str:
+    """Write a shard's prepared arrays as ``<folder>/<shard stem>.npz`` (atomically), with
+    a digest of the rows they were computed from."""
     path = Path(folder) / f"{Path(shard).stem}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, _rows=_rows_digest(table), **arrays)
     os.replace(tmp, path)
     return str(path)
 
 
-def read_prepared(path: str) -> dict[str, np.ndarray]:
+def read_prepared(path: str, table: pa.Table) -> dict[str, np.ndarray] | None:
+    """The arrays prepared for ``table``, or ``None`` when the file was computed from other
+    rows (a shard rewritten since): the ordered stage then prepares them itself."""
     with np.load(path) as arrays:
-        return {name: arrays[name] for name in arrays.files}
+        if not np.array_equal(arrays["_rows"], _rows_digest(table)):
+            return None
+        return {name: arrays[name] for name in arrays.files if name != "_rows"}
+
+
+def _rows_digest(table: pa.Table) -> np.ndarray:
+    """SHA-256 of the row count and the ``id`` column, as bytes."""
+    ids = table.column("id").to_pylist() if "id" in table.column_names else []
+    text = f"{table.num_rows}\n" + "\n".join(map(str, ids))
+    return np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint8)
 
 
 def read_shards(paths: Iterable[str]) -> Iterator[StageResult]:

@@ -145,3 +145,23 @@ def test_example_spec_validates(shared_data: Path) -> None:
     match = spec.stages[4].params
     assert Path(match.target_path) == shared_data / "seeds" / "self_instruct_seed_tasks.jsonl"
     assert all(Path(s.path).is_file() for s in spec.sources)
+
+
+def test_prepared_arrays_are_used_only_for_the_rows_they_came_from(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """A prepared file is checked against the shard it is read with: a stale one (the shard
+    rewritten with other rows) is ignored and near_dedup prepares its rows itself."""
+    from pipelines.segments import read_prepared, write_prepared
+    from transforms.ingest import read_source
+    from transforms.response.near_dedup import NearDedupParams, near_dedup, prepare
+
+    rows = next(read_source(shared_data / "instructions" / "gpteacher_roleplay.json")).kept
+    first, other = rows.slice(0, 50), rows.slice(50, 50)
+    params = NearDedupParams()
+    path = write_prepared(tmp_path, "train-00000.parquet", first, prepare(first, params))
+    arrays = read_prepared(path, first)
+    assert arrays is not None and set(arrays) == {"signatures", "band_keys"}
+    assert read_prepared(path, other) is None
+    ahead = near_dedup(first, params, {}, arrays)
+    assert ahead.kept.equals(near_dedup(first, params, {}).kept)

@@ -125,6 +125,26 @@ def test_edited_copies_are_caught_across_shards(roleplay: pa.Table) -> None:
     assert index.nbytes < 500 * len(index)  # compact: no texts
 
 
+def test_non_ascii_text_keeps_its_words(roleplay: pa.Table) -> None:
+    """Letters of any script are words (RE2's ``\\w`` alone is ASCII): distinct Russian,
+    Greek and accented rows stay, and an edited copy of one is still caught."""
+    texts = [
+        "Какая самая высокая гора в Европе и где она находится? Эльбрус находится на Кавказе.",
+        "Какой город является столицей Франции и почему он знаменит? Париж известен музеями.",
+        "Ποια είναι η πρωτεύουσα της Ελλάδας και γιατί είναι διάσημη; Η Αθήνα έχει ιστορία.",
+        "Où se trouve le café préféré des étudiants près de la gare? À côté du musée déjà vu.",
+    ]
+    rows = [
+        {**row, "id": f"row-{i}", "prompt": [{"role": "user", "content": text}], "response": "ok"}
+        for i, (row, text) in enumerate(zip(roleplay.slice(0, 4).to_pylist(), texts, strict=True))
+    ]
+    copy = {**rows[0], "id": "copy", "prompt": [{"role": "user", "content": texts[0] + " "}]}
+    table = pa.Table.from_pylist([*rows, copy], schema=roleplay.schema)
+    out = near_dedup(table, NearDedupParams(), {})
+    assert out.kept.column("id").to_pylist() == ["row-0", "row-1", "row-2", "row-3"]
+    assert out.rejected.column("reject_reason").to_pylist() == ["near_duplicate_of:row-0"]
+
+
 def test_copies_inside_one_shard_and_edits_measured(roleplay: pa.Table) -> None:
     copies, origin_of = edited_copies(roleplay.slice(0, 1500), random.Random(9))
     table = pa.concat_tables([roleplay.slice(0, 1500), copies])

@@ -107,6 +107,31 @@ def test_language_rule_with_lingua(roleplay) -> None:
         RuleFilterParams(languages=["xx"])
 
 
+def test_word_counts_are_arrows_whitespace_words(roleplay, monkeypatch) -> None:
+    """Counted on the bytes, the words Arrow's Unicode whitespace split makes: on real rows
+    and on every kind of white space, with byte chunks far smaller than the texts."""
+    import pyarrow.compute as pc
+
+    from transforms.response import lengths
+
+    def split(texts: pa.Array) -> list[int]:
+        trimmed = pc.utf8_trim_whitespace(pc.fill_null(texts, ""))
+        words = pc.utf8_split_whitespace(trimmed).to_pylist()
+        return [len(w) if t else 0 for t, w in zip(trimmed.to_pylist(), words, strict=True)]
+
+    odd = pa.array(
+        ["", " ", None, "a\u00a0b", "a\u2003b c", "x\x0by\x0cz", "\x85z\x85", "  two words  ",
+         "tab\tsep\nnl\r", "a\u200bb", "\u3000全角\u3000字", "“smart” quotes’", "café ünïcode", "x"]
+    )  # fmt: skip
+    assert word_counts(odd).tolist() == split(odd)
+    assert word_counts(odd.slice(3, 6)).tolist() == split(odd.slice(3, 6))
+    responses = pc.fill_null(roleplay.column("response").combine_chunks(), "")
+    assert word_counts(responses).tolist() == split(responses)
+    monkeypatch.setattr(lengths, "_CHUNK_BYTES", 64)
+    assert word_counts(responses).tolist() == split(responses)
+    assert word_counts(odd).tolist() == split(odd)
+
+
 def test_token_bounds_whitespace_and_model_tokenizer(roleplay, fact_world) -> None:
     words = word_counts(roleplay.column("response"))
     bound = int(np.median(words))

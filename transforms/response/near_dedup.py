@@ -40,7 +40,7 @@ What does what:
 Memory is bounded by the kept rows, never their texts: per kept row its id (32 bytes), its
 signature cut to the low ``signature_bits`` bits of each permutation (b-bit minwise
 hashing, Li & König 2010; 16 bits × 128 = 256 bytes) and ``b`` band keys (12 bytes each):
-about 400 bytes per kept row at the defaults.
+about 480 bytes per kept row at the defaults.
 """
 
 from __future__ import annotations
@@ -117,7 +117,9 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     gen = np.random.RandomState(seed)
     a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
     b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
-    return a[:, None], b[:, None]
+    a, b = a[:, None], b[:, None]
+    a.flags.writeable = b.flags.writeable = False  # cached and shared across threads
+    return a, b
 
 
 def minhash_matrix(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
@@ -126,16 +128,26 @@ def minhash_matrix(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed:
     ``affine32`` MinHash of the low 32 bits of each hash, computed for a block of rows at a
     time as a ``(num_perm, shingles)`` product reduced per row."""
     a, b = permutations(num_perm, seed)
-    mixed = _fmix32((hashes & np.uint64(0xFFFFFFFF)).astype(np.uint32))
     offsets = offsets.astype(np.int64)
+    if len(offsets) > 1 and np.diff(offsets).min() < 1:
+        raise ValueError("minhash_matrix: every row needs at least one shingle")
+    mixed = _fmix32((hashes & np.uint64(0xFFFFFFFF)).astype(np.uint32))
     rows = len(offsets) - 1
     out = np.empty((rows, num_perm), dtype=np.uint32)
-    # row blocks of about _SHINGLES_PER_CHUNK shingles (a longer row is a block of its own)
+    # row blocks of about _SHINGLES_PER_CHUNK shingles; a longer row is a block of its own,
+    # taken _SHINGLES_PER_CHUNK shingles at a time
     starts = np.searchsorted(offsets, np.arange(0, offsets[-1], _SHINGLES_PER_CHUNK))
     bounds = np.unique(np.append(starts, rows))
     for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-        start = offsets[lo]
-        block = a * mixed[start : offsets[hi]]
+        start, end = int(offsets[lo]), int(offsets[hi])
+        if hi - lo == 1 and end - start > _SHINGLES_PER_CHUNK:
+            out[lo] = np.iinfo(np.uint32).max
+            for piece in range(start, end, _SHINGLES_PER_CHUNK):
+                block = a * mixed[piece : min(end, piece + _SHINGLES_PER_CHUNK)]
+                block += b
+                np.minimum(out[lo], block.min(axis=1), out=out[lo])
+            continue
+        block = a * mixed[start:end]
         block += b
         out[lo:hi] = np.minimum.reduceat(block, offsets[lo:hi] - start, axis=1).T
     return out
@@ -150,7 +162,7 @@ def signatures(table: pa.Table, params: NearDedupParams) -> np.ndarray:
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """``(n, bands)`` uint64 keys: each band's ``rows`` values folded, salted by the band."""
     out = np.empty((len(sig), bands), dtype=np.uint64)
-    columns = sig.T.astype(np.uint64)  # one contiguous array per permutation
+    columns = sig.T.astype(np.uint64, order="C")  # one contiguous array per permutation
     for j in range(bands):
         salt = np.full(len(sig), j + 1, dtype=np.uint64)
         out[:, j] = fold([salt, *columns[j * rows : (j + 1) * rows]])

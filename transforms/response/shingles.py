@@ -1,7 +1,8 @@
 """Word n-gram shingles of rows as 64-bit hashes, vectorised over Arrow.
 
 The text of a row is its prompt (every turn's content) and its response, lower-cased, with
-every run of non-word characters turned into one space; shingles are its word ``n``-grams
+every run of characters other than letters, digits and marks (any script) turned into one
+space; shingles are its word ``n``-grams
 (``n = 5`` by default), each hashed to 64 bits. A text with fewer than ``n`` words is one
 shingle of all its words (an empty text: the hash of the empty word).
 
@@ -32,10 +33,10 @@ def row_texts(table: pa.Table) -> pa.Array:
         pc.fill_null(combined(table.column("response")), ""),
         "\n",
     )
-    # Runs of characters that are neither word characters nor ASCII white space become one
-    # space, so words are the runs of word characters split at ASCII white space: the same
-    # words as turning every non-word run into a space, with far fewer regex matches.
-    return pc.replace_substring_regex(pc.utf8_lower(text), r"[^\w\s]+", " ")
+    # Runs of characters that are neither letters, digits, marks, "_" nor ASCII white space
+    # become one space (Unicode classes: RE2's \w is ASCII-only and would erase "é" or
+    # Cyrillic), so words are the runs of word characters split at ASCII white space.
+    return pc.replace_substring_regex(pc.utf8_lower(text), r"[^\p{L}\p{N}\p{M}_\s]+", " ")
 
 
 def _word_hashes(flat: pa.Array) -> np.ndarray:
