@@ -1,13 +1,16 @@
-"""Benchmark: the HTML report of a large version against reading the version whole.
+"""Benchmark: the HTML report and ``inspect`` of a large version against reading it whole.
 
 Builds a version (1M rows by default) from the shared Alpaca corpora with
 ``bench/ingest.py``'s corpus and pipeline (ingest, exact dedup, one Delta commit), then
 times, each in its own child process (so peak RSS is its own):
 
-- ``baseline``: what ``aligncurate inspect`` does: ``DatasetStore.read`` of both splits
-  into one Arrow table, then ``transforms.profile.profile`` over it;
+- ``baseline``: ``DatasetStore.read`` of both splits into one Arrow table, then
+  ``transforms.profile.profile`` over it (what ``aligncurate inspect`` did before it
+  streamed);
 - ``report``: ``write_report`` (one streamed pass per split; no diff, as for a first
-  version), which also draws the plots and writes the page.
+  version), which also draws the plots and writes the page;
+- ``inspect``: ``aligncurate inspect NAME --json`` in-process (the same profile, streamed
+  over ``DatasetStore.batches``).
 
 Usage: ``python bench/report.py [--rows 1000000]``. Prints a JSON report.
 """
@@ -64,7 +67,23 @@ def child_report(work: Path, _: str) -> dict:
     }
 
 
-CHILDREN = {"build": child_build, "baseline": child_baseline, "report": child_report}
+def child_inspect(work: Path, _: str) -> dict:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(app, ["inspect", "bench", "--store", str(work / "store"), "--json"])
+    assert result.exit_code == 0, result.output
+    return {"seconds": time.perf_counter() - t0, "rows": json.loads(result.stdout)["rows"]}
+
+
+CHILDREN = {
+    "build": child_build,
+    "baseline": child_baseline,
+    "report": child_report,
+    "inspect": child_inspect,
+}
 
 
 def run_child(kind: str, work: Path, rows: int) -> dict:
@@ -84,8 +103,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="aligncurate-bench-report-") as tmp:
         work = Path(tmp)
         build = run_child("build", work, args.rows)
-        results = {k: run_child(k, work, args.rows) for k in ("baseline", "report")}
-    base, report = results["baseline"], results["report"]
+        results = {k: run_child(k, work, args.rows) for k in ("baseline", "report", "inspect")}
+    base, report, inspect = results["baseline"], results["report"], results["inspect"]
     print(
         json.dumps(
             {
@@ -98,6 +117,10 @@ def main() -> None:
                 "time_ratio_report_vs_baseline": round(report["seconds"] / base["seconds"], 3),
                 "rss_ratio_report_vs_baseline": round(
                     report["peak_rss_mib"] / base["peak_rss_mib"], 3
+                ),
+                "time_ratio_inspect_vs_baseline": round(inspect["seconds"] / base["seconds"], 3),
+                "rss_ratio_inspect_vs_baseline": round(
+                    inspect["peak_rss_mib"] / base["peak_rss_mib"], 3
                 ),
             },
             indent=2,

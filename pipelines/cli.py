@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -204,18 +204,29 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Schema, counts by split/source/task/reject reason, lengths and sample rows."""
-    from transforms.profile import profile
+    import pyarrow as pa
+
+    from transforms.profile import profile_tables
 
     datasets = _store(store)
     name, version = datasets.resolve(ref)
     if split not in ("train", "rejected", "all"):
         raise typer.BadParameter("--split must be train, rejected or all")
-    table = datasets.read(f"{name}@{version}", split=None if split == "all" else split)
-    if split != "all":
-        table = table.append_column("split", [[split] * table.num_rows])
-    report = profile(table)
-    rows = table.slice(0, sample).to_pylist() if sample > 0 else []
-    schema = {f.name: str(f.type) for f in table.schema}
+    exact = f"{name}@{version}"
+    schema_ = datasets.schema(exact)  # with the split column
+    rows: list[dict[str, Any]] = []
+
+    def tables() -> Iterator[pa.Table]:  # streamed: memory does not grow with the version
+        for batch in datasets.batches(exact, split=None if split == "all" else split):
+            table = pa.Table.from_batches([batch])
+            if split != "all":
+                table = table.append_column("split", pa.array([split] * table.num_rows))
+            if len(rows) < sample:
+                rows.extend(table.slice(0, sample - len(rows)).to_pylist())
+            yield table
+
+    report = profile_tables(tables(), schema_.names)
+    schema = {f.name: str(f.type) for f in schema_}
     if as_json:
         _emit_json(
             {

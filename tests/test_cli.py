@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
 from conftest import build_demo_with_console_script
@@ -95,6 +96,18 @@ def test_inspect_shows_schema_counts_lengths_and_samples(built: tuple[str, Path]
     assert any(r.startswith("too_long") for r in rejected["counts"]["reject_reason"])
     code, out, _ = cli("inspect", "mix@0", "--store", store)
     assert code == 0 and "by task" in out and "lengths" in out
+    # inspect streams the version; the profile is the one of the whole table
+    from storage.dataset import DatasetStore
+    from transforms.profile import profile, profile_tables
+
+    datasets = DatasetStore(store)
+    whole = profile(datasets.read("mix@1", split=None))
+    streamed = profile_tables(
+        (pa.Table.from_batches([b]) for b in datasets.batches("mix@1", None, batch_size=7)),
+        datasets.schema("mix@1").names,
+    )
+    assert streamed == whole and whole["rows"] > 7
+    assert {k: v for k, v in report.items() if k in whole} == whole
 
 
 def test_tag_diff_and_export(built: tuple[str, Path]) -> None:

@@ -3,8 +3,11 @@ the instruction/response statistics with their loss-over-prompt recommendation."
 
 from __future__ import annotations
 
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -23,12 +26,17 @@ COUNT_COLUMNS = (
 
 def value_counts(table: pa.Table, column: str, top: int = 20) -> dict[str, int]:
     """The ``top`` most frequent values of a column (nulls shown as ``-``)."""
-    counts = pc.value_counts(pc.fill_null(table.column(column).cast(pa.string()), "-"))
-    pairs = sorted(
-        zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True),
-        key=lambda kv: (-kv[1], kv[0]),
-    )
-    return dict(pairs[:top])
+    return _top(_counts(table.column(column)), top)
+
+
+def _counts(values: pa.Array | pa.ChunkedArray) -> Counter[str]:
+    counts = pc.value_counts(pc.fill_null(values.cast(pa.string()), "-"))
+    values_, counts_ = counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+    return Counter(dict(zip(values_, counts_, strict=True)))
+
+
+def _top(counts: Counter[str], top: int) -> dict[str, int]:
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top])
 
 
 def length_stats(values: pa.Array | pa.ChunkedArray) -> dict[str, float]:
@@ -47,28 +55,54 @@ def length_stats(values: pa.Array | pa.ChunkedArray) -> dict[str, float]:
 
 def profile(table: pa.Table, top: int = 20) -> dict[str, Any]:
     """Row count, value counts of the categorical columns, and character-length stats."""
-    out: dict[str, Any] = {"rows": table.num_rows, "counts": {}}
-    for column in COUNT_COLUMNS:
-        if column in table.column_names and table.num_rows:
-            out["counts"][column] = value_counts(table, column, top)
-    lengths: dict[str, Any] = {}
-    if "prompt" in table.column_names:
-        lengths["prompt_chars"] = length_stats(prompt_chars(table.column("prompt")))
-    if "response" in table.column_names:
-        lengths["response_chars"] = length_stats(
-            pc.fill_null(pc.utf8_length(table.column("response")), 0)
-        )
-    out["lengths"] = lengths
-    if {"prompt", "response"} <= set(table.column_names):
-        out["instruction_response"] = instruction_response(table)
+    return profile_tables([table], table.column_names, top)
+
+
+def profile_tables(tables: Iterable[pa.Table], columns: list[str], top: int = 20) -> dict[str, Any]:
+    """:func:`profile` of the rows of ``tables`` (with ``columns``), one table at a time:
+    what it keeps grows with the rows only as the distinct values counted, two int64 length
+    arrays and the train rows' two token-length arrays. The result is the same as for the
+    tables concatenated."""
+    counted = [c for c in COUNT_COLUMNS if c in columns]
+    counts: dict[str, Counter[str]] = {c: Counter() for c in counted}
+    chars: dict[str, list[np.ndarray]] = {"prompt_chars": [], "response_chars": []}
+    rows = 0
+
+    def train_rows() -> Iterator[pa.Table]:  # counts as it goes, yields the train rows
+        nonlocal rows
+        for table in tables:
+            rows += table.num_rows
+            for column in counted:
+                counts[column].update(_counts(table.column(column)))
+            if "prompt" in columns:
+                chars["prompt_chars"].append(_numpy(prompt_chars(table.column("prompt"))))
+            if "response" in columns:
+                length = pc.fill_null(pc.utf8_length(table.column("response")), 0)
+                chars["response_chars"].append(_numpy(length))
+            if "split" in columns:
+                table = table.filter(pc.equal(table.column("split"), "train"))
+            yield table
+
+    instruction = None
+    if {"prompt", "response"} <= set(columns):
+        from transforms.response.stats import dataset_stats
+
+        instruction = dataset_stats(train_rows())
+    else:
+        deque(train_rows(), maxlen=0)
+    out: dict[str, Any] = {
+        "rows": rows,
+        "counts": {c: _top(counts[c], top) for c in counted if rows},
+        "lengths": {
+            name: length_stats(pa.array(np.concatenate(parts) if parts else [], pa.int64()))
+            for name, parts in chars.items()
+            if name.removesuffix("_chars") in columns
+        },
+    }
+    if instruction is not None:
+        out["instruction_response"] = instruction
     return out
 
 
-def instruction_response(table: pa.Table) -> dict[str, Any]:
-    """The instruction/response statistics (:mod:`transforms.response.stats`) of the
-    ``train`` rows (of every row when there is no ``split`` column)."""
-    from transforms.response.stats import dataset_stats
-
-    if "split" in table.column_names:
-        table = table.filter(pc.equal(table.column("split"), "train"))
-    return dataset_stats([table])
+def _numpy(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return values.to_numpy(zero_copy_only=False).astype(np.int64)
