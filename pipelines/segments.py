@@ -141,12 +141,16 @@ class ShardWriter:
 
     def _write(self, table: pa.Table, name: str) -> str:
         path = self.folder / name
-        # A temporary name of this writer's own: two builds of one spec at once write the
-        # same shards (same key, same content) into the same folder.
-        tmp = path.with_name(f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = _own_temporary(path)
         pq.write_table(table, tmp, **_SHARD_OPTIONS)
         os.replace(tmp, path)
         return str(path)
+
+
+def _own_temporary(path: Path) -> Path:
+    """A temporary name next to ``path``, of this writer's own (same suffix): two builds of
+    one spec at once write the same files (same key, same content) into the same folder."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
 
 
 def write_prepared(
@@ -156,7 +160,7 @@ def write_prepared(
     a digest of the rows they were computed from."""
     path = Path(folder) / f"{Path(shard).stem}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    tmp = _own_temporary(path)
     np.savez(tmp, _rows=_rows_digest(table), **arrays)
     os.replace(tmp, path)
     return str(path)
