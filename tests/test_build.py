@@ -63,6 +63,9 @@ def test_build_on_shared_corpora(tmp_path: Path, shared_data: Path) -> None:
     meta = info.metadata
     assert meta["build_id"] == summary["build_id"] != "None"
     assert meta["spec_hash"] == summary["spec_hash"]
+    from pipelines.fingerprint import code_version
+
+    assert meta["code_version"] == code_version() and "+" in meta["code_version"]
     assert set(meta["inputs"]) == {s["path"] for s in sources}
     assert list(meta["counts"]) == ["ingest", "normalize", "exact_dedup", "filter"]
     assert all(v.startswith("xxh3:") for v in meta["inputs"].values())
@@ -90,6 +93,41 @@ def test_exact_duplicates_across_sources_are_rejected_with_the_kept_id(
         assert reason.startswith("duplicate_of:")
         assert reason.removeprefix("duplicate_of:") in kept_ids
     assert "gsm8k_copy" in set(dup.column("source").to_pylist())
+
+
+def test_row_level_problems_reach_the_committed_rejected_split(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """Each row-level problem of a real corpus file lands in the version's rejected split
+    with its stage and reason; the good rows land in train."""
+    rows = json.loads((shared_data / "instructions" / "gsm8k_train_alpaca.json").read_text())
+    good = [json.dumps(r).encode() for r in rows[:5]]
+    bad = {
+        "missing_field:output": json.dumps({"instruction": "What is 2+2?", "input": ""}).encode(),
+        "wrong_type:output": json.dumps({**rows[5], "output": ["4"]}).encode(),
+        "empty_response": json.dumps({**rows[6], "output": "   "}).encode(),
+        "invalid_utf8:output": json.dumps(rows[7])
+        .encode()
+        .replace(b'"output": "', b'"output": "\xff'),
+    }
+    lines = [*good, *bad.values(), good[0]]
+    path = tmp_path / "dirty.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    spec = write_spec(tmp_path, name="dirty", sources=[{"path": str(path), "format": "alpaca"}])
+    store = DatasetStore(str(tmp_path / "store"))
+    summary = build_dataset(str(spec), store=store.root)
+    assert_accounting(summary, store)
+    assert summary["rows"] == {"in": 10, "generated": 0, "train": 5, "rejected": 5}
+    rejected = store.read("dirty", "rejected").to_pylist()
+    found = {(r["source_index"], r["reject_stage"], r["reject_reason"]) for r in rejected}
+    kept_id = store.read("dirty", "train").column("id")[0].as_py()
+    assert found == {
+        (5, "ingest", "missing_field:output"),
+        (6, "ingest", "wrong_type:output"),
+        (7, "filter", "empty_response"),
+        (8, "ingest", "invalid_utf8:output"),
+        (9, "exact_dedup", f"duplicate_of:{kept_id}"),
+    }
 
 
 def test_failed_build_leaves_no_version_and_rerun_reuses_finished_shards(

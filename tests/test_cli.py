@@ -164,3 +164,24 @@ def test_console_script_builds_the_shipped_demo(tmp_path: Path) -> None:
     dedup = summary["counts"]["exact_dedup"]
     assert dedup["rejected"] == 20  # gsm8k_sample_b repeats rows 180-199 of gsm8k_sample
     assert summary["rows"]["in"] == 200 + 80 + 100 + 50 + 100
+
+
+def test_reject_reasons_are_counted_by_rule_not_by_kept_id(shared_data: Path) -> None:
+    """``duplicate_of:<id>`` names a different kept row on every duplicate: counted as one
+    reason, ``duplicate_of:*``, so the counts say how many rows each rule dropped."""
+    from transforms.dedup import ExactDedupParams, exact_dedup
+    from transforms.ingest import read_source
+    from transforms.profile import profile
+
+    path = shared_data / "instructions" / "gsm8k_train_alpaca.json"
+    rows = next(iter(read_source(path))).kept.slice(0, 300)
+    result = exact_dedup(pa.concat_tables([rows, rows.slice(0, 120)]), ExactDedupParams(), {})
+    reasons = result.rejected.column("reject_reason")
+    assert len(set(reasons.to_pylist())) == 120  # one distinct reason per duplicate
+    extra = pa.table({"reject_reason": ["repetition:0.41", "repetition:0.57", "empty_response"]})
+    counts = profile(pa.concat_tables([result.rejected.select(["reject_reason"]), extra]))
+    assert counts["counts"]["reject_reason"] == {
+        "duplicate_of:*": 120,
+        "repetition:*": 2,
+        "empty_response": 1,
+    }

@@ -24,13 +24,30 @@ COUNT_COLUMNS = (
 )
 
 
+FOLDED = (("_of:[^:]*$", "_of:*"), (":[0-9.]+$", ":*"))
+"""Parts of a reject reason that name a row or a measured value (``duplicate_of:<id>``,
+``repetition:0.42``), replaced by ``*`` when reasons are counted, so that the counts say
+how many rows each rule dropped instead of listing every kept id."""
+
+
+def reason_kinds(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Reject reasons with their row ids and measured values folded (see :data:`FOLDED`)."""
+    for pattern, replacement in FOLDED:
+        values = pc.replace_substring_regex(values, pattern, replacement)
+    return values
+
+
 def value_counts(table: pa.Table, column: str, top: int = 20) -> dict[str, int]:
-    """The ``top`` most frequent values of a column (nulls shown as ``-``)."""
-    return _top(_counts(table.column(column)), top)
+    """The ``top`` most frequent values of a column (nulls shown as ``-``; reject reasons
+    folded by :func:`reason_kinds`)."""
+    return _top(_counts(table.column(column), column), top)
 
 
-def _counts(values: pa.Array | pa.ChunkedArray) -> Counter[str]:
-    counts = pc.value_counts(pc.fill_null(values.cast(pa.string()), "-"))
+def _counts(values: pa.Array | pa.ChunkedArray, column: str) -> Counter[str]:
+    values = values.cast(pa.string())
+    if column == "reject_reason":
+        values = reason_kinds(values)
+    counts = pc.value_counts(pc.fill_null(values, "-"))
     values_, counts_ = counts.field("values").to_pylist(), counts.field("counts").to_pylist()
     return Counter(dict(zip(values_, counts_, strict=True)))
 
@@ -73,7 +90,7 @@ def profile_tables(tables: Iterable[pa.Table], columns: list[str], top: int = 20
         for table in tables:
             rows += table.num_rows
             for column in counted:
-                counts[column].update(_counts(table.column(column)))
+                counts[column].update(_counts(table.column(column), column))
             if "prompt" in columns:
                 chars["prompt_chars"].append(_numpy(prompt_chars(table.column("prompt"))))
             if "response" in columns:
