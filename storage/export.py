@@ -5,7 +5,9 @@ Formats (written to ``out_dir``, streamed batch by batch so memory stays bounded
 - ``trl_messages``: JSONL, TRL's conversational language-modelling type,
   ``{"messages": [...], "tools": [...]}``. A ``tool_call`` turn becomes an assistant
   message with ``tool_calls`` (``{"type": "function", "function": {name, arguments}}``),
-  a ``tool`` turn stays a ``tool`` message.
+  a ``tool`` turn stays a ``tool`` message. A response that is a tool call (ingest keeps
+  a conversation ending in one; :func:`transforms.ingest.chat.is_tool_call`) is written the
+  same way, as the last assistant message, in every trainer format.
 - ``trl_prompt_completion``: JSONL, TRL's conversational prompt-completion type,
   ``{"prompt": [...], "completion": [{"role": "assistant", ...}], "tools": [...]}``.
 - ``llamafactory_alpaca``: a JSON list of ``{instruction, input, output, system, tools,
@@ -60,6 +62,7 @@ from storage.training import (
     response_only,
     trainer_settings,
 )
+from transforms.ingest.chat import is_tool_call
 
 EXPORT_FORMATS = (
     "trl_messages",
@@ -339,6 +342,12 @@ def _parse_calls(content: str | None) -> list[dict[str, Any]]:
     return calls
 
 
+def _response_turn(row: Row) -> Row:
+    """The response as a turn: ``tool_call`` when it is a call's JSON, else ``assistant``."""
+    role = "tool_call" if is_tool_call(row["response"]) else "assistant"
+    return {"role": role, "content": row["response"]}
+
+
 def _trl_turns(prompt: list[Row]) -> list[Row]:
     """Our turns as TRL/transformers chat messages."""
     messages: list[Row] = []
@@ -368,7 +377,7 @@ def _with_tools(record: Row, row: Row) -> Row:
 
 
 def _trl_messages(row: Row) -> Row:
-    messages = [*_trl_turns(row["prompt"]), {"role": "assistant", "content": row["response"]}]
+    messages = _trl_turns([*row["prompt"], _response_turn(row)])
     return _with_tools({"messages": messages}, row)
 
 
@@ -377,7 +386,7 @@ def _trl_prompt_completion(row: Row) -> Row:
         raise _Skip("empty prompt")
     record = {
         "prompt": _trl_turns(row["prompt"]),
-        "completion": [{"role": "assistant", "content": row["response"]}],
+        "completion": _trl_turns([_response_turn(row)]),
     }
     return _with_tools(record, row)
 
@@ -400,7 +409,7 @@ def _tools_text(row: Row) -> str:
 
 def _alpaca(row: Row) -> Row:
     system, turns = _leading_system(row["prompt"])
-    if any(turn["role"] in ("tool_call", "tool") for turn in turns):
+    if any(turn["role"] in ("tool_call", "tool") for turn in [*turns, _response_turn(row)]):
         raise _Skip("tool turns (alpaca cannot represent them; use llamafactory_sharegpt)")
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
     if not turns or len(turns) % 2 == 0 or [t["role"] for t in turns] != expected:
@@ -419,13 +428,12 @@ def _alpaca(row: Row) -> Row:
 def _sharegpt(row: Row) -> Row:
     system, turns = _leading_system(row["prompt"])
     conversation = []
-    for turn in turns:
+    for turn in [*turns, _response_turn(row)]:
         value = turn["content"]
         if turn["role"] == "tool_call":
             calls = _parse_calls(value)
             value = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
         conversation.append({"from": _SHAREGPT_ROLES[turn["role"]], "value": value})
-    conversation.append({"from": "gpt", "value": row["response"]})
     odd, even = ("human", "observation"), ("gpt", "function_call")
     if any(m["from"] not in (odd if i % 2 == 0 else even) for i, m in enumerate(conversation)):
         raise _Skip("turns do not alternate human|observation and gpt|function_call")

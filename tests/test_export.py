@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_ingest import MESSAGES, SHAREGPT, write_jsonl
 from test_storage import CALL, commit_build, ids, rejected_table
 from test_storage import canonical_table as table
 from trl.data_utils import is_conversational
 
 from storage import EXPORT_FORMATS, DatasetStore, StoreError, export
+from transforms.ingest import read_source
 
 # canonical_table cycles four shapes: 0 system+user, 1 tool exchange, 2 multi-turn, 3 MCQ.
 ROWS = 8
@@ -201,4 +204,103 @@ def test_bad_format_and_ref(store: DatasetStore, tmp_path: Path) -> None:
         "trl_kto",
         "cut",
         "llamafactory_preference",
+    }
+
+
+def ingested(path: Path) -> pa.Table:
+    return pa.concat_tables([result.kept for result in read_source(path)])
+
+
+def by_first_user(records: list[Any], key: str) -> dict[str, Any]:
+    """Exported records by their first user turn (ShareGPT ``{from, value}`` or messages)."""
+    keyed = {}
+    for record in records:
+        turns = record[key]
+        user = next(t for t in turns if t.get("from", t.get("role")) in ("human", "user"))
+        keyed[user.get("value", user.get("content"))] = record
+    return keyed
+
+
+def test_final_tool_call_round_trip(tmp_path: Path) -> None:
+    """A conversation ending in a tool call (kept by ingest; its response is the call's
+    JSON) exports as a ``function_call`` turn / an assistant message with ``tool_calls``,
+    and reads back through ingest as the same rows."""
+    store = DatasetStore(str(tmp_path / "store"))
+    sharegpt = tmp_path / "chat.json"
+    sharegpt.write_text(json.dumps(SHAREGPT), encoding="utf-8")
+    rows = ingested(sharegpt)
+    assert rows.num_rows == 4  # Paris (ends with gpt), Rome and Oslo (end with calls), Ada
+    commit_build(store, "sg", tmp_path, rows)
+    rome_call = {"name": "weather", "arguments": {"city": "Rome"}}
+
+    out = tmp_path / "lf"
+    assert export(store, "sg", "llamafactory_sharegpt", out).skipped == 0
+    records = by_first_user(json.loads((out / "sg_v0.json").read_text()), "conversations")
+    rome, oslo = records["Weather in Rome?"], records["Weather in Oslo and Rome?"]
+    ada = records["Ada as JSON?"]
+    assert [m["from"] for m in rome["conversations"]] == ["human", "function_call"]
+    assert json.loads(rome["conversations"][1]["value"]) == rome_call
+    assert [m["from"] for m in oslo["conversations"]] == ["human", "function_call"]
+    assert len(json.loads(oslo["conversations"][1]["value"])) == 2
+    assert ada["conversations"][-1] == {"from": "gpt", "value": '{"name": "Ada", "born": 1815}'}
+    assert records["Weather in Paris?"]["conversations"][-1]["from"] == "gpt"
+    # LLaMA-Factory's sharegpt file read back gives the stored prompt, response and tools.
+    fields = ["prompt", "response", "tools"]
+    assert (
+        ingested(out / "sg_v0.json")
+        .select(fields)
+        .sort_by("response")
+        .equals(store.read("sg", columns=fields).sort_by("response"))
+    )
+
+    assert export(store, "sg", "trl_messages", tmp_path / "trl").skipped == 0
+    lines = (tmp_path / "trl" / "sg_v0.jsonl").read_text().splitlines()
+    messages = by_first_user([json.loads(line) for line in lines], "messages")
+    assert all(is_conversational(record) for record in messages.values())
+    rome_message = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": rome_call}],
+    }
+    assert messages["Weather in Rome?"]["messages"][-1] == rome_message
+    assert len(messages["Weather in Oslo and Rome?"]["messages"][-1]["tool_calls"]) == 2
+    assert messages["Ada as JSON?"]["messages"][-1] == {
+        "role": "assistant",
+        "content": '{"name": "Ada", "born": 1815}',
+    }
+    back = by_first_user(ingested(tmp_path / "trl" / "sg_v0.jsonl").to_pylist(), "prompt")
+    assert json.loads(back["Weather in Rome?"]["response"]) == rome_message["tool_calls"]
+
+    export(store, "sg", "trl_prompt_completion", tmp_path / "pc")
+    lines = (tmp_path / "pc" / "sg_v0.jsonl").read_text().splitlines()
+    completions = by_first_user([json.loads(line) for line in lines], "prompt")
+    assert completions["Weather in Rome?"]["completion"] == [rome_message]
+
+    alpaca = export(store, "sg", "llamafactory_alpaca", tmp_path / "alpaca")
+    assert alpaca.rows == 1  # Ada only: alpaca has no place for tool calls
+    assert alpaca.skipped_reasons == {
+        "tool turns (alpaca cannot represent them; use llamafactory_sharegpt)": 3
+    }
+
+
+def test_final_openai_tool_calls_export(tmp_path: Path) -> None:
+    """An OpenAI conversation ending in an assistant message with only ``tool_calls``
+    exports with the calls as ``tool_calls`` (arguments parsed) and as ``function_call``."""
+    store = DatasetStore(str(tmp_path / "store"))
+    commit_build(store, "oa", tmp_path, ingested(write_jsonl(tmp_path / "m.jsonl", MESSAGES)))
+    export(store, "oa", "trl_messages", tmp_path / "trl")
+    lines = (tmp_path / "trl" / "oa_v0.jsonl").read_text().splitlines()
+    last = [json.loads(line)["messages"][-1] for line in lines]
+    calls = [m["tool_calls"] for m in last if "tool_calls" in m]
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Rome"}}}
+    assert calls == [[call], [call]]  # rows 4 and 5 (5 has its text as the turn before)
+
+    result = export(store, "oa", "llamafactory_sharegpt", tmp_path / "lf")
+    records = json.loads((tmp_path / "lf" / "oa_v0.json").read_text())
+    ends = [r["conversations"][-1] for r in records if r["conversations"][-1]["from"] != "gpt"]
+    assert ends == [{"from": "function_call", "value": json.dumps(call["function"])}]
+    # Row 5's assistant text followed by the call is two assistant-side turns in a row,
+    # which LLaMA-Factory's sharegpt cannot hold: skipped and counted, not lost silently.
+    assert result.skipped_reasons == {
+        "turns do not alternate human|observation and gpt|function_call": 1
     }

@@ -24,6 +24,7 @@ from transforms.ingest import (
     detect_format,
     read_source,
 )
+from transforms.ingest.chat import is_tool_call
 from transforms.schema import REJECTED_SCHEMA, SCHEMA, validate
 from transforms.stage import StageResult
 
@@ -199,6 +200,8 @@ def test_self_instruct_instances(tmp_path: Path) -> None:
 
 # --- conversational formats ----------------------------------------------------------------
 
+CALL_ROME = '{"name": "weather", "arguments": {"city": "Rome"}}'
+
 SHAREGPT = [
     {
         "conversations": [
@@ -223,6 +226,46 @@ SHAREGPT = [
     {"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "hello"}]},
     {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": 7}]},
     {"conversations": "hi"},
+    # 5-9: conversations ending in a tool call (a target turn in LLaMA-Factory) and the
+    # endings that are still rejected, or kept as plain text.
+    {
+        "conversations": [
+            {"from": "human", "value": "Weather in Rome?"},
+            {"from": "function_call", "value": CALL_ROME},
+        ],
+        "tools": '[{"name": "weather", "parameters": {"city": "string"}}]',
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Weather in Oslo and Rome?"},
+            {
+                "from": "function_call",
+                "value": [
+                    {"name": "weather", "arguments": {"city": "Oslo"}},
+                    {"name": "weather", "arguments": {"city": "Rome"}},
+                ],
+            },
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Weather in Rome?"},
+            {"from": "function_call", "value": CALL_ROME},
+            {"from": "observation", "value": '{"temp": 25}'},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Weather in Rome?"},
+            {"from": "function_call", "value": "weather(city='Rome')"},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Ada as JSON?"},
+            {"from": "gpt", "value": '{"name": "Ada", "born": 1815}'},
+        ]
+    },
 ]
 
 
@@ -241,8 +284,22 @@ def test_sharegpt_with_tool_turns(tmp_path: Path) -> None:
         2: "unknown_role:bot",
         3: "wrong_type:conversations.value",
         4: "wrong_type:conversations",
+        7: "no_assistant_turn",  # ends with the observation: no assistant-side turn
+        8: "invalid_tool_call:conversations.value",  # not a call's JSON
     }
     assert rows(rejected)[0]["prompt"][-1] == {"role": "user", "content": "?"}
+    # A final function_call is the response: the call's JSON, the turns before it the prompt.
+    by_index = {r["source_index"]: r for r in rows(kept)}
+    assert sorted(by_index) == [0, 5, 6, 9]
+    call, parallel, plain = by_index[5], by_index[6], by_index[9]
+    assert call["prompt"] == [{"role": "user", "content": "Weather in Rome?"}]
+    assert call["response"] == CALL_ROME and is_tool_call(call["response"])
+    assert call["tools"] == SHAREGPT[5]["tools"]
+    assert json.loads(parallel["response"]) == SHAREGPT[6]["conversations"][1]["value"]
+    assert is_tool_call(parallel["response"])
+    # JSON that is not a call ({name} without arguments) stays a plain answer.
+    assert plain["response"] == '{"name": "Ada", "born": 1815}'
+    assert not is_tool_call(plain["response"]) and not is_tool_call(row["response"])
 
 
 def test_sharegpt_custom_tags(tmp_path: Path) -> None:
@@ -268,6 +325,12 @@ def test_sharegpt_custom_tags(tmp_path: Path) -> None:
     ]
 
 
+OPENAI_CALL_ROME = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "weather", "arguments": '{"city": "Rome"}'},
+}
+
 MESSAGES = [
     {
         "messages": [
@@ -291,6 +354,33 @@ MESSAGES = [
     {"messages": [{"role": "user", "content": "hi"}]},
     {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
     {"messages": [{"role": "user"}, {"role": "assistant", "content": "hello"}]},
+    # 4-7: conversations ending in tool calls, and the endings still rejected.
+    {
+        "messages": [
+            {"role": "user", "content": "Weather in Rome?"},
+            {"role": "assistant", "content": None, "tool_calls": [OPENAI_CALL_ROME]},
+        ],
+        "tools": [{"type": "function", "function": {"name": "weather"}}],
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Weather in Rome?"},
+            {"role": "assistant", "content": "Let me check.", "tool_calls": [OPENAI_CALL_ROME]},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Weather in Rome?"},
+            {"role": "assistant", "content": "", "tool_calls": [OPENAI_CALL_ROME]},
+            {"role": "tool", "content": "25 degrees"},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Weather in Rome?"},
+            {"role": "assistant", "content": None, "tool_calls": "weather(city='Rome')"},
+        ]
+    },
 ]
 
 
@@ -307,7 +397,43 @@ def test_messages_with_tool_calls(tmp_path: Path) -> None:
         1: "no_assistant_turn",
         2: "unknown_role:wizard",
         3: "missing_field:messages.content",
+        6: "no_assistant_turn",  # ends with the tool's output
+        7: "invalid_tool_call:messages.tool_calls",
     }
+    # A final assistant message with only tool_calls is the response: the calls as JSON,
+    # serialised as for tool calls in the prompt; its text, if any, joins the prompt.
+    by_index = {r["source_index"]: r for r in rows(kept)}
+    assert sorted(by_index) == [0, 4, 5]
+    calls_only, with_text = by_index[4], by_index[5]
+    assert calls_only["prompt"] == [{"role": "user", "content": "Weather in Rome?"}]
+    assert json.loads(calls_only["response"]) == [OPENAI_CALL_ROME]
+    assert is_tool_call(calls_only["response"])
+    assert json.loads(calls_only["tools"]) == MESSAGES[4]["tools"]
+    assert with_text["prompt"][-1] == {"role": "assistant", "content": "Let me check."}
+    assert with_text["response"] == calls_only["response"]
+
+
+@pytest.mark.parametrize(
+    ("content", "call"),
+    [
+        (CALL_ROME, True),
+        (json.dumps([json.loads(CALL_ROME)] * 2), True),
+        (json.dumps([OPENAI_CALL_ROME]), True),
+        (json.dumps({**OPENAI_CALL_ROME, "index": 0}), True),
+        ('{"name": "weather", "arguments": "{}"}', True),
+        ('{"name": "weather"}', False),  # no arguments: LLaMA-Factory would fail on it
+        ('{"name": "weather", "parameters": {}}', False),
+        ('{"name": "weather", "arguments": {}, "note": "x"}', False),
+        ('{"type": "code", "function": {"name": "f", "arguments": {}}}', False),
+        ('[{"name": "weather", "arguments": {}}, "x"]', False),
+        ("[]", False),
+        ("null", False),
+        ("It is 21 degrees.", False),
+        ("", False),
+    ],
+)
+def test_is_tool_call(content: str, call: bool) -> None:
+    assert is_tool_call(content) is call
 
 
 def test_messages_from_parquet(tmp_path: Path) -> None:
@@ -343,6 +469,10 @@ def test_prompt_completion(tmp_path: Path) -> None:
         ([{"role": "user", "content": "What color is the sky?"}], "It is blue."),
     ]
     assert reasons(rejected) == {2: "missing_field:completion"}
+
+    call = {"prompt": "Weather in Rome?", "completion": [MESSAGES[4]["messages"][1]]}
+    kept, _, _ = read_all(write_jsonl(tmp_path / "call.jsonl", [call]))
+    assert json.loads(rows(kept)[0]["response"]) == [OPENAI_CALL_ROME]
 
 
 # --- alpaca details ------------------------------------------------------------------------

@@ -2,12 +2,19 @@
 
 Roles map to ``system``, ``user``, ``assistant``, ``tool_call`` (an assistant turn calling a
 tool; content is the call as JSON) and ``tool`` (the tool's output). Tool turns are kept.
-The last turn must be a plain assistant turn: it becomes ``response`` and everything before
-it ``prompt``; otherwise the row is rejected with ``no_assistant_turn``.
+The last turn must be assistant-side: a plain assistant turn, or a tool call (LLaMA-Factory
+trains ``function_call`` turns as targets). It becomes ``response`` and everything before it
+``prompt``; otherwise the row is rejected with ``no_assistant_turn``.
+
+The schema has no role for ``response``: a tool-call response is its call JSON as written
+(LLaMA-Factory ``{"name", "arguments"}``, or OpenAI ``tool_calls``), and :func:`is_tool_call`
+is how exports tell it from a plain answer. A final call that does not have one of those
+shapes is rejected (``invalid_tool_call:<field>``) rather than kept as plain text.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from transforms.ingest.errors import RowReject
@@ -27,11 +34,42 @@ MESSAGE_ROLES = {
 """OpenAI message roles (``developer`` and the legacy ``function`` included) → canonical roles."""
 
 
-def split_response(turns: list[Turn], tools: str | None) -> dict[str, Any]:
-    """``prompt`` / ``response`` from a conversation that must end with an assistant turn."""
-    if not turns or turns[-1]["role"] != "assistant":
+def split_response(turns: list[Turn], tools: str | None, call_field: str) -> dict[str, Any]:
+    """``prompt`` / ``response`` from a conversation that must end with an assistant turn or
+    a tool call; ``call_field`` names the field a malformed final call came from."""
+    if not turns or turns[-1]["role"] not in ("assistant", "tool_call"):
         raise RowReject("no_assistant_turn", {"prompt": turns, "tools": tools})
-    return {"prompt": turns[:-1], "response": turns[-1]["content"], "tools": tools}
+    last = turns[-1]
+    if last["role"] == "tool_call" and not is_tool_call(last["content"]):
+        raise RowReject(f"invalid_tool_call:{call_field}", {"prompt": turns, "tools": tools})
+    return {"prompt": turns[:-1], "response": last["content"], "tools": tools}
+
+
+def is_tool_call(content: str | None) -> bool:
+    """Whether ``content`` is, as a whole, the JSON of one call or a list of calls: each
+    ``{"name": str, "arguments": ...}`` (LLaMA-Factory's ``function_call`` value) or OpenAI's
+    ``{"type": "function", "function": {"name", "arguments"}}`` (``id``/``index`` allowed).
+    Other keys make it plain text, so an ordinary answer is not taken for a call."""
+    try:
+        data = json.loads(content or "")
+    except ValueError:
+        return False
+    items = data if isinstance(data, list) else [data]
+    return bool(items) and all(_is_call(item) for item in items)
+
+
+def _is_call(item: Any) -> bool:
+    if isinstance(item, dict) and "function" in item:  # OpenAI's wrapper
+        wrapper_keys = {"id", "index", "type", "function"}
+        if not set(item) <= wrapper_keys or item.get("type", "function") != "function":
+            return False
+        item = item["function"]
+    return (
+        isinstance(item, dict)
+        and isinstance(item.get("name"), str)
+        and "arguments" in item
+        and set(item) <= {"name", "arguments"}
+    )
 
 
 def listed(value: Any, field: str) -> list[Any]:
@@ -65,7 +103,8 @@ def sharegpt_row(value: Any, params: IngestParams) -> dict[str, Any]:
         _sharegpt_turn(item, roles, tags)
         for item in listed(fields.get(tags.messages), tags.messages)
     ]
-    return split_response(turns, json_text(fields.get(tags.tools), tags.tools))
+    tools = json_text(fields.get(tags.tools), tags.tools)
+    return split_response(turns, tools, f"{tags.messages}.{tags.content_tag}")
 
 
 def _sharegpt_roles(tags: ShareGPTTags) -> dict[str, str]:
@@ -99,7 +138,7 @@ def messages_row(value: Any, params: IngestParams) -> dict[str, Any]:
     """OpenAI/TRL conversational: ``messages`` of ``{role, content}``, optional ``tools``."""
     fields = record(value)
     turns = message_turns(listed(fields.get("messages"), "messages"), "messages")
-    return split_response(turns, json_text(fields.get("tools"), "tools"))
+    return split_response(turns, json_text(fields.get("tools"), "tools"), "messages.tool_calls")
 
 
 def prompt_completion_row(value: Any, params: IngestParams) -> dict[str, Any]:
@@ -109,7 +148,7 @@ def prompt_completion_row(value: Any, params: IngestParams) -> dict[str, Any]:
     turns = _part(fields.get("prompt"), "prompt", "user") + _part(
         fields.get("completion"), "completion", "assistant"
     )
-    return split_response(turns, json_text(fields.get("tools"), "tools"))
+    return split_response(turns, json_text(fields.get("tools"), "tools"), "completion.tool_calls")
 
 
 def _part(value: Any, field: str, role: str) -> list[Turn]:
