@@ -25,6 +25,26 @@ class Sampling:
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    """Top-k alternatives per generated token; 0 gives only the sampled token's logprob
+    (and with it the sample's cumulative logprob); ``None`` gives neither."""
+
+    def __post_init__(self) -> None:
+        problems = [
+            message
+            for failed, message in (
+                (self.n < 1, f"n must be at least 1, got {self.n}"),
+                (self.max_tokens < 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
+                (self.temperature < 0, f"temperature must be >= 0, got {self.temperature}"),
+                (not 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+                (
+                    self.logprobs is not None and self.logprobs < 0,
+                    f"logprobs must be >= 0, got {self.logprobs}",
+                ),
+            )
+            if failed
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

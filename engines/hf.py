@@ -32,7 +32,8 @@ class TransformersEngine:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.kind, self.model_path)
+        """Model fingerprint plus what changes the numbers: dtype and device type."""
+        return f"{fingerprint(self.kind, self.model_path)}:{self.dtype}:{self.device.split(':')[0]}"
 
     @cached_property
     def tokenizer(self) -> Any:
@@ -63,12 +64,12 @@ class TransformersEngine:
     def generate(self, requests: Sequence[Request]) -> list[list[Sample]]:
         """One ``model.generate`` per request (seeded with ``torch.manual_seed``).
 
-        Token logprobs are not implemented here: asking for them is an error (use vLLM).
+        With ``logprobs`` set, each sample carries the log-probability of every generated
+        token (its end-of-sequence token included) and the ``logprobs`` most likely
+        alternatives, taken from the model's raw logits before temperature and top-p, as
+        vLLM reports them (its default ``logprobs_mode="raw_logprobs"``).
         """
         import torch
-
-        if any(r.sampling.logprobs is not None for r in requests):
-            raise EngineError("the transformers engine does not return logprobs; use vllm")
 
         out: list[list[Sample]] = []
         eos = self.tokenizer.eos_token_id
@@ -89,16 +90,48 @@ class TransformersEngine:
                     pad_token_id=self.tokenizer.pad_token_id or eos,
                     eos_token_id=eos,
                     top_k=None,
+                    return_dict_in_generate=True,
+                    output_logits=s.logprobs is not None,
                 )
+            tokens = gen.sequences[:, ids.shape[1] :].tolist()
+            steps = (
+                torch.log_softmax(torch.stack(gen.logits, dim=1).float(), dim=-1)
+                if s.logprobs is not None
+                else None
+            )
             samples = []
-            for row in gen[:, ids.shape[1] :].tolist():
+            for index, row in enumerate(tokens):
                 finish = "stop" if eos in row else "length"
-                row = row[: row.index(eos)] if eos in row else row
-                text = self.tokenizer.decode(row, skip_special_tokens=True)
+                row = row[: row.index(eos) + 1] if eos in row else row
+                text = self.tokenizer.decode(
+                    row[:-1] if finish == "stop" else row, skip_special_tokens=True
+                )
                 text, stopped = _apply_stop(text, s.stop)
-                samples.append(Sample(text=text, finish_reason="stop" if stopped else finish))
+                finish = "stop" if stopped else finish
+                if steps is None:
+                    samples.append(Sample(text=text, finish_reason=finish))
+                else:
+                    samples.append(self._with_logprobs(text, finish, row, steps[index], s.logprobs))
             out.append(samples)
         return out
+
+    def _with_logprobs(
+        self, text: str, finish: str, row: list[int], steps: Any, k: int | None
+    ) -> Sample:
+        """A sample with the logprob of each of its tokens and the top ``k`` alternatives
+        at each position (the sampled token always among them, as in vLLM)."""
+        chosen = [float(steps[t, token]) for t, token in enumerate(row)]
+        top = []
+        for t, token in enumerate(row):
+            best = steps[t].topk(k).indices.tolist() if k else []
+            top.append({self.tokenizer.decode([i]): float(steps[t, i]) for i in [*best, token]})
+        return Sample(
+            text=text,
+            finish_reason=finish,
+            cumulative_logprob=sum(chosen),
+            token_logprobs=chosen,
+            top_logprobs=top,
+        )
 
     def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:
         """Full-vocabulary softmax probability of each option's first token after the prompt."""

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,6 +61,23 @@ def _examples(model_path: str, pairs: Sequence[tuple[str, str]]) -> list[tuple[l
         c = encode(model_path, completion) + ([eos] if eos is not None else [])
         out.append((p + c, len(p)))
     return out
+
+
+def collate(batch: Sequence[tuple[list[int], int]], pad: int) -> tuple[Any, Any, Any]:
+    """Right-padded ``input_ids``, ``labels`` and ``attention_mask`` of a batch of
+    (token ids, prompt length). Labels are -100 (no loss) on the prompt and the padding:
+    the loss is on the completion only, its end token included."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
+        mask[row, : len(ids)] = 1
+    return input_ids, labels, mask
 
 
 def rehearse(
@@ -112,14 +129,7 @@ def rehearse(
             if step >= total:
                 break
             batch = [data[i] for i in order[start : start + params.batch_size]]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (ids, prompt_len) in enumerate(batch):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
-                labels[row, prompt_len : len(ids)] = torch.tensor(ids[prompt_len:])
-                mask[row, : len(ids)] = 1
+            input_ids, labels, mask = collate(batch, pad)
             loss = model(
                 input_ids=input_ids.to(params.device),
                 attention_mask=mask.to(params.device),

@@ -2,7 +2,8 @@
 
 Each input line is ``{"messages": [...]}`` (rendered with the model's chat template) or
 ``{"prompt": "..."}`` (used as raw text). Each output line is the input plus
-``samples: [{text, cumulative_logprob, finish_reason}]``. Every generation goes through
+``samples: [{text, cumulative_logprob, finish_reason}]`` (plus ``token_logprobs`` and
+``top_logprobs`` with ``--logprobs K``, K > 0). Every generation goes through
 the generation cache, and every line gets its own seed (derived from its content and the
 base seed), so a rerun is free and reproducible.
 """
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines import EngineError, Request, Sampling, make_engine, row_seed
+from jinja2 import TemplateError
+
+from engines import EngineError, Request, Sample, Sampling, make_engine, row_seed
 from engines.cached import CachedEngine, Progress
 from engines.prompts import render
 from storage.gencache import GenerationCache
@@ -47,7 +50,7 @@ def read_prompts(path: Path, model: str) -> tuple[list[dict[str, Any]], list[str
             except json.JSONDecodeError as exc:
                 raise EngineError(f"{path}: line {number}: invalid JSON: {exc.msg}") from None
             if isinstance(record, dict) and isinstance(record.get("messages"), list):
-                prompts.append(render(model, record["messages"]))
+                prompts.append(_render(model, record["messages"], f"{path}: line {number}"))
             elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
                 prompts.append(record["prompt"])
             else:
@@ -57,6 +60,38 @@ def read_prompts(path: Path, model: str) -> tuple[list[dict[str, Any]], list[str
                 )
             records.append(record)
     return records, prompts
+
+
+def _sample_line(sample: Sample, sampling: Sampling) -> dict[str, Any]:
+    """One sample as written out; per-token logprobs only when top-k alternatives were
+    asked for (``--logprobs K`` with K > 0)."""
+    line = {
+        "text": sample.text,
+        "cumulative_logprob": sample.cumulative_logprob,
+        "finish_reason": sample.finish_reason,
+    }
+    if sampling.logprobs:
+        line["token_logprobs"] = sample.token_logprobs
+        line["top_logprobs"] = sample.top_logprobs
+    return line
+
+
+def _render(model: str, messages: list[Any], where: str) -> str:
+    """The chat template's rendering of ``messages``; a malformed message names its index."""
+    for index, message in enumerate(messages):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise EngineError(
+                f"{where}: field 'messages[{index}]': expected an object with string 'role' "
+                f"and 'content', got {json.dumps(message, ensure_ascii=False)[:120]}"
+            )
+    try:
+        return render(model, messages)
+    except (TypeError, ValueError, TemplateError) as exc:
+        raise EngineError(f"{where}: field 'messages': the chat template failed: {exc}") from None
 
 
 @contextmanager
@@ -98,24 +133,17 @@ def generate_file(
     ]
     start = time.perf_counter()
     with open_engine(options) as engine:
+        ready = time.perf_counter()
         cached = CachedEngine(engine, cache)
         outputs = cached.generate(requests, progress=progress)
+        generated = time.perf_counter()
     seconds = time.perf_counter() - start
+    generation = generated - ready
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".tmp")
     with tmp.open("w", encoding="utf-8") as out:
         for record, samples in zip(records, outputs, strict=True):
-            record = {
-                **record,
-                "samples": [
-                    {
-                        "text": s.text,
-                        "cumulative_logprob": s.cumulative_logprob,
-                        "finish_reason": s.finish_reason,
-                    }
-                    for s in samples
-                ],
-            }
+            record = {**record, "samples": [_sample_line(s, options.sampling) for s in samples]}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(target)
     completions = sum(len(s) for s in outputs)
@@ -124,6 +152,8 @@ def generate_file(
         "seconds": round(seconds, 3),
         "prompts": len(requests),
         "completions": completions,
-        "completions_per_s": round(completions / seconds, 1) if seconds else None,
+        "startup_seconds": round(ready - start, 3),
+        "generation_seconds": round(generation, 3),
+        "completions_per_s": round(completions / generation, 1) if generation else None,
         "engine": engine.fingerprint,
     }

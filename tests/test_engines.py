@@ -66,6 +66,42 @@ def test_logprobs_are_returned_per_token(vllm_engine: VLLMEngine, fact_world) ->
         assert all(len(top) >= 3 for top in s.top_logprobs)
 
 
+def test_transformers_logprobs_match_vllm(
+    vllm_engine: VLLMEngine, hf_engine: TransformersEngine, fact_world
+) -> None:
+    """Both report each generated token's raw log-probability (end token included), the
+    top-k alternatives with the sampled token among them, and their sum."""
+    rows = prompts_of(fact_world, "half_known", 4)
+    sampling = Sampling(n=1, temperature=0.0, max_tokens=12, logprobs=2)
+    requests = [Request(p, sampling) for p, _ in rows]
+    for ours, theirs in zip(
+        vllm_engine.generate(requests), hf_engine.generate(requests), strict=True
+    ):
+        a, b = ours[0], theirs[0]
+        assert a.text == b.text and a.finish_reason == b.finish_reason
+        np.testing.assert_allclose(b.token_logprobs, a.token_logprobs, atol=2e-3)
+        assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=1e-2)
+        assert [len(t) for t in b.top_logprobs] == [len(t) for t in a.top_logprobs]
+        assert all(
+            max(t.values()) == pytest.approx(lp, abs=2e-3)
+            for t, lp in zip(b.top_logprobs, b.token_logprobs, strict=True)
+        )
+
+
+def test_stop_strings_end_the_text(
+    vllm_engine: VLLMEngine, hf_engine: TransformersEngine, fact_world
+) -> None:
+    prompt, _ = prompts_of(fact_world, "known", 1)[0]
+    full = vllm_engine.generate([Request(prompt, GREEDY)])[0][0].text
+    assert len(full) >= 4, full
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    stopped = Sampling(n=1, temperature=0.0, max_tokens=20, stop=(stop,))
+    for engine in (vllm_engine, hf_engine):
+        (sample,) = engine.generate([Request(prompt, stopped)])[0]
+        assert sample.text == full[: full.index(stop)] != full
+        assert sample.finish_reason == "stop"
+
+
 def test_vllm_and_transformers_see_identical_prompts(
     vllm_engine: VLLMEngine, hf_engine: TransformersEngine, fact_world
 ) -> None:
@@ -133,5 +169,5 @@ def test_embeddings_offline_all_minilm() -> None:
 def test_transformers_engine_refuses_what_it_cannot_do(hf_engine: TransformersEngine) -> None:
     with pytest.raises(EngineError, match="does not fit the model's context of 512"):
         hf_engine.generate([Request("word " * 2000, GREEDY)])
-    with pytest.raises(EngineError, match="does not return logprobs"):
-        hf_engine.generate([Request("hi", Sampling(logprobs=2))])
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        Sampling(n=0)

@@ -181,6 +181,7 @@ def test_world_files_and_manifest(fact_world: FactWorld) -> None:
     assert manifest["seed"] == 0
     assert manifest["counts"] == {"facts": 600, "known": 360, "unknown": 120, "half_known": 120}
     assert set(manifest["accuracy"]["greedy"]) == {"0_shot", "3_shot"}
+    assert manifest["training"]["seconds"] <= 180  # trained on CPU within 3 minutes
     assert not [p for p in fact_world.root.parent.iterdir() if ".tmp-" in p.name]
 
 

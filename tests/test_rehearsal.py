@@ -66,3 +66,29 @@ def test_full_fine_tune_option_and_empty_data(fact_world, tmp_path: Path) -> Non
     assert (out / "model.safetensors").is_file()
     with pytest.raises(EngineError, match="at least one"):
         rehearse(fact_world.model_dir, [], tmp_path / "none")
+
+
+def test_defaults_are_crafts_and_loss_is_on_the_completion_only(fact_world) -> None:
+    """CRaFT's code: LoRA r 64, alpha 16, dropout 0.1, lr 2e-4, 3 epochs (full: lr 2e-6)."""
+    from engines.rehearsal import _examples, collate
+
+    params = RehearsalParams()
+    assert (params.method, params.lora_r, params.lora_alpha, params.lora_dropout) == (
+        "lora",
+        64,
+        16,
+        0.1,
+    )
+    assert (params.lr, params.epochs, RehearsalParams(method="full").lr) == (2e-4, 3.0, 2e-6)
+
+    fact = fact_world.facts()[0]
+    prompt = render(fact_world.model_dir, query_prompt(fact["question"]))
+    pairs = [(prompt, fact["answers"][0]), (prompt, "a much longer completion than the other")]
+    data = _examples(str(fact_world.model_dir), pairs)
+    input_ids, labels, mask = collate(data, pad=0)
+    eos = TransformersEngine(fact_world.model_dir).tokenizer.eos_token_id
+    for row, (ids, prompt_len) in enumerate(data):
+        assert ids[-1] == eos and input_ids[row, : len(ids)].tolist() == ids
+        assert (labels[row, :prompt_len] == -100).all()
+        assert labels[row, prompt_len : len(ids)].tolist() == ids[prompt_len:]
+        assert (labels[row, len(ids) :] == -100).all() and mask[row].sum() == len(ids)
