@@ -42,7 +42,7 @@ from pipelines.segments import (
     split_segments,
     write_prepared,
 )
-from pipelines.spec import BuildSpec, SourceSpec, load_spec
+from pipelines.spec import BuildSpec, SourceSpec, check_sources, load_spec
 from storage.dataset import DatasetStore, default_store
 from storage.gencache import cache_dir
 from storage.uris import work_dir
@@ -198,6 +198,7 @@ def default_task_runner() -> ThreadPoolTaskRunner:
 def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     """Build a new version of the dataset that the spec at ``spec_path`` describes."""
     spec = load_spec(spec_path)
+    check_sources(spec, spec_path)
     root = store or spec.store or default_store()
     datasets = DatasetStore(root)
     datasets.check()  # an unreachable or refused store fails now, not at commit

@@ -121,9 +121,10 @@ def build(
     from pipelines.progress import build_bars, wanted
     from pipelines.runners import RunnerOptions, build_flow
     from pipelines.schedule import check_server
-    from pipelines.spec import load_spec
+    from pipelines.spec import check_sources, load_spec
 
-    loaded = load_spec(spec)  # fail fast on a bad spec, before Prefect starts
+    loaded = load_spec(spec)  # fail fast on a bad spec or a missing file, before Prefect starts
+    check_sources(loaded, spec)
     if runner not in ("threads", "dask"):
         raise typer.BadParameter("--runner must be threads or dask")
     flow = build_flow(
@@ -286,11 +287,23 @@ def diff(
     as_json: JsonOpt = False,
 ) -> None:
     """Rows added, removed and changed between two versions."""
-    result = _store(store).diff(a, b, examples=examples).to_dict()
+    result = _store(store).diff(a, b, examples=examples)
     if as_json:
-        _emit_json(result)
+        _emit_json(result.to_dict())
         return
-    out.print_json(json.dumps(result, default=str))
+    rows = Table("split", result.a, result.b, title="rows by split")
+    for split in sorted({*result.rows_a, *result.rows_b}):
+        rows.add_row(split, str(result.rows_a.get(split, 0)), str(result.rows_b.get(split, 0)))
+    out.print(rows)
+    changes = Table("change", "rows", "example ids", title=f"{result.a} → {result.b}")
+    for kind in ("added", "removed", "changed", "moved"):
+        shown = getattr(result, f"{kind}_examples")
+        changes.add_row(kind, str(getattr(result, kind)), "\n".join(shown) or "-")
+    changes.add_row("unchanged", str(result.unchanged), "-")
+    out.print(changes)
+    for kind in ("added", "removed"):
+        if columns := getattr(result, f"columns_{kind}"):
+            out.print(f"columns {kind}: {', '.join(columns)}")
 
 
 @app.command()
@@ -342,7 +355,7 @@ def _loss_over_prompt(value: str | None) -> bool | str | None:
 @app.command()
 @_friendly
 def export(
-    ref: Annotated[str, typer.Argument(help="NAME[@VERSION|@TAG]")],
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@TAG.")],
     fmt: Annotated[str, typer.Option("--format", help="Export format.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
     loss_over_prompt: Annotated[
@@ -365,8 +378,11 @@ def export(
     if as_json:
         _emit_json(data)
         return
-    out.print(f"exported {ref} as {fmt} to {out_dir}")
-    out.print_json(json.dumps(data, default=str))
+    table = Table("field", "value", title=f"exported {ref} as {fmt} → {out_dir}")
+    for key, value in data.items():
+        shown = value if isinstance(value, str | int | float) else json.dumps(value, default=str)
+        table.add_row(key, str(shown))
+    out.print(table)
 
 
 @app.command()
@@ -379,11 +395,18 @@ def generate(
     url: Annotated[
         str | None, typer.Option(help="openai: a running server; default: start one.")
     ] = None,
-    n: Annotated[int, typer.Option(help="Samples per prompt.")] = 1,
-    temperature: Annotated[float, typer.Option()] = 1.0,
-    top_p: Annotated[float, typer.Option()] = 1.0,
-    max_tokens: Annotated[int, typer.Option()] = 64,
-    logprobs: Annotated[int | None, typer.Option(help="Top-k logprobs per token.")] = None,
+    n: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    logprobs: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Top-k alternatives per token, used for the samples' cumulative_logprob "
+            "(0: only the sampled tokens).",
+        ),
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Base seed; each line gets its own.")] = 0,
     max_model_len: Annotated[int | None, typer.Option(help="Context length for vLLM.")] = None,
     store: StoreOpt = None,
@@ -415,7 +438,8 @@ def generate(
         return
     out.print(
         f"{stats['prompts']} prompts, {stats['completions']} completions in "
-        f"{stats['seconds']} s ({stats['completions_per_s']}/s); cache: {stats['hits']} hits, "
+        f"{stats['seconds']} s ({stats['startup_seconds']} s start-up, "
+        f"{stats['completions_per_s']}/s after it); cache: {stats['hits']} hits, "
         f"{stats['misses']} misses, {stats['engine_calls']} engine calls → {target}"
     )
 

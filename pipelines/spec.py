@@ -170,6 +170,13 @@ def _resolve_params(params: BaseModel, base_dir: Path) -> None:
             setattr(params, name, _resolve(value, base_dir))
 
 
+def check_sources(spec: BuildSpec, spec_path: str | Path) -> None:
+    """Fail, naming the spec and its entry, when a local source does not exist."""
+    for index, source in enumerate(spec.sources):
+        if "://" not in source.path and not Path(source.path).exists():
+            raise SpecError(f"{spec_path}: sources[{index}].path: {source.path} does not exist")
+
+
 def load_spec(path: str | Path) -> BuildSpec:
     """Read and validate a YAML build spec; relative paths resolve against its folder."""
     path = Path(path)

@@ -190,6 +190,10 @@ def test_unknown_dataset_and_bad_spec_errors(tmp_path: Path, shared_data: Path) 
     )
     with pytest.raises(SpecError, match="max_chars"):
         load_spec(bad)
+    missing = write_spec(tmp_path, name="x", sources=[{"path": "no-such-file.jsonl"}])
+    with pytest.raises(SpecError, match=r"spec.yaml: sources\[0\].path: .*no-such-file.jsonl"):
+        build_dataset(str(missing), store=store.root)
+    assert not (tmp_path / "store" / "x").exists()
 
 
 def test_deleted_shards_are_recomputed_not_reused(tmp_path: Path, shared_data: Path) -> None:

@@ -118,6 +118,9 @@ def test_tag_diff_and_export(built: tuple[str, Path]) -> None:
     assert diff["removed"] == 0  # ids are stable: nothing of version 0 vanished
     assert diff["moved"] > 0  # roleplay answers over 2,000 chars moved to rejected
     assert len(diff["added_examples"]) == min(5, diff["added"])
+    code, table, _ = cli("diff", "mix@baseline", "mix@1", "--store", store)
+    assert code == 0 and "rows by split" in table and diff["added_examples"][0] in table
+    assert f"│ added     │ {diff['added']}" in table
     out_dir = folder / "export"
     result = cli_json(
         "export",
@@ -132,6 +135,10 @@ def test_tag_diff_and_export(built: tuple[str, Path]) -> None:
     assert result["rows"] == len((out_dir / result["files"][0]).read_text().splitlines())
     manifest = json.loads((out_dir / "export_manifest.json").read_text())
     assert manifest["version"] == 0 and manifest["name"] == "mix"
+    code, table, _ = cli(
+        "export", "mix@0", "--format", "jsonl", "--out", str(folder / "plain"), "--store", store
+    )
+    assert code == 0 and "exported mix@0 as jsonl" in table and str(result["rows"]) in table
 
 
 def test_read_errors_are_clear_and_exit_nonzero(built: tuple[str, Path]) -> None:
