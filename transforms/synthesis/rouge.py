@@ -32,18 +32,27 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 import numpy as np
-from rouge_score import scoring, tokenizers
 
 DEFAULT_THRESHOLD = 0.7
-_TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=False)
 _SLACK = 1e-9  # the bound is exact arithmetic; the library's float may differ by an ulp
 
 
 def rouge_tokens(text: str) -> list[str]:
     """rouge-score's tokens of ``text`` (the ``rougeL`` scorer's, without stemming)."""
-    return _TOKENIZER.tokenize(text)
+    return _tokenizer().tokenize(text)
+
+
+@cache
+def _tokenizer() -> Any:
+    """rouge-score's tokenizer, imported on first use: rouge-score imports nltk and scipy
+    (about 1.7 s), which every ``aligncurate`` command would otherwise pay at start-up."""
+    from rouge_score import tokenizers
+
+    return tokenizers.DefaultTokenizer(use_stemmer=False)
 
 
 def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -73,6 +82,8 @@ def f_measure(lcs: int, target_len: int, prediction_len: int) -> float:
         return 0.0
     precision = lcs / prediction_len
     recall = lcs / target_len
+    from rouge_score import scoring
+
     return float(scoring.fmeasure(precision, recall))
 
 
