@@ -28,3 +28,29 @@ def run_child(script: str, *args: str) -> dict:
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     return result
+
+
+def flow_phases(flow_run_id: str) -> dict[str, float]:
+    """Wall seconds of each kind of task in one build (first start to last end), from
+    Prefect's task runs: where the time goes, and which part a runner can spread."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs: list = []
+    with get_client(sync_client=True) as client:
+        only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        while page := client.read_task_runs(flow_run_filter=only, limit=200, offset=len(runs)):
+            runs.extend(page)
+        flow = client.read_flow_run(flow_run_id)
+    spans: dict[str, list] = {}
+    for run in runs:
+        if run.start_time and run.end_time:
+            name = run.name.rsplit("-", 1)[0]
+            spans.setdefault(name, []).append((run.start_time, run.end_time))
+    out = {
+        name: round((max(e for _, e in v) - min(b for b, _ in v)).total_seconds(), 1)
+        for name, v in spans.items()
+    }
+    commit_end = max(e for _, e in spans.get("commit", [(None, flow.end_time)]))
+    out["after_commit"] = round((flow.end_time - commit_end).total_seconds(), 1)
+    return out

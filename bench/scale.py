@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +34,8 @@ sys.path[:] = [str(REPO), str(REPO / "tests")] + [
     p for p in sys.path if Path(p).resolve() != Path(__file__).parent
 ]
 SHARED = REPO.parent / "shared" / "data"
+
+from bench import harness  # noqa: E402 (needs the path fixed above)
 
 
 def _spec(folder: Path, files: list[Path], stages: list[dict], name: str) -> Path:
@@ -74,32 +77,6 @@ def _build(spec: Path, store: str, runner: str, env: dict[str, str] | None = Non
     return summary
 
 
-def _phases(flow_run_id: str) -> dict[str, float]:
-    """Wall seconds of each kind of task in one build (first start to last end), from
-    Prefect's task runs: where the time goes, and which part a runner can spread."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    runs: list = []
-    with get_client(sync_client=True) as client:
-        only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        while page := client.read_task_runs(flow_run_filter=only, limit=200, offset=len(runs)):
-            runs.extend(page)
-        flow = client.read_flow_run(flow_run_id)
-    spans: dict[str, list] = {}
-    for run in runs:
-        if run.start_time and run.end_time:
-            name = run.name.rsplit("-", 1)[0]
-            spans.setdefault(name, []).append((run.start_time, run.end_time))
-    out = {
-        name: round((max(e for _, e in v) - min(b for b, _ in v)).total_seconds(), 1)
-        for name, v in spans.items()
-    }
-    commit_end = max(e for _, e in spans.get("commit", [(None, flow.end_time)]))
-    out["after_commit"] = round((flow.end_time - commit_end).total_seconds(), 1)
-    return out
-
-
 def _same(a: str, b: str, name: str, options: dict[str, str] | None = None) -> bool:
     from storage.dataset import DatasetStore
 
@@ -131,14 +108,26 @@ def main() -> None:
     parser.add_argument("--skip-dedup", action="store_true", help="only ingest → normalize")
     args = parser.parse_args()
 
-    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-scale-prefect-"))
+    own_home = "PREFECT_HOME" not in os.environ
+    if own_home:
+        os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="bench-scale-prefect-")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    try:
+        _measure(args, tmp)
+    finally:  # the corpora and stores of a 1M-row run take several GB
+        shutil.rmtree(tmp, ignore_errors=True)
+        if own_home:
+            shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, tmp: Path) -> None:
+    """Build every case under ``tmp`` and print the results."""
     from corpora import enlarged_gsm8k
     from prefect.testing.utilities import prefect_test_harness
     from s3server import moto_s3
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     per = args.rows // args.sources
     files = [
         enlarged_gsm8k(SHARED, tmp / f"gsm8k-{i}.jsonl", per, start=i * per)
@@ -165,9 +154,9 @@ def main() -> None:
                 "threads_s": round(threads["seconds"], 1),
                 "dask_s": round(dask["seconds"], 1),
                 "serial_s": round(serial["seconds"], 1),
-                "threads_phases_s": _phases(threads["build_id"]),
-                "dask_phases_s": _phases(dask["build_id"]),
-                "serial_phases_s": _phases(serial["build_id"]),
+                "threads_phases_s": harness.flow_phases(threads["build_id"]),
+                "dask_phases_s": harness.flow_phases(dask["build_id"]),
+                "serial_phases_s": harness.flow_phases(serial["build_id"]),
                 "speedup": round(threads["seconds"] / dask["seconds"], 2),
                 "speedup_vs_serial": round(serial["seconds"] / dask["seconds"], 2),
                 "train_rows": threads["rows"]["train"],
