@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from transforms.dedup import ExactDedupParams, exact_dedup
 from transforms.filters import FilterParams, filter_rows
-from transforms.ids import row_ids
+from transforms.ids import content_key, row_ids
 from transforms.ingest import read_source
+from transforms.keyset import KeySet, group_keys, hex_words, words_hex
 from transforms.normalize import NormalizeParams, normalize
 from transforms.schema import REJECTED_SCHEMA, validate
 from transforms.text import prompt_chars
@@ -76,6 +79,102 @@ def test_exact_dedup_within_and_across_shards(gsm8k: pa.Table) -> None:
     reasons = second.rejected.column("reject_reason").to_pylist()
     assert all(r.startswith("duplicate_of:") and r.split(":", 1)[1] in ids for r in reasons)
     assert set(second.rejected.column("reject_stage").to_pylist()) == {"exact_dedup"}
+
+
+def reference_dedup(shards: list[pa.Table]) -> list[tuple[list[str], list[str], list[str]]]:
+    """Exact dedup as a plain dict loop: per shard, the kept ids, the rejected ids and their
+    reasons."""
+    seen: dict[str, str] = {}
+    out = []
+    for shard in shards:
+        kept, dropped, reasons = [], [], []
+        keys = content_key(shard.column("prompt"), shard.column("response")).to_pylist()
+        for key, row_id in zip(keys, shard.column("id").to_pylist(), strict=True):
+            if key in seen:
+                dropped.append(row_id)
+                reasons.append(f"duplicate_of:{seen[key]}")
+            else:
+                seen[key] = row_id
+                kept.append(row_id)
+        out.append((kept, dropped, reasons))
+    return out
+
+
+def test_exact_dedup_matches_a_dict_over_many_shards(shared_data: Path) -> None:
+    """Real GSM8K rows in 16 shards of 60-400 rows, with duplicates of rows of the same
+    shard, of the shard before and of much earlier shards (so that they sit in merged
+    runs), the same pairs under another source (another id, the same key), and one shard
+    whose ids are not hex digests: the kept ids, reasons and counts are the dict's."""
+    path = shared_data / "instructions" / "gsm8k_train_alpaca.json"
+    rows = next(iter(read_source(path))).kept.slice(0, 3000)
+    rng = np.random.default_rng(7)
+    shards, start = [], 0
+    for i in range(16):
+        size = int(rng.integers(60, 400))
+        fresh = np.arange(start, min(start + size, rows.num_rows))
+        start += len(fresh)
+        old = rng.integers(0, max(start, 1), size=len(fresh) // 4)  # any earlier row
+        shard = rows.take(pa.array(np.concatenate([fresh, old])))
+        shard = shard.take(pa.array(rng.permutation(shard.num_rows)))
+        if i % 5 == 4:  # a second source holding some of the same pairs
+            other = shard.slice(0, 40).set_column(
+                shard.schema.get_field_index("source"), "source", pa.array(["copy"] * 40)
+            )
+            ids = row_ids(other.column("source"), other.column("prompt"), other.column("response"))
+            other = other.set_column(other.schema.get_field_index("id"), "id", ids)
+            shard = pa.concat_tables([shard, other])
+        if i == 9:  # ids that are not hex digests are kept as they are
+            names = pa.array([f"row-{i}-{j}" for j in range(shard.num_rows)])
+            shard = shard.set_column(shard.schema.get_field_index("id"), "id", names)
+        shards.append(shard)
+    expected = reference_dedup(shards)
+    state: dict = {}
+    distinct = 0
+    for shard, (kept, dropped, reasons) in zip(shards, expected, strict=True):
+        out = exact_dedup(shard, ExactDedupParams(), state)
+        assert out.kept.column("id").to_pylist() == kept
+        assert out.rejected.column("id").to_pylist() == dropped
+        assert out.rejected.column("reject_reason").to_pylist() == reasons
+        distinct += len(kept)
+        assert out.stats == {"distinct_keys": distinct}
+    assert sum(len(reasons) for _, _, reasons in expected) > 800
+    later = [reason for _, _, reasons in expected[10:] for reason in reasons]
+    assert any(reason.startswith("duplicate_of:row-9-") for reason in later)
+    keyset: KeySet = state["keys"]
+    assert len(keyset) == distinct and 1 < len(keyset.runs) < 8  # runs were merged
+    assert len(pickle.loads(pickle.dumps(state))["keys"]) == distinct
+
+
+def test_keyset_exact_when_first_words_collide() -> None:
+    """Keys that share their first 64-bit word (XXH3 would take ~2^32 rows to give one
+    such pair) are still told apart, in a shard and across merged runs."""
+    rng = np.random.default_rng(3)
+    keyset, reference = KeySet(), {}
+    for size in (300, 100, 120, 400, 50, 200, 260):
+        hi = rng.integers(0, 8, size=size, dtype=np.uint64)  # many shared first words
+        lo = rng.integers(0, 200, size=size, dtype=np.uint64)
+        keys = np.stack([hi, lo], axis=1)
+        distinct, first, group = group_keys(keys)
+        assert (distinct[group] == keys).all()
+        assert [tuple(k) for k in distinct.tolist()] == sorted({(a, b) for a, b in keys.tolist()})
+        assert (first == [np.flatnonzero(group == g)[0] for g in range(len(distinct))]).all()
+        found, values = keyset.find(distinct)
+        for key, hit, value in zip(distinct.tolist(), found, values.tolist(), strict=True):
+            assert hit == (tuple(key) in reference)
+            assert not hit or tuple(value) == reference[tuple(key)]
+        new = distinct[~found]
+        values = rng.integers(0, 2**63, size=(len(new), 2), dtype=np.uint64)
+        reference.update(zip(map(tuple, new.tolist()), map(tuple, values.tolist()), strict=True))
+        keyset.add(new, values)
+    assert len(keyset) == len(reference) and len(keyset.runs) < 4  # runs were merged
+
+
+def test_hex_words_round_trip(gsm8k: pa.Table) -> None:
+    ids = gsm8k.column("id")
+    words, plain = hex_words(ids)
+    assert plain.all() and words_hex(words).to_pylist() == ids.to_pylist()
+    words, plain = hex_words(pa.array(["ABCDEF" * 5 + "00", None, "a" * 31, ids[0].as_py()]))
+    assert plain.tolist() == [False, False, False, True] and not words[:3].any()
 
 
 def test_filter_reasons_in_rule_order(gsm8k: pa.Table) -> None:
