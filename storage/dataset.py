@@ -28,6 +28,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError, TableNotFoundError
@@ -291,7 +292,7 @@ class DatasetStore:
     @_remote_errors
     def schema(self, ref: Ref | str) -> pa.Schema:
         """The Arrow schema of a version, including the ``split`` column."""
-        return self._open(ref)[2].to_pyarrow_dataset().schema
+        return self._dataset(ref, None).schema
 
     def batches(
         self,
@@ -321,12 +322,26 @@ class DatasetStore:
         selected = _select_columns(dataset.schema, columns, with_split=split is None)
         return dataset.to_table(columns=selected)
 
-    def _dataset(self, ref: Ref | str, split: str | None) -> Any:
+    def _dataset(self, ref: Ref | str, split: str | None) -> pads.Dataset:
+        """A version as a pyarrow dataset whose data files are read through the store's
+        own Arrow filesystem (:attr:`_fs`, the one the commit wrote them with).
+
+        deltalake's default is a ``PyFileSystem`` over its Python ``DeltaStorageHandler``:
+        every read on Arrow's I/O threads then takes the GIL and hands back Python-owned
+        buffers. A reader's cached ranges can outlive ``to_table`` (or a dropped
+        :meth:`batches` stream) on those threads; released during interpreter shutdown,
+        their destructor's ``PyGILState_Ensure`` ends the thread through a C++
+        ``noexcept`` frame and the process aborts ("terminate called without an active
+        exception"), or hangs or crashes when read-ahead is still running. The table's
+        files are relative paths below its folder (:mod:`storage.commit`), so a
+        ``SubTreeFileSystem`` at the table's path resolves them, locally and on S3.
+        """
         if split is not None:
             validate_split(split)
-        table = self._open(ref)[2]
+        name, _, table = self._open(ref)
         predicate = [("split", "=", split)] if split is not None else None
-        return table.to_pyarrow_dataset(file_pruning_predicate=predicate)
+        files = pafs.SubTreeFileSystem(self._path(name), self._fs[0])
+        return table.to_pyarrow_dataset(filesystem=files, file_pruning_predicate=predicate)
 
     @_remote_errors
     def files(self, ref: Ref | str, split: str = "train") -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -352,6 +353,68 @@ def test_large_builds_roll_over_files(
     assert sorted(pd.read_parquet(files)["id"]) == ids("a", 10)
     assert store.read("sft")["id"].to_pylist() == ids("a", 10)  # shard and row order kept
     assert DeltaTable(store.uri("sft")).count() == 10  # per-file row stats are recorded
+
+
+# -- reads in a fresh interpreter ---------------------------------------------------------
+
+EXIT_SCRIPT = """
+import sys
+from storage import DatasetStore
+store = DatasetStore(sys.argv[1])
+if sys.argv[2] == "read":
+    print(store.read("sft", split=None).num_rows)
+else:  # one batch, then the stream is dropped with its read-ahead still running
+    print(next(iter(store.batches("sft", split=None, batch_size=4))).num_rows)
+"""
+
+
+def run_exit_script(root: str, mode: str, runs: int, parallel: int = 2) -> list[tuple[int, str]]:
+    """``EXIT_SCRIPT`` in ``runs`` fresh interpreters, ``parallel`` at a time (contention
+    widens the window of a race at interpreter exit): exit codes (-1: hung) and outputs."""
+    repo = Path(__file__).resolve().parents[1]
+    results: list[tuple[int, str]] = []
+    for start in range(0, runs, parallel):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", EXIT_SCRIPT, root, mode],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=repo,
+            )
+            for _ in range(min(parallel, runs - start))
+        ]
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+                results.append((-1, out.strip()))
+            else:
+                results.append((proc.returncode, out.strip()))
+    return results
+
+
+@pytest.mark.parametrize(("mode", "runs", "rows"), [("read", 10, "15"), ("stream", 4, "2")])
+def test_reads_in_a_fresh_interpreter_exit_cleanly(
+    store: DatasetStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    runs: int,
+    rows: str,
+) -> None:
+    """A script that reads a whole version (both splits), or drops a batch stream early,
+    exits with 0. Data files used to be read through deltalake's Python filesystem
+    handler: Arrow's I/O threads then held Python buffers, and one released at interpreter
+    exit aborted the process ("terminate called without an active exception") or, with a
+    stream's read-ahead still running, hung or crashed it."""
+    monkeypatch.setattr("storage.dataset.TARGET_FILE_BYTES", 1)  # a file per 2-row batch
+    monkeypatch.setattr("storage.dataset.BATCH_ROWS", 2)
+    commit_build(store, "sft", tmp_path, canonical_table(ids("a", 10)), rejected_table(ids("r", 5)))
+    assert len(store.files("sft")) + len(store.files("sft", "rejected")) > 8
+    assert run_exit_script(store.root, mode, runs) == [(0, rows)] * runs
 
 
 # -- diff ------------------------------------------------------------------------------
