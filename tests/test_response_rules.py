@@ -112,7 +112,7 @@ def test_word_counts_are_arrows_whitespace_words(roleplay, monkeypatch) -> None:
     and on every kind of white space, with byte chunks far smaller than the texts."""
     import pyarrow.compute as pc
 
-    from transforms.response import lengths
+    from transforms import text
 
     def split(texts: pa.Array) -> list[int]:
         trimmed = pc.utf8_trim_whitespace(pc.fill_null(texts, ""))
@@ -127,7 +127,7 @@ def test_word_counts_are_arrows_whitespace_words(roleplay, monkeypatch) -> None:
     assert word_counts(odd.slice(3, 6)).tolist() == split(odd.slice(3, 6))
     responses = pc.fill_null(roleplay.column("response").combine_chunks(), "")
     assert word_counts(responses).tolist() == split(responses)
-    monkeypatch.setattr(lengths, "_CHUNK_BYTES", 64)
+    monkeypatch.setattr(text, "CHUNK_BYTES", 64)
     assert word_counts(responses).tolist() == split(responses)
     assert word_counts(odd).tolist() == split(odd)
 

@@ -61,6 +61,32 @@ def test_normalize_nfc_control_chars_and_whitespace(gsm8k: pa.Table) -> None:
     assert off.column("response").to_pylist() == table.column("response").to_pylist()
 
 
+def test_normalize_text_runs_nfc_and_the_pattern_only_where_needed(
+    shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path (ASCII rows skip NFC; the control pattern runs only on non-ASCII rows
+    and rows a byte scan flags) gives what running every step on every string gives."""
+    from transforms import text
+    from transforms.normalize import CONTROL_CHARS, normalize_text
+
+    def everywhere(values: pa.Array) -> pa.Array:
+        out = pc.utf8_normalize(values, form="NFC")
+        out = pc.replace_substring_regex(out, CONTROL_CHARS, replacement="")
+        return pc.utf8_trim_whitespace(out)
+
+    roleplay = next(iter(read_source(shared_data / "instructions" / "gpteacher_roleplay.json")))
+    real = roleplay.kept.column("response").combine_chunks()
+    odd = pa.array(
+        [" tab\tand\x07bell ", "\x00", None, "Cafe\u0301", "\u212a kelvin", "c1\x85\x9f end",
+         "\x7f del", "clean", "", "ok\r\n", "e\u0301\x01", "\x1f\x1e"] * 3
+    )  # fmt: skip
+    assert pc.sum(pc.invert(pc.string_is_ascii(real))).as_py() > 0  # real non-ASCII rows
+    for values in (real, odd, odd.slice(5, 20), pa.concat_arrays([real.slice(0, 50), odd])):
+        assert normalize_text(values, NormalizeParams()).equals(everywhere(values))
+    monkeypatch.setattr(text, "CHUNK_BYTES", 16)
+    assert normalize_text(odd, NormalizeParams()).equals(everywhere(odd))
+
+
 def test_normalize_leaves_clean_real_rows_untouched(gsm8k: pa.Table) -> None:
     out = normalize(gsm8k, NormalizeParams()).kept
     assert out.column("id").to_pylist() == gsm8k.column("id").to_pylist()

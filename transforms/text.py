@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -40,3 +41,45 @@ def prompt_chars(prompt: pa.Array | pa.ChunkedArray) -> pa.Array:
     out = pa.nulls(len(prompt), pa.int64()).fill_null(0).to_numpy(zero_copy_only=False).copy()
     out[sums.column("row").to_numpy()] = sums.column("n_sum").to_numpy()
     return pa.array(out)
+
+
+CHUNK_BYTES = 1 << 24
+"""Text bytes looked at once by the byte-level scans: bounded scratch memory."""
+
+
+def byte_chunks(texts: pa.Array | pa.ChunkedArray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """The UTF-8 bytes of a string array in row ranges of about :data:`CHUNK_BYTES` (at least
+    one row each), as ``(first row, bytes, bounds)``: ``bounds[i]:bounds[i + 1]`` are row
+    ``first + i``'s bytes. Nulls read as empty strings. Nothing is copied but the offsets."""
+    text = pc.fill_null(combined(texts), "").cast(pa.large_string())
+    n = len(text)
+    offsets = np.frombuffer(text.buffers()[1], dtype=np.int64)[text.offset : text.offset + n + 1]
+    data = text.buffers()[2]
+    lo = 0
+    while lo < n:
+        hi = max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + CHUNK_BYTES, "right")) - 1)
+        hi = min(hi, n)
+        chunk = np.frombuffer(data, dtype=np.uint8)[offsets[lo] : offsets[hi]] if data else None
+        yield (
+            lo,
+            np.zeros(0, np.uint8) if chunk is None else chunk,
+            offsets[lo : hi + 1] - offsets[lo],
+        )
+        lo = hi
+
+
+def rows_with(flagged: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Rows (relative to a chunk of :func:`byte_chunks`) holding any of the ``flagged``
+    byte positions (sorted)."""
+    return np.flatnonzero(np.diff(np.searchsorted(flagged, bounds)))
+
+
+def rows_with_bytes(
+    texts: pa.Array | pa.ChunkedArray, flag: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Indices of the strings any of whose UTF-8 bytes ``flag`` (bytes → bool mask) marks."""
+    parts = [
+        first + rows_with(np.flatnonzero(flag(data)), bounds)
+        for first, data, bounds in byte_chunks(texts)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)

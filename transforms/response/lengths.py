@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms.text import combined
+from transforms.text import byte_chunks, combined, rows_with
 
 Column = pa.Array | pa.ChunkedArray
 
@@ -28,35 +28,25 @@ def prompt_plain(prompt: Column, sep: str = "\n") -> pa.Array:
     return pc.fill_null(pc.binary_join(pa.ListArray.from_arrays(offsets, contents), sep), "")
 
 
-_CHUNK_BYTES = 1 << 24  # text bytes looked at once: bounded scratch memory
-
-
 def word_counts(texts: Column) -> np.ndarray:
     """Whitespace-separated words of each string (null counts as 0), as int64: the words
     Arrow's ``utf8_split_whitespace`` makes, counted with numpy on the UTF-8 bytes (a word
     starts at a non-space byte after a space or at the string's start) without splitting.
     Strings that may hold non-ASCII white space (a byte C2, E1, E2 or E3: the lead bytes of
     U+0085, U+00A0, U+1680, U+180E, U+2000-U+205F and U+3000) are split by Arrow."""
-    text = pc.fill_null(combined(texts), "").cast(pa.large_string())
-    n = len(text)
-    offsets = np.frombuffer(text.buffers()[1], dtype=np.int64)[text.offset : text.offset + n + 1]
-    counts = np.zeros(n, dtype=np.int64)
+    text = pc.fill_null(combined(texts), "")
+    counts = np.zeros(len(text), dtype=np.int64)
     unsure: list[np.ndarray] = []
-    lo = 0
-    while lo < n:  # rows in chunks of about _CHUNK_BYTES bytes (at least one row)
-        hi = max(lo + 1, int(np.searchsorted(offsets, offsets[lo] + _CHUNK_BYTES, "right")) - 1)
-        hi = min(hi, n)
-        data = np.frombuffer(text.buffers()[2], dtype=np.uint8)[offsets[lo] : offsets[hi]]
-        bounds = offsets[lo : hi + 1] - offsets[lo]
+    for first_row, data, bounds in byte_chunks(text):
         space = (data == 32) | ((data >= 9) & (data <= 13))
         starts = ~space
         starts[1:] &= space[:-1]
         first = bounds[:-1][bounds[:-1] < bounds[1:]]  # each non-empty string's first byte
         starts[first] = ~space[first]
-        counts[lo:hi] = np.diff(np.searchsorted(np.flatnonzero(starts), bounds))
+        rows = slice(first_row, first_row + len(bounds) - 1)
+        counts[rows] = np.diff(np.searchsorted(np.flatnonzero(starts), bounds))
         maybe = np.flatnonzero((data == 0xC2) | ((data >= 0xE1) & (data <= 0xE3)))
-        unsure.append(lo + np.flatnonzero(np.diff(np.searchsorted(maybe, bounds))))
-        lo = hi
+        unsure.append(first_row + rows_with(maybe, bounds))
     rows = np.concatenate(unsure) if unsure else np.zeros(0, dtype=np.int64)
     if len(rows):
         counts[rows] = _split_counts(text.take(pa.array(rows)))
