@@ -14,6 +14,7 @@ import base64
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
+from pipelines.parallel import ordered_map
 from pipelines.report import publish_report
 from pipelines.segments import (
     ChainStep,
@@ -80,10 +82,18 @@ def ingest_source(
     logger = _logger()
     writer = ShardWriter(folder)
     counts: Counts = {}
-    for result in read_source(source.path, format=source.format, source=source.name, params=ingest):
-        add_counts(counts, "ingest", result.counts(result.stats["rows_read"]))
-        kept, rejected = run_chain(result, chain, counts)
-        writer.write(kept, rejected)
+
+    def shard(indexed: tuple[int, StageResult]) -> tuple[Counts, tuple[str, str | None]]:
+        index, result = indexed
+        part: Counts = {}
+        add_counts(part, "ingest", result.counts(result.stats["rows_read"]))
+        kept, rejected = run_chain(result, chain, part)
+        return part, writer.write_shard(index, kept, rejected)
+
+    batches = read_source(source.path, format=source.format, source=source.name, params=ingest)
+    for part, paths in ordered_map(shard, enumerate(batches)):
+        counts = merge_counts([counts, part])
+        writer.add(paths)
         logger.info("%s: %d rows read", source.path, counts["ingest"]["in"])
     return SegmentOutput(key, writer.train, writer.rejected, counts, produced_by=_run_id())
 
@@ -118,10 +128,26 @@ def run_segment(
     if chain[0].definition.whole:
         tables = [r.kept for r in inputs]
         inputs = iter([StageResult(kept=pa.concat_tables(tables, promote_options="permissive"))])
-    for i, result in enumerate(inputs, 1):
-        arrays = read_prepared(prepared[i - 1], result.kept) if prepared else None
-        kept, rejected = run_chain(result, chain, counts, states, context, stats, arrays)
-        writer.write(kept, rejected)
+
+    def heads() -> Iterator[tuple[int, tuple[pa.Table, list[pa.Table], Counts]]]:
+        """The ordered (or whole-table) stage, shard after shard, on this thread."""
+        for index, result in enumerate(inputs):
+            arrays = read_prepared(prepared[index], result.kept) if prepared else None
+            part: Counts = {}
+            kept, rejected = run_chain(result, chain[:1], part, states, context, stats, arrays)
+            yield index, (kept, rejected, part)
+
+    def tail(
+        item: tuple[int, tuple[pa.Table, list[pa.Table], Counts]],
+    ) -> tuple[Counts, tuple[str, str | None]]:
+        """The local stages after it and the shard's files, on the shard threads."""
+        index, (table, rejected, part) = item
+        kept, more = run_chain(StageResult(kept=table), chain[1:], part)
+        return part, writer.write_shard(index, kept, [*rejected, *more])
+
+    for i, (part, paths) in enumerate(ordered_map(tail, heads()), 1):
+        counts = merge_counts([counts, part])
+        writer.add(paths)
         logger.info("%s: shard %d/%d", chain[0].definition.name, i, len(shards))
     return SegmentOutput(
         key, writer.train, writer.rejected, counts, produced_by=_run_id(), stats=stats

@@ -132,12 +132,25 @@ class ShardWriter:
         self.rejected: list[str] = []
 
     def write(self, kept: pa.Table, rejected: list[pa.Table]) -> None:
+        self.add(self.write_shard(len(self.train), kept, rejected))
+
+    def write_shard(
+        self, index: int, kept: pa.Table, rejected: list[pa.Table]
+    ) -> tuple[str, str | None]:
+        """Write shard ``index`` (any thread, any order); :meth:`add` records it."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        index = len(self.train)
-        self.train.append(self._write(kept, f"train-{index:05d}.parquet"))
-        if rejected:
-            table = pa.concat_tables(rejected, promote_options="permissive")
-            self.rejected.append(self._write(table, f"rejected-{index:05d}.parquet"))
+        train = self._write(kept, f"train-{index:05d}.parquet")
+        if not rejected:
+            return train, None
+        table = pa.concat_tables(rejected, promote_options="permissive")
+        return train, self._write(table, f"rejected-{index:05d}.parquet")
+
+    def add(self, paths: tuple[str, str | None]) -> None:
+        """Record a written shard, in shard order."""
+        train, rejected = paths
+        self.train.append(train)
+        if rejected is not None:
+            self.rejected.append(rejected)
 
     def _write(self, table: pa.Table, name: str) -> str:
         path = self.folder / name
