@@ -29,7 +29,7 @@ from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
-from pipelines.parallel import ordered_map
+from pipelines.parallel import ordered_map, shard_threads
 from pipelines.report import publish_report
 from pipelines.segments import (
     ChainStep,
@@ -158,8 +158,9 @@ def run_segment(
 def commit_version(
     store: DatasetStore, name: str, train: list[str], rejected: list[str], metadata: dict[str, Any]
 ) -> int:
-    """One atomic Delta commit of the train and rejected shards."""
-    return store.commit(name, train, rejected, metadata)
+    """One atomic Delta commit of the train and rejected shards (written on the shard
+    threads)."""
+    return store.commit(name, train, rejected, metadata, threads=shard_threads())
 
 
 def _chain_identity(chain: list[ChainStep]) -> list[Any]:

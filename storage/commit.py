@@ -26,6 +26,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -77,8 +78,10 @@ def commit_shards(
     *,
     batch_rows: int,
     target_file_bytes: int,
+    threads: int = 1,
 ) -> int:
     """Commit ``shards`` as the new (complete) content of ``target``; returns its version.
+    ``threads``: runs of shards written at once (see :meth:`PartWriter.write`).
 
     Raises:
         StoreError: bad metadata, unreadable shard, incompatible column types, or a
@@ -92,7 +95,7 @@ def commit_shards(
 
     parts = PartWriter(target.filesystem, target.path, plan.file_schema, target_file_bytes)
     try:
-        actions = parts.write(plan)
+        actions = parts.write(plan, threads)
     except OSError as exc:  # a full disk, a lost mount, a refused object store
         parts.discard()  # nothing references these files: remove them
         raise StoreError(
@@ -222,12 +225,27 @@ class ShardPlan:
         except Exception as exc:  # deltalake raises several types for unsupported types
             raise StoreError(f"the shards' schema cannot be stored in Delta: {exc}") from exc
 
-    def batches(self, split: str) -> Iterator[pa.RecordBatch]:
-        """The ``split`` shards' rows, conformed to :attr:`file_schema`, batch by batch."""
+    def groups(self, split: str, count: int) -> list[list[_Shard]]:
+        """The ``split`` shards in at most ``count`` runs of consecutive shards with about
+        the same number of rows each (none empty)."""
+        shards = [shard for shard in self.shards if shard.split == split]
+        total = sum(shard.rows for shard in shards)
+        if total == 0:
+            return [shards] if shards else []
+        groups: list[list[_Shard]] = [[]]
+        done = 0
+        for shard in shards:
+            if groups[-1] and done >= total * len(groups) / count:
+                groups.append([])
+            groups[-1].append(shard)
+            done += shard.rows
+        return [group for group in groups if group]
+
+    def batches(self, shards: Sequence[_Shard]) -> Iterator[pa.RecordBatch]:
+        """The rows of ``shards``, conformed to :attr:`file_schema`, batch by batch."""
         schema = self.file_schema
-        for shard in self.shards:
-            if shard.split != split:
-                continue
+        for shard in shards:
+            split = shard.split
             parquet = pq.ParquetFile(shard.fs_path, filesystem=shard.filesystem)
             row = 0
             for batch in parquet.iter_batches(batch_size=self.batch_rows):
@@ -354,16 +372,30 @@ class PartWriter:
         self.written: list[str] = []
         self.prefix = uuid.uuid4().hex
 
-    def write(self, plan: ShardPlan) -> list[AddAction]:
-        return [action for split in SPLITS for action in self._write_split(split, plan)]
+    def write(self, plan: ShardPlan, threads: int = 1) -> list[AddAction]:
+        """Each split's shards in up to ``threads`` runs of consecutive shards, each run
+        written by its own thread into its own files (Parquet encoding and compression
+        release the GIL); the actions keep the shards' order."""
+        runs = [
+            (split, index, group)
+            for split in SPLITS
+            for index, group in enumerate(plan.groups(split, threads))
+        ]
+        if threads == 1 or len(runs) == 1:
+            return [a for split, i, group in runs for a in self._write_run(split, i, group, plan)]
+        with ThreadPoolExecutor(threads, thread_name_prefix="aligncurate-commit") as pool:
+            futures = [pool.submit(self._write_run, *run, plan) for run in runs]
+            return [action for future in futures for action in future.result()]
 
-    def _write_split(self, split: str, plan: ShardPlan) -> list[AddAction]:
+    def _write_run(
+        self, split: str, run: int, shards: Sequence[_Shard], plan: ShardPlan
+    ) -> list[AddAction]:
         actions: list[AddAction] = []
         current: tuple[str, pa.NativeFile, pq.ParquetWriter] | None = None
         rows = 0
-        for batch in _prefetch(plan.batches(split)):
+        for batch in _prefetch(plan.batches(shards)):
             if current is None:
-                current, rows = self._open(split, len(actions)), 0
+                current, rows = self._open(split, run, len(actions)), 0
             current[2].write_batch(batch)
             rows += batch.num_rows
             if current[1].tell() >= self.target_file_bytes:
@@ -373,8 +405,10 @@ class PartWriter:
             actions.append(self._close(split, current, rows))
         return actions
 
-    def _open(self, split: str, index: int) -> tuple[str, pa.NativeFile, pq.ParquetWriter]:
-        relative = f"split={split}/part-{index:05d}-{self.prefix}.snappy.parquet"
+    def _open(
+        self, split: str, run: int, index: int
+    ) -> tuple[str, pa.NativeFile, pq.ParquetWriter]:
+        relative = f"split={split}/part-{run:03d}-{index:05d}-{self.prefix}.snappy.parquet"
         path = f"{self.table_path}/{relative}"
         if index == 0:
             self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

@@ -232,6 +232,7 @@ class DatasetStore:
         train_files: Sequence[str],
         rejected_files: Sequence[str],
         metadata: Mapping[str, Any],
+        threads: int = 1,
     ) -> int:
         """Commit one build as a new version: all shards in one atomic Delta commit.
 
@@ -248,6 +249,7 @@ class DatasetStore:
             name: dataset name.
             train_files, rejected_files: Parquet shard paths or URIs.
             metadata: build metadata; non-string values are stored as JSON.
+            threads: runs of consecutive shards written into data files at once.
 
         Returns:
             The new version number.
@@ -276,6 +278,7 @@ class DatasetStore:
             metadata,
             batch_rows=BATCH_ROWS,
             target_file_bytes=TARGET_FILE_BYTES,
+            threads=threads,
         )
 
     def _shard_fs(self, path: str) -> tuple[pafs.FileSystem, str]:
