@@ -294,7 +294,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         **metadata,
         "cache": _engine_stats(outputs),
         "stage_stats": {name: st for o in outputs for name, st in o.stats.items()},
-        "dataset_stats": shard_stats(train),
+        "dataset_stats": shard_stats(train, map_shards=ordered_map),
     }
     _publish(spec, summary, work)
     return summary

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.parallel import ordered_map
 from storage.dataset import DatasetStore, VersionInfo
 from storage.diff import DatasetDiff
 from storage.names import SPLITS, StoreError
@@ -158,10 +159,17 @@ def _scan(
     responses: list[np.ndarray] = []
     craft: list[pa.Table] = []
     offset = 0
-    for batch in store.batches(ref, split=split, batch_size=BATCH_ROWS):
+    texts = {"prompt", "response"} <= set(columns)
+
+    def measured(batch: pa.RecordBatch) -> tuple[pa.Table, tuple | None]:
+        """A batch as a table with its rows' lengths (the costly part: on shard threads)."""
         table = pa.Table.from_batches([batch])
-        if {"prompt", "response"} <= set(columns):
-            p, r, unit = lengths_of(table)
+        return table, lengths_of(table) if texts else None
+
+    batches = store.batches(ref, split=split, batch_size=BATCH_ROWS)
+    for table, lengths in ordered_map(measured, batches):
+        if lengths is not None:
+            p, r, unit = lengths
             prompts.append(p)
             responses.append(r)
             data.units.add(unit)

@@ -19,7 +19,7 @@ it on every build at a small cost.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,9 +110,19 @@ def dataset_stats(
     tables: Iterable[pa.Table], tokenizer: str | None = None, thresholds: Thresholds | None = None
 ) -> dict[str, Any]:
     """:func:`summarize` over the rows of ``tables`` (e.g. the train shards, one at a time)."""
+    return summarize_lengths(
+        (lengths_of(table, tokenizer) for table in tables), tokenizer, thresholds
+    )
+
+
+def summarize_lengths(
+    parts: Iterable[tuple[np.ndarray, np.ndarray, str]],
+    tokenizer: str | None = None,
+    thresholds: Thresholds | None = None,
+) -> dict[str, Any]:
+    """:func:`summarize` over the :func:`lengths_of` of several tables, in order."""
     prompts, responses, units = [], [], set()
-    for table in tables:
-        p, r, unit = lengths_of(table, tokenizer)
+    for p, r, unit in parts:
         prompts.append(p)
         responses.append(r)
         units.add(unit)
@@ -125,14 +135,19 @@ def dataset_stats(
 STAT_COLUMNS = ("prompt", "response", "prompt_tokens", "response_tokens")
 
 
-def shard_stats(paths: Iterable[str], tokenizer: str | None = None) -> dict[str, Any]:
+def shard_stats(
+    paths: Iterable[str],
+    tokenizer: str | None = None,
+    map_shards: Callable[[Callable[[str], Any], Iterable[str]], Iterable[Any]] = map,
+) -> dict[str, Any]:
     """:func:`dataset_stats` over Parquet shards, reading only the columns it needs, one
-    shard at a time (what the build summary shows for the train split)."""
+    shard at a time (what the build summary shows for the train split). ``map_shards``
+    maps the per-shard work over the paths in order (the build gives its shard threads)."""
     import pyarrow.parquet as pq
 
-    def tables() -> Iterable[pa.Table]:
-        for path in paths:
-            names = pq.ParquetFile(path).schema_arrow.names
-            yield pq.read_table(path, columns=[c for c in STAT_COLUMNS if c in names])
+    def lengths(path: str) -> tuple[np.ndarray, np.ndarray, str]:
+        names = pq.ParquetFile(path).schema_arrow.names
+        table = pq.read_table(path, columns=[c for c in STAT_COLUMNS if c in names])
+        return lengths_of(table, tokenizer)
 
-    return dataset_stats(tables(), tokenizer)
+    return summarize_lengths(map_shards(lengths, paths), tokenizer)
