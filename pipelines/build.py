@@ -30,7 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
 from pipelines.parallel import ordered_map, shard_threads
-from pipelines.report import publish_report
+from pipelines.report import ReportResult, publish_report
 from pipelines.segments import (
     ChainStep,
     Counts,
@@ -294,15 +294,19 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         **metadata,
         "cache": _engine_stats(outputs),
         "stage_stats": {name: st for o in outputs for name, st in o.stats.items()},
-        "dataset_stats": shard_stats(train, map_shards=ordered_map),
     }
-    _publish(spec, summary, work)
+    report = _publish(spec, summary, work)
+    # The report measured the train split already; without it, measure the shards.
+    summary["report"] = report.path if report else None
+    summary["dataset_stats"] = (
+        report.stats if report else shard_stats(train, map_shards=ordered_map)
+    )
     return summary
 
 
-def _publish(spec: BuildSpec, summary: dict[str, Any], work: Path) -> None:
+def _publish(spec: BuildSpec, summary: dict[str, Any], work: Path) -> ReportResult | None:
     """Prefect artifacts: a markdown summary, the per-stage counts table and a link to the
-    version's HTML report (written under ``work/reports``; its path goes into ``summary``)."""
+    version's HTML report (written under ``work/reports``; returned, None if it failed)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", spec.name.lower()).strip("-") or "dataset"
     table = [{"stage": stage, **line} for stage, line in summary["counts"].items()]
     create_table_artifact(
@@ -331,7 +335,7 @@ def _publish(spec: BuildSpec, summary: dict[str, Any], work: Path) -> None:
         key=f"{slug}-build-summary",
         description=f"Build summary of {spec.name}",
     )
-    summary["report"] = publish_report(
+    report = publish_report(
         summary["store"], spec.name, summary["version"], work / "reports", f"{slug}-report"
     )
     for stage_name, stats in summary["stage_stats"].items():
@@ -342,3 +346,4 @@ def _publish(spec: BuildSpec, summary: dict[str, Any], work: Path) -> None:
                 key=f"{slug}-{stage_name}-{figure}".replace("_", "-"),
                 description=f"{stage_name}: {figure} of {spec.name} v{summary['version']}",
             )
+    return report

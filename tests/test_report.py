@@ -217,6 +217,23 @@ def demo(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> dic
     return {"store": store, "first": first, "second": second, "folder": folder}
 
 
+def test_a_report_that_cannot_be_written_does_not_fail_the_build(
+    demo: dict[str, Any], tmp_path: Path
+) -> None:
+    """The reports folder is a file: the report fails, the version is committed, and the
+    summary's statistics are measured from the shards instead, to the same numbers."""
+    shutil.copytree(demo["store"].root, tmp_path / "store")
+    store = DatasetStore(str(tmp_path / "store"))
+    reports = tmp_path / "store" / "_work" / "demo-sft" / "reports"
+    shutil.rmtree(reports)
+    reports.write_text("not a folder")
+    spec = demo["folder"] / "spec.yaml"
+    again = build_dataset(str(spec), store=store.root)
+    assert again["report"] is None and again["version"] == 2
+    assert again["dataset_stats"] == demo["second"]["dataset_stats"]
+    assert store.read("demo-sft@2").num_rows == demo["second"]["rows"]["train"]
+
+
 def commit_fixture(
     store: DatasetStore, name: str, file: str, shards_dir: Path | None = None
 ) -> None:

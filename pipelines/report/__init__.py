@@ -34,6 +34,8 @@ class ReportResult:
     bytes: int
     rows: dict[str, int]
     sections: list[str]
+    stats: dict[str, Any]
+    """The train split's instruction/response statistics (as in the build summary)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,16 +67,19 @@ def write_report(
         bytes=len(page.encode("utf-8")),
         rows={split: s.rows for split, s in data.splits.items()},
         sections=re.findall(r'<section id="([a-z]+)">', page),
+        stats=data.stats,
     )
 
 
-def publish_report(root: str, name: str, version: int, folder: Path, key: str) -> str | None:
+def publish_report(
+    root: str, name: str, version: int, folder: Path, key: str
+) -> ReportResult | None:
     """The build's hook: write the report of ``name@version`` into ``folder/v<version>/``
     and create a Prefect link artifact ``key`` pointing at it. A report that cannot be
     written is logged, not raised: the version is committed by then.
 
     Returns:
-        The report's path, or None when it failed.
+        The report (its path and the train split's statistics), or None when it failed.
     """
     from prefect.artifacts import create_link_artifact
 
@@ -90,4 +95,4 @@ def publish_report(root: str, name: str, version: int, folder: Path, key: str) -
         key=key,
         description=f"Browsable report of {name} v{version}: {result.path}",
     )
-    return result.path
+    return result
