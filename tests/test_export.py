@@ -304,3 +304,40 @@ def test_final_openai_tool_calls_export(tmp_path: Path) -> None:
     assert result.skipped_reasons == {
         "turns do not alternate human|observation and gpt|function_call": 1
     }
+
+
+def test_real_corpora_round_trip_through_trainer_formats(shared_data: Path, tmp_path: Path) -> None:
+    """Real rows (GPTeacher role-play and tool use, GSM8K, MMLU, NQ) as a version, exported
+    to each trainer format and read back: HF ``datasets`` loads every row, TRL sees
+    conversations whose last message is the stored response, and the ShareGPT file
+    re-ingests to the same prompts and responses."""
+    names = [
+        "instructions/gpteacher_roleplay.json",
+        "instructions/gpteacher_toolformer.json",
+        "instructions/gsm8k_train_alpaca.json",
+        "mmlu/test/anatomy_test.csv",
+        "nq/dev.csv",
+    ]
+    parts = [next(iter(read_source(shared_data / name))).kept.slice(0, 60) for name in names]
+    rows = pa.concat_tables(parts, promote_options="permissive")
+    store = DatasetStore(str(tmp_path / "store"))
+    commit_build(store, "real", tmp_path, rows)
+    stored = sorted(store.read("real").column("response").to_pylist())
+
+    for fmt, key in (("trl_messages", "messages"), ("trl_prompt_completion", "completion")):
+        result = export(store, "real", fmt, tmp_path / fmt)
+        assert (result.rows, result.skipped) == (rows.num_rows, 0)
+        loaded = load_json(tmp_path / fmt / result.files[0], tmp_path).to_list()
+        assert len(loaded) == rows.num_rows
+        assert all(is_conversational(record) for record in loaded)
+        assert sorted(record[key][-1]["content"] for record in loaded) == stored
+
+    out = tmp_path / "sharegpt"
+    result = export(store, "real", "llamafactory_sharegpt", out)
+    assert (result.rows, result.skipped) == (rows.num_rows, 0)
+    assert len(load_json(out / result.files[0], tmp_path)) == rows.num_rows
+
+    def pairs(table: pa.Table) -> list[str]:
+        return sorted(json.dumps(r) for r in table.select(["prompt", "response"]).to_pylist())
+
+    assert pairs(ingested(out / result.files[0])) == pairs(rows)
