@@ -46,6 +46,10 @@ from storage.names import SPLITS, StoreError
 from transforms.schema import REJECT_FIELDS, SCHEMA
 
 TABLE_CONFIG = {"delta.enableExpiredLogCleanup": "false"}
+DICTIONARY_COLUMNS = ("source", "task", "origin", "prompt.list.element.role", "reject_stage")
+"""Columns with few distinct values, dictionary-encoded in the data files. Text columns are
+mostly distinct: trying a dictionary there costs Parquet's writer a third of its time
+(1M rows: 1.24 s against 2.01 s) for files of the same size."""
 """Versions are the product: never let Delta expire old log entries (and with them,
 the ability to read old versions)."""
 
@@ -414,7 +418,13 @@ class PartWriter:
             self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         self.written.append(path)
         stream = self.fs.open_output_stream(path)
-        writer = pq.ParquetWriter(stream, self.schema, compression="snappy", coerce_timestamps="us")
+        writer = pq.ParquetWriter(
+            stream,
+            self.schema,
+            compression="snappy",
+            coerce_timestamps="us",
+            use_dictionary=list(DICTIONARY_COLUMNS),
+        )
         return relative, stream, writer
 
     def _close(
