@@ -222,6 +222,19 @@ def test_filter_reasons_in_rule_order(gsm8k: pa.Table) -> None:
         FilterParams(empty_response=False, empty_prompt=False, max_chars=None, invalid_text=False),
     )
     assert relaxed.kept.num_rows == 5
+    # the replacement character in the response, or in any turn of a longer conversation
+    table = with_text(gsm8k, ["q1", "q2", "q3"], ["fine", "bad \ufffd", "fine"])
+    turns = table.column("prompt").to_pylist()
+    turns[2] = [
+        *turns[2],
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "\ufffd"},
+    ]
+    index = table.schema.get_field_index("prompt")
+    table = table.set_column(index, "prompt", pa.array(turns, table.schema.field(index).type))
+    out = filter_rows(table, FilterParams())
+    assert out.rejected.column("reject_reason").to_pylist() == ["invalid_text"] * 2
+    assert out.kept.column("response").to_pylist() == ["fine"]
 
 
 def test_filter_keeps_real_rows_and_accounts(gsm8k: pa.Table) -> None:

@@ -35,12 +35,10 @@ def prompt_chars(prompt: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Total characters over all turns of each conversation."""
     prompt = combined(prompt)
     flat = pc.list_flatten(prompt)
-    lengths = pc.fill_null(pc.utf8_length(flat.field("content")), 0)
-    parents = pc.list_parent_indices(prompt)
-    sums = pa.table({"row": parents, "n": lengths}).group_by("row").aggregate([("n", "sum")])
-    out = pa.nulls(len(prompt), pa.int64()).fill_null(0).to_numpy(zero_copy_only=False).copy()
-    out[sums.column("row").to_numpy()] = sums.column("n_sum").to_numpy()
-    return pa.array(out)
+    lengths = pc.fill_null(pc.utf8_length(flat.field("content")), 0).to_numpy()
+    parents = pc.list_parent_indices(prompt).to_numpy()
+    sums = np.bincount(parents, weights=lengths, minlength=len(prompt))
+    return pa.array(sums.astype(np.int64))
 
 
 CHUNK_BYTES = 1 << 24
