@@ -223,7 +223,7 @@ def test_filter_reasons_in_rule_order(gsm8k: pa.Table) -> None:
     )
     assert relaxed.kept.num_rows == 5
     # the replacement character in the response, or in any turn of a longer conversation
-    table = with_text(gsm8k, ["q1", "q2", "q3"], ["fine", "bad \ufffd", "fine"])
+    table = with_text(gsm8k, ["q1", "q2", "q3"], ["fine \uf000", "bad \ufffd", "fine"])
     turns = table.column("prompt").to_pylist()
     turns[2] = [
         *turns[2],
@@ -234,7 +234,7 @@ def test_filter_reasons_in_rule_order(gsm8k: pa.Table) -> None:
     table = table.set_column(index, "prompt", pa.array(turns, table.schema.field(index).type))
     out = filter_rows(table, FilterParams())
     assert out.rejected.column("reject_reason").to_pylist() == ["invalid_text"] * 2
-    assert out.kept.column("response").to_pylist() == ["fine"]
+    assert out.kept.column("response").to_pylist() == ["fine \uf000"]  # same first byte
 
 
 def test_filter_keeps_real_rows_and_accounts(gsm8k: pa.Table) -> None:

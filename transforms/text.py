@@ -81,3 +81,15 @@ def rows_with_bytes(
         for first, data, bounds in byte_chunks(texts)
     ]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def contains(texts: pa.Array | pa.ChunkedArray, needle: str) -> np.ndarray:
+    """Per string: does it contain ``needle``? Only the strings holding the needle's first
+    UTF-8 byte (found by a byte scan) are searched. Nulls give False."""
+    lead = needle.encode()[0]
+    rows = rows_with_bytes(texts, lambda data: data == lead)
+    found = np.zeros(len(texts), dtype=bool)
+    if len(rows):
+        hits = pc.match_substring(combined(texts).take(pa.array(rows)), needle)
+        found[rows] = pc.fill_null(hits, False).to_numpy(zero_copy_only=False)
+    return found
