@@ -87,7 +87,9 @@ class TransformersEngine:
                     top_p=None if greedy else s.top_p,
                     max_new_tokens=s.max_tokens,
                     num_return_sequences=s.n,
-                    pad_token_id=self.tokenizer.pad_token_id or eos,
+                    pad_token_id=(
+                        eos if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+                    ),
                     eos_token_id=eos,
                     top_k=None,
                     return_dict_in_generate=True,
@@ -108,12 +110,22 @@ class TransformersEngine:
                 )
                 text, stopped = _apply_stop(text, s.stop)
                 finish = "stop" if stopped else finish
+                if stopped and steps is not None:  # vLLM's tokens end with the stop string's
+                    row = self._through_stop(row, s.stop)
                 if steps is None:
                     samples.append(Sample(text=text, finish_reason=finish))
                 else:
                     samples.append(self._with_logprobs(text, finish, row, steps[index], s.logprobs))
             out.append(samples)
         return out
+
+    def _through_stop(self, row: list[int], stop: Sequence[str]) -> list[int]:
+        """The generated tokens up to the one that completes the first stop string."""
+        for end in range(1, len(row) + 1):
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
+            if _apply_stop(text, stop)[1]:
+                return row[:end]
+        return row
 
     def _with_logprobs(
         self, text: str, finish: str, row: list[int], steps: Any, k: int | None

@@ -11,6 +11,7 @@ crash reuses every task that had finished and redoes only the rest.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import re
@@ -91,10 +92,11 @@ def ingest_source(
         return part, writer.write_shard(index, kept, rejected)
 
     batches = read_source(source.path, format=source.format, source=source.name, params=ingest)
-    for part, paths in ordered_map(shard, enumerate(batches)):
-        counts = merge_counts([counts, part])
-        writer.add(paths)
-        logger.info("%s: %d rows read", source.path, counts["ingest"]["in"])
+    with contextlib.closing(batches):  # the source file is closed on an error too
+        for part, paths in ordered_map(shard, enumerate(batches)):
+            counts = merge_counts([counts, part])
+            writer.add(paths)
+            logger.info("%s: %d rows read", source.path, counts["ingest"]["in"])
     return SegmentOutput(key, writer.train, writer.rejected, counts, produced_by=_run_id())
 
 

@@ -397,7 +397,7 @@ def generate(
     ] = None,
     n: Annotated[int, typer.Option(min=1, help="Samples per prompt.")] = 1,
     temperature: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    top_p: Annotated[float, typer.Option(max=1.0, help="In (0, 1].")] = 1.0,
     max_tokens: Annotated[int, typer.Option(min=1)] = 64,
     logprobs: Annotated[
         int,
@@ -413,7 +413,6 @@ def generate(
     as_json: JsonOpt = False,
 ) -> None:
     """Sample completions for a JSONL file of prompts, through the generation cache."""
-    from engines import Sampling
     from pipelines.generate import GenerateOptions, generate_file
     from pipelines.progress import bars, wanted
     from storage.dataset import default_store
@@ -425,7 +424,7 @@ def generate(
         url=url,
         seed=seed,
         max_model_len=max_model_len,
-        sampling=Sampling(
+        sampling=_sampling(
             n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=logprobs
         ),
     )
@@ -442,6 +441,16 @@ def generate(
         f"{stats['completions_per_s']}/s after it); cache: {stats['hits']} hits, "
         f"{stats['misses']} misses, {stats['engine_calls']} engine calls → {target}"
     )
+
+
+def _sampling(**values: Any) -> Any:
+    """The sampling parameters, a bad value reported as a usage error."""
+    from engines import Sampling
+
+    try:
+        return Sampling(**values)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()

@@ -82,11 +82,13 @@ def _render(model: str, messages: list[Any], where: str) -> str:
         if not (
             isinstance(message, dict)
             and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
+            and "content" in message
+            and isinstance(message["content"], str | list | None)
         ):
             raise EngineError(
-                f"{where}: field 'messages[{index}]': expected an object with string 'role' "
-                f"and 'content', got {json.dumps(message, ensure_ascii=False)[:120]}"
+                f"{where}: field 'messages[{index}]': expected an object with a string 'role' "
+                "and a 'content' (text, a list of parts, or null beside tool calls), got "
+                f"{json.dumps(message, ensure_ascii=False)[:120]}"
             )
     try:
         return render(model, messages)

@@ -239,7 +239,7 @@ class ShardPlan:
         groups: list[list[_Shard]] = [[]]
         done = 0
         for shard in shards:
-            if groups[-1] and done >= total * len(groups) / count:
+            if groups[-1] and len(groups) < count and done >= total * len(groups) / count:
                 groups.append([])
             groups[-1].append(shard)
             done += shard.rows
@@ -397,16 +397,23 @@ class PartWriter:
         actions: list[AddAction] = []
         current: tuple[str, pa.NativeFile, pq.ParquetWriter] | None = None
         rows = 0
-        for batch in _prefetch(plan.batches(shards)):
-            if current is None:
-                current, rows = self._open(split, run, len(actions)), 0
-            current[2].write_batch(batch)
-            rows += batch.num_rows
-            if current[1].tell() >= self.target_file_bytes:
+        try:
+            for batch in _prefetch(plan.batches(shards)):
+                if current is None:
+                    current, rows = self._open(split, run, len(actions)), 0
+                current[2].write_batch(batch)
+                rows += batch.num_rows
+                if current[1].tell() >= self.target_file_bytes:
+                    actions.append(self._close(split, current, rows))
+                    current = None
+            if current is not None:
                 actions.append(self._close(split, current, rows))
-                current = None
-        if current is not None:
-            actions.append(self._close(split, current, rows))
+        except BaseException:
+            if current is not None:  # close it now, so that discard() removes a whole file
+                with contextlib.suppress(Exception):
+                    current[2].close()
+                    current[1].close()
+            raise
         return actions
 
     def _open(

@@ -89,6 +89,8 @@ def test_generate_names_the_bad_line(fact_world, tmp_path: Path) -> None:
     source.write_text('{"prompt": "ok"}\n')
     code, _, err = generate(fact_world.model_dir, source, tmp_path / "o", "--n", "0")
     assert code == 2 and "--n" in err
+    code, _, err = generate(fact_world.model_dir, source, tmp_path / "o", "--top-p", "0")
+    assert code == 2 and "top_p must be in (0, 1]" in err
     code, _, err = generate(tmp_path / "nope", source, tmp_path / "o")
     assert code == 2 and "does not exist" in err
 

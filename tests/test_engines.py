@@ -95,11 +95,16 @@ def test_stop_strings_end_the_text(
     full = vllm_engine.generate([Request(prompt, GREEDY)])[0][0].text
     assert len(full) >= 4, full
     stop = full[len(full) // 2 : len(full) // 2 + 2]
-    stopped = Sampling(n=1, temperature=0.0, max_tokens=20, stop=(stop,))
+    stopped = Sampling(n=1, temperature=0.0, max_tokens=20, stop=(stop,), logprobs=0)
+    samples = []
     for engine in (vllm_engine, hf_engine):
         (sample,) = engine.generate([Request(prompt, stopped)])[0]
         assert sample.text == full[: full.index(stop)] != full
         assert sample.finish_reason == "stop"
+        samples.append(sample)
+    # the logprobs end with the token that completed the stop string, in both engines
+    ours, theirs = samples
+    np.testing.assert_allclose(theirs.token_logprobs, ours.token_logprobs, atol=2e-3)
 
 
 def test_vllm_and_transformers_see_identical_prompts(

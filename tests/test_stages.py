@@ -242,3 +242,20 @@ def test_filter_keeps_real_rows_and_accounts(gsm8k: pa.Table) -> None:
     lengths = pc.add(pc.utf8_length(gsm8k.column("response")), prompt_chars(gsm8k["prompt"]))
     assert out.rejected.num_rows == pc.sum(pc.greater(lengths, 600)).as_py() > 0
     assert out.counts(500)["kept"] + out.rejected.num_rows == 500
+
+
+def test_exact_dedup_names_a_kept_row_without_id(gsm8k: pa.Table) -> None:
+    """A caller's table may lack ids: its duplicates still carry a reason, in this shard
+    and in later ones."""
+    rows = gsm8k.slice(0, 3)
+    rows = rows.set_column(
+        rows.schema.get_field_index("id"), "id", pa.array([None, "x", "y"], pa.string())
+    )
+    state: dict = {}
+    first = exact_dedup(pa.concat_tables([rows, rows.slice(0, 1)]), ExactDedupParams(), state)
+    later = exact_dedup(gsm8k.slice(0, 2), ExactDedupParams(), state)
+    assert first.rejected.column("reject_reason").to_pylist() == ["duplicate_of:<no id>"]
+    assert later.rejected.column("reject_reason").to_pylist() == [
+        "duplicate_of:<no id>",
+        "duplicate_of:x",
+    ]

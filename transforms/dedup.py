@@ -31,6 +31,9 @@ from transforms.stage import StageResult, reject_table
 from transforms.text import combined
 
 STAGE = "exact_dedup"
+NO_ID = "<no id>"
+"""Named in the reason of a duplicate whose kept row has no id (a build always sets ids;
+a caller of the function may not)."""
 
 
 class ExactDedupParams(BaseModel):
@@ -64,9 +67,8 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
     keep = np.zeros(table.num_rows, dtype=bool)
     keep[new_rows] = True
     duplicates = np.flatnonzero(~keep)
-    reasons = pc.binary_join_element_wise(
-        "duplicate_of", pc.take(owner, pa.array(group[duplicates])), ":"
-    )
+    owners = pc.fill_null(pc.take(owner, pa.array(group[duplicates])), NO_ID)
+    reasons = pc.binary_join_element_wise("duplicate_of", owners, ":")
     kept_ids, plain = hex_words(pc.take(ids, pa.array(new_rows)))
     for k in np.flatnonzero(~plain):
         other_ids[(int(new_keys[k, 0]), int(new_keys[k, 1]))] = ids[int(new_rows[k])].as_py()

@@ -172,7 +172,7 @@ def _scan(
             p, r, unit = lengths
             prompts.append(p)
             responses.append(r)
-            data.units.add(unit)
+            data.units.update(unit.split(" + "))
         _count(data, table)
         if {CORRECTNESS, CERTAINTY, LABEL_COLUMN} <= set(columns):
             scored = table.select([CORRECTNESS, CERTAINTY, LABEL_COLUMN])

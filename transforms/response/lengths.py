@@ -6,7 +6,7 @@ loaded with transformers ``AutoTokenizer``), otherwise as whitespace-separated w
 
 from __future__ import annotations
 
-from functools import cache
+import threading
 from typing import Any
 
 import numpy as np
@@ -61,11 +61,18 @@ def _split_counts(text: pa.Array) -> np.ndarray:
     return counts.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-@cache
-def _tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
+_per_thread = threading.local()
 
-    return AutoTokenizer.from_pretrained(path)
+
+def _tokenizer(path: str) -> Any:
+    """The tokenizer at ``path``, one per thread: a fast tokenizer's Rust object may not be
+    used by two threads at once (it can answer "Already borrowed")."""
+    loaded: dict[str, Any] = _per_thread.__dict__.setdefault("tokenizers", {})
+    if path not in loaded:
+        from transformers import AutoTokenizer
+
+        loaded[path] = AutoTokenizer.from_pretrained(path)
+    return loaded[path]
 
 
 def token_counts(texts: Column, tokenizer: str | None = None) -> np.ndarray:

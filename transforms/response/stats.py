@@ -50,15 +50,21 @@ def _describe(values: np.ndarray) -> dict[str, float]:
 
 def lengths_of(table: pa.Table, tokenizer: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Prompt and response token counts and their unit: the ``prompt_tokens`` and
-    ``response_tokens`` columns when ``rule_filter`` already added them, else counted now
-    (with ``tokenizer``, else whitespace words)."""
-    if {"prompt_tokens", "response_tokens"} <= set(table.column_names):
-        prompt = table.column("prompt_tokens").to_numpy(zero_copy_only=False)
-        response = table.column("response_tokens").to_numpy(zero_copy_only=False)
-        if not (np.isnan(prompt.astype(float)).any() or np.isnan(response.astype(float)).any()):
-            return prompt.astype(np.int64), response.astype(np.int64), "rule_filter columns"
-    cols = length_columns(table, tokenizer)
-    return cols["prompt_tokens"], cols["response_tokens"], tokenizer or "whitespace"
+    ``response_tokens`` columns where ``rule_filter`` already filled them, else counted now
+    (with ``tokenizer``, else whitespace words), row by row, so that the result does not
+    depend on how rows are grouped into tables."""
+    if not {"prompt_tokens", "response_tokens"} <= set(table.column_names):
+        cols = length_columns(table, tokenizer)
+        return cols["prompt_tokens"], cols["response_tokens"], tokenizer or "whitespace"
+    prompt = table.column("prompt_tokens").to_numpy(zero_copy_only=False).astype(float)
+    response = table.column("response_tokens").to_numpy(zero_copy_only=False).astype(float)
+    missing = np.isnan(prompt) | np.isnan(response)
+    unit = "rule_filter columns"
+    if missing.any():
+        cols = length_columns(table.filter(pa.array(missing)), tokenizer)
+        prompt[missing], response[missing] = cols["prompt_tokens"], cols["response_tokens"]
+        unit += f" + {tokenizer or 'whitespace'}"
+    return prompt.astype(np.int64), response.astype(np.int64), unit
 
 
 def summarize(
@@ -125,7 +131,7 @@ def summarize_lengths(
     for p, r, unit in parts:
         prompts.append(p)
         responses.append(r)
-        units.add(unit)
+        units.update(unit.split(" + "))
     prompt = np.concatenate(prompts) if prompts else np.zeros(0, dtype=np.int64)
     response = np.concatenate(responses) if responses else np.zeros(0, dtype=np.int64)
     unit = " + ".join(sorted(units)) or tokenizer or "whitespace"
