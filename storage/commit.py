@@ -383,13 +383,19 @@ class PartWriter:
         runs = [
             (split, index, group)
             for split in SPLITS
-            for index, group in enumerate(plan.groups(split, threads))
+            for index, group in enumerate(plan.groups(split, self._runs(plan, split, threads)))
         ]
         if threads == 1 or len(runs) == 1:
             return [a for split, i, group in runs for a in self._write_run(split, i, group, plan)]
         with ThreadPoolExecutor(threads, thread_name_prefix="aligncurate-commit") as pool:
             futures = [pool.submit(self._write_run, *run, plan) for run in runs]
             return [action for future in futures for action in future.result()]
+
+    @staticmethod
+    def _runs(plan: ShardPlan, split: str, threads: int) -> int:
+        """Runs for a split: one per thread, but no more than it has batches (a small
+        split stays one file)."""
+        return max(1, min(threads, plan.rows[split] // plan.batch_rows))
 
     def _write_run(
         self, split: str, run: int, shards: Sequence[_Shard], plan: ShardPlan

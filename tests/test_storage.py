@@ -355,9 +355,13 @@ def test_large_builds_roll_over_files(
     assert DeltaTable(store.uri("sft")).count() == 10  # per-file row stats are recorded
 
 
-def test_parallel_writers_keep_shard_and_row_order(store: DatasetStore, tmp_path: Path) -> None:
+def test_parallel_writers_keep_shard_and_row_order(
+    store: DatasetStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Runs of consecutive shards are written on their own threads; the version reads back
-    in shard and row order, with the rows split between the runs' files."""
+    in shard and row order, with the rows split between the runs' files. A split of fewer
+    rows than a batch stays one run."""
+    monkeypatch.setattr("storage.dataset.BATCH_ROWS", 4)
     build = tmp_path / "shards"
     sizes = [7, 1, 12, 0, 9, 30, 4]
     train, start = [], 0
@@ -365,12 +369,18 @@ def test_parallel_writers_keep_shard_and_row_order(store: DatasetStore, tmp_path
         table = canonical_table(ids("p", sum(sizes))).slice(start, size)
         train.append(write_shard(table, build / f"train-{index}.parquet"))
         start += size
-    rejected_file = write_shard(rejected_table(ids("r", 5)), build / "rejected-0.parquet")
-    store.commit("par", train, [rejected_file], {"build_id": "t"}, threads=3)
+    rejected = rejected_table(ids("r", 5))
+    rejected_files = [
+        write_shard(rejected.slice(0, 2), build / "rejected-0.parquet"),
+        write_shard(rejected.slice(2), build / "rejected-1.parquet"),
+    ]
+    store.commit("par", train, rejected_files, {"build_id": "t"}, threads=3)
     assert store.read("par")["id"].to_pylist() == ids("p", sum(sizes))
     assert store.read("par", "rejected")["id"].to_pylist() == ids("r", 5)
     parts = [Path(f).name for f in store.files("par")]
     assert len({name.split("-")[1] for name in parts}) == 3  # three runs wrote train files
+    rejected_parts = [Path(f).name for f in store.files("par", split="rejected")]
+    assert [name.split("-")[1] for name in rejected_parts] == ["000"]  # 5 rows, 2 shards: 1 run
 
 
 # -- reads in a fresh interpreter ---------------------------------------------------------
