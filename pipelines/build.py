@@ -82,7 +82,6 @@ def ingest_source(
     """Read one source, run the leading local stages, write shards."""
     logger = _logger()
     writer = ShardWriter(folder)
-    counts: Counts = {}
 
     def shard(indexed: tuple[int, StageResult]) -> tuple[Counts, tuple[str, str | None]]:
         index, result = indexed
@@ -93,11 +92,9 @@ def ingest_source(
 
     batches = read_source(source.path, format=source.format, source=source.name, params=ingest)
     with contextlib.closing(batches):  # the source file is closed on an error too
-        for part, paths in ordered_map(shard, enumerate(batches)):
-            counts = merge_counts([counts, part])
-            writer.add(paths)
+        for counts in writer.record(ordered_map(shard, enumerate(batches))):
             logger.info("%s: %d rows read", source.path, counts["ingest"]["in"])
-    return SegmentOutput(key, writer.train, writer.rejected, counts, produced_by=_run_id())
+    return SegmentOutput(key, writer.train, writer.rejected, writer.counts, produced_by=_run_id())
 
 
 @task(name="prepare", cache_key_fn=_task_key, persist_result=True)
@@ -123,7 +120,6 @@ def run_segment(
     ``prepare`` output for each shard, from :func:`prepare_shard`."""
     logger = _logger()
     writer = ShardWriter(folder)
-    counts: Counts = {}
     states: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     inputs = read_shards(shards)
@@ -147,12 +143,10 @@ def run_segment(
         kept, more = run_chain(StageResult(kept=table), chain[1:], part)
         return part, writer.write_shard(index, kept, [*rejected, *more])
 
-    for i, (part, paths) in enumerate(ordered_map(tail, heads()), 1):
-        counts = merge_counts([counts, part])
-        writer.add(paths)
+    for i, _ in enumerate(writer.record(ordered_map(tail, heads())), 1):
         logger.info("%s: shard %d/%d", chain[0].definition.name, i, len(shards))
     return SegmentOutput(
-        key, writer.train, writer.rejected, counts, produced_by=_run_id(), stats=stats
+        key, writer.train, writer.rejected, writer.counts, produced_by=_run_id(), stats=stats
     )
 
 

@@ -130,9 +130,7 @@ class ShardWriter:
         self.folder = Path(folder)
         self.train: list[str] = []
         self.rejected: list[str] = []
-
-    def write(self, kept: pa.Table, rejected: list[pa.Table]) -> None:
-        self.add(self.write_shard(len(self.train), kept, rejected))
+        self.counts: Counts = {}
 
     def write_shard(
         self, index: int, kept: pa.Table, rejected: list[pa.Table]
@@ -145,12 +143,15 @@ class ShardWriter:
         table = pa.concat_tables(rejected, promote_options="permissive")
         return train, self._write(table, f"rejected-{index:05d}.parquet")
 
-    def add(self, paths: tuple[str, str | None]) -> None:
-        """Record a written shard, in shard order."""
-        train, rejected = paths
-        self.train.append(train)
-        if rejected is not None:
-            self.rejected.append(rejected)
+    def record(self, written: Iterable[tuple[Counts, tuple[str, str | None]]]) -> Iterator[Counts]:
+        """Record shards written by :meth:`write_shard` (their counts and paths, in shard
+        order) and their counts into :attr:`counts`; yields the running counts after each."""
+        for part, (train, rejected) in written:
+            self.counts = merge_counts([self.counts, part])
+            self.train.append(train)
+            if rejected is not None:
+                self.rejected.append(rejected)
+            yield self.counts
 
     def _write(self, table: pa.Table, name: str) -> str:
         path = self.folder / name
