@@ -12,7 +12,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: setup demo demo-sft test bench lint clean
+.PHONY: setup system-deps demo demo-sft test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -44,8 +44,42 @@ demo-sft: setup
 	$(BIN)/aligncurate inspect demo-sft --split rejected --sample 2 --store $(DEMO_STORE)
 	$(BIN)/aligncurate export demo-sft --format trl_messages --out $(DEMO_OUT)/demo-sft-trl --store $(DEMO_STORE)
 
-test: setup
+# Debian packages some tests drive for real (tests/system_deps.py): chromium renders the
+# HTML report (tests/test_report.py), postgresql backs a Prefect server
+# (tests/test_schedule.py), docker-compose validates docker-compose.yml
+# (tests/test_compose.py). The missing ones are installed with apt-get as root or with
+# passwordless sudo; otherwise this only reports, and those tests skip (under CI=true they fail).
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -z "$$missing" ]; then \
+	  echo "system-deps: chromium, postgresql and docker-compose are installed"; exit 0; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then as_root=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then as_root="sudo -n"; \
+	else as_root=none; fi; \
+	if [ "$$as_root" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "system-deps: missing Debian packages:$$missing; cannot install them here (needs"; \
+	  echo "  apt-get, and root or passwordless sudo), so their tests will skip. Install with:"; \
+	  echo "  sudo apt-get install --no-install-recommends$$missing"; \
+	  exit 0; \
+	fi; \
+	echo "system-deps: installing$$missing with apt-get"; \
+	if $$as_root apt-get update -qq && $$as_root env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; then \
+	  echo "system-deps: installed$$missing"; \
+	else \
+	  echo "system-deps: could not install$$missing; their tests will skip"; \
+	fi
+
+test: setup system-deps
 	$(BIN)/pytest -q
+
+# Pure transforms and storage (no model, no Prefect server, no browser): about a minute.
+test-fast: setup
+	$(BIN)/pytest -q -m fast
 
 bench: setup
 	$(BIN)/python bench/ingest.py

@@ -5,6 +5,7 @@ the length filter, so the report has a diff), and two versions committed from
 ``tests/data/report/``: a sample of a real CRaFT build and of a real synthesis build of the
 fact world (made by ``make_fixtures.py`` there). Chromium is Debian's ``chromium``, driven
 over the DevTools protocol: every console message, exception and network request is seen.
+Without it (``make system-deps`` installs it) the browser tests skip, or fail under CI.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pipelines.report import write_report
 from pipelines.report.collect import collect
 from pipelines.report.html import sample_row
 from storage.dataset import DatasetStore
+from system_deps import require
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data" / "report"
@@ -60,7 +62,7 @@ class Chromium:
 
     def __init__(self) -> None:
         if CHROMIUM is None:
-            raise RuntimeError("chromium is not installed (apt-get install -y chromium)")
+            raise RuntimeError("chromium is not installed (make system-deps installs it)")
         self.profile = Path(tempfile.mkdtemp(prefix="aligncurate-chromium-"))
         self.proc = subprocess.Popen(
             [CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
@@ -173,6 +175,7 @@ class Chromium:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Chromium]:
+    require("chromium")  # skipped without it (failed under CI)
     chromium = Chromium()
     yield chromium
     chromium.close()

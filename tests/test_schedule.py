@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from servers import postgres_cluster, prefect_server
+from system_deps import require
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,8 +29,9 @@ POOL = "aligncurate-test"
 
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
-    """A fresh PostgreSQL cluster (asyncpg URL); .ci/run installs PostgreSQL, so a missing
-    server fails here with the install command rather than skipping."""
+    """A fresh PostgreSQL cluster (asyncpg URL). Without PostgreSQL (``make system-deps``
+    installs it) the module's tests skip, or fail under CI."""
+    require("postgresql")
     with postgres_cluster() as url:
         yield url
 
