@@ -1,4 +1,5 @@
-"""Shared fixtures: Prefect's test harness (one per session) and the shared corpora."""
+"""Shared fixtures: Prefect's test harness (one per session) and the shared corpora; the
+``fast`` marker."""
 
 from __future__ import annotations
 
@@ -17,6 +18,35 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+
+#: The pure transforms and storage tests: no model, no Prefect server, no browser. They get
+#: the ``fast`` marker, which ``make test-fast`` (``pytest -m fast``) selects.
+FAST_MODULES = frozenset(
+    {
+        "test_craft_transforms.py",
+        "test_export.py",
+        "test_gencache.py",
+        "test_ingest.py",
+        "test_parallel.py",
+        "test_response_dedup.py",
+        "test_response_export.py",
+        "test_response_mix_match.py",
+        "test_response_rules.py",
+        "test_schema.py",
+        "test_stages.py",
+        "test_storage.py",
+        "test_synthesis_transforms.py",
+        "test_system_deps.py",
+    }
+)
+#: A test in those modules that asks for one of these is not fast.
+HEAVY_FIXTURES = frozenset({"fact_world", "vllm_engine", "prefect_harness"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in FAST_MODULES and not HEAVY_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")
