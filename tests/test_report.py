@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from system_deps import require
 from typer.testing import CliRunner
 
 from pipelines.build import build_dataset
@@ -36,7 +37,6 @@ from pipelines.report import write_report
 from pipelines.report.collect import collect
 from pipelines.report.html import sample_row
 from storage.dataset import DatasetStore
-from system_deps import require
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data" / "report"
