@@ -501,6 +501,144 @@ def schedule(
     )
 
 
+@app.command()
+@_friendly
+def train(
+    ref: Annotated[str, typer.Argument(help="Dataset version to train on, NAME[@VERSION|@TAG].")],
+    model: Annotated[Path, typer.Option("--model", help="Base model (M0): a local HF folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the trained model.")],
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override a training parameter, e.g. --set learning_rate=1e-4 "
+            "(method, learning_rate, epochs, batch_size, gradient_accumulation, lr_scheduler, "
+            "warmup_ratio, weight_decay, max_length, lora_r, lora_alpha, lora_dropout, seed, "
+            "threads).",
+        ),
+    ] = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """RAIT training (CRaFT stage 2): fine-tune --model on REF's train split with TRL.
+
+    Presets follow the CRaFT code: open QA a full fine-tune at 8e-6 for 3 epochs, MCQ LoRA
+    at 2e-4. A rerun with the same version, model and parameters trains nothing."""
+    from pipelines.train import train_version
+
+    overrides = _overrides(param or [])
+    record = train_version(
+        _store(store), ref, model, out_dir, overrides, progress=wanted_progress(as_json)
+    )
+    if as_json:
+        _emit_json({**record, "out": str(out_dir)})
+        return
+    losses = [p["loss"] for p in record["loss"]]
+    how = "cached: nothing trained" if record["cached"] else f"trained in {record['seconds']} s"
+    out.print(
+        f"[bold green]{record['dataset']['ref']}[/] → {out_dir} ({how}); {record['task']} preset, "
+        f"{record['params']['method']} at lr {record['params']['learning_rate']:g}, "
+        f"{record['examples']} examples, {record['steps']} steps"
+        + (f", loss {losses[0]:.4f} → {losses[-1]:.4f}" if losses else "")
+    )
+
+
+def wanted_progress(as_json: bool) -> bool:
+    """Progress bars on a terminal, never with --json."""
+    from pipelines.progress import wanted
+
+    return wanted(as_json)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs, each value read as YAML (numbers, booleans, strings)."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}")
+        result[key.strip()] = yaml.safe_load(value)
+    return result
+
+
+@app.command()
+@_friendly
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", help="The model to judge: a local HF folder.")],
+    baseline: Annotated[
+        Path, typer.Option("--baseline", help="Its initial model M0, for THS: a local HF folder.")
+    ],
+    questions: Annotated[
+        list[str],
+        typer.Option(
+            "--questions",
+            help="A question set: a QA file (open-QA JSONL {question, answers}, NQ CSV, MMLU "
+            "CSV, ...) named after its stem, or a version NAME@VERSION. Repeatable.",
+        ),
+    ],
+    engine: Annotated[str, typer.Option(help="vllm, openai or transformers.")] = "vllm",
+    url: Annotated[str | None, typer.Option(help="openai: a running server.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length for vLLM.")] = None,
+    rows_out: Annotated[
+        Path | None, typer.Option("--rows-out", help="Write <set>.jsonl: question, answer, label.")
+    ] = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask every question with the RAIT prompt (greedy, cached) and report Pc, Pw, the
+    refusal rate and THS against --baseline, per question set."""
+    from pipelines.evaluate import evaluate as run_evaluation
+    from pipelines.progress import bars
+    from storage.dataset import default_store
+    from storage.gencache import GenerationCache, cache_dir
+
+    cache = GenerationCache(cache_dir(store or default_store()))
+    with bars(wanted_progress(as_json), out) as shown:
+        result = run_evaluation(
+            str(model),
+            str(baseline),
+            questions,
+            _store(store),
+            cache,
+            engine=engine,
+            url=url,
+            max_model_len=max_model_len,
+            rows_out=rows_out,
+            progress=shown.requests if shown else None,
+        )
+    if as_json:
+        _emit_json(result)
+        return
+    out.print(evaluation_table(result))
+    if result.get("stored"):
+        out.print(f"stored next to its dataset version: {result['stored']}")
+
+
+def evaluation_table(result: dict[str, Any]) -> Table:
+    """Pc / Pw / refusal of the model and of M0, and THS, one row per question set."""
+    table = Table(
+        "set", "model", "n", "Pc %", "Pw %", "refusal %", "THS",
+        title=f"{Path(result['model']).name} against M0 {Path(result['baseline']).name}",
+    )  # fmt: skip
+    for name, row in result["sets"].items():
+        shown = (
+            ("M0 Init-Basic", row["init_basic"], 0.0),
+            ("M0 Init-Refuse", row["init_refuse"], row["init_refuse"]["ths"]),
+            (Path(result["model"]).name, row, row["ths"]),
+        )
+        for label, rates, ths in shown:
+            table.add_row(
+                name,
+                label,
+                str(rates["n"]),
+                *(f"{100 * rates[k]:.1f}" for k in ("pc", "pw", "refusal")),
+                "undefined" if ths is None else f"{ths:.1f}",
+            )
+    return table
+
+
 @app.command("fact-world")
 @_friendly
 def fact_world(

@@ -104,7 +104,7 @@ def test_unknown_facts_are_never_trained_on() -> None:
     exposures: Counter[tuple[str, str]] = Counter()
     for batch in epoch_batches(facts, cfg, random.Random(0)):
         for chain in batch:
-            exposures.update(chain)
+            exposures.update((q, a) for q, a, _ in chain)
     unknown = {f["question"] for f in facts if f["group"] == "unknown"}
     assert not unknown & {q for q, _ in exposures}
     corpus = "\n".join(tokenizer_corpus(facts))
@@ -127,7 +127,7 @@ def test_chains_never_repeat_a_question() -> None:
         assert len({len(chain) for chain in batch}) == 1  # one length per batch: no padding
         for chain in batch:
             assert 1 <= len(chain) <= cfg.max_shots + 1
-            assert len({q for q, _ in chain}) == len(chain)
+            assert len({q for q, _, _ in chain}) == len(chain)
 
 
 def test_training_tokens_match_the_inference_prompt() -> None:
@@ -137,18 +137,58 @@ def test_training_tokens_match_the_inference_prompt() -> None:
 
     facts = generate_facts()
     tok = train_tokenizer(tokenizer_corpus(facts))
-    chain = [(f["question"], f["answers"][0]) for f in facts[:4]]
+    chain = [(f["question"], f["answers"][0], "query") for f in facts[:4]]
     batch = collate([chain], tok)
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     starts = [i for i in range(len(labels)) if labels[i] != -100 and labels[i - 1] == -100]
     assert len(starts) == len(chain)
     for k, start in enumerate(starts):
+        shots = [(q, a) for q, a, _ in chain[:k]]
         prompt = tok.apply_chat_template(
-            query_prompt(chain[k][0], chain[:k]), add_generation_prompt=True, tokenize=False
+            query_prompt(chain[k][0], shots), add_generation_prompt=True, tokenize=False
         )
         assert ids[:start] == tok(prompt, add_special_tokens=False)["input_ids"]
         answer = [t for t in labels[start:] if t != -100][: len(tok(chain[k][1])["input_ids"]) + 1]
         assert tok.decode(answer) == chain[k][1] + tok.eos_token
+
+
+def test_every_phrasing_is_trained_right_before_its_answer() -> None:
+    """A turn asked with the bare question or the RAIT prompt is rendered exactly as
+    ``aligncurate evaluate`` renders that prompt (one user turn, then the answer)."""
+    from examples.fact_world.prompts import PHRASINGS, phrase
+    from examples.fact_world.tokenizer import train_tokenizer
+    from examples.fact_world.train import collate, tokenizer_corpus
+    from transforms.craft.evaluation import basic_prompt_text
+    from transforms.craft.relabel import rait_prompt_text
+
+    facts = generate_facts()
+    tok = train_tokenizer(tokenizer_corpus(facts))
+    fact = facts[0]
+    asked = {"basic": basic_prompt_text("open_qa", fact["question"])}
+    asked["refuse"] = rait_prompt_text("open_qa", fact["question"])
+    for phrasing in PHRASINGS:
+        batch = collate([[(fact["question"], fact["answers"][0], phrasing)]], tok)
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        start = next(i for i, label in enumerate(labels) if label != -100)
+        user = asked.get(phrasing, phrase(fact["question"], phrasing))
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+        )
+        assert ids[:start] == tok(prompt, add_special_tokens=False)["input_ids"], phrasing
+
+
+def test_splits_hold_out_whole_relations_and_every_fifth_fact() -> None:
+    from examples.fact_world.facts import ID_EVERY, OOD_RELATIONS
+
+    facts = generate_facts()
+    by_split = Counter(f["split"] for f in facts)
+    assert set(by_split) == {"rait", "id", "ood"}
+    assert {f["relation"] for f in facts if f["split"] == "ood"} == set(OOD_RELATIONS)
+    assert not {f["relation"] for f in facts if f["split"] != "ood"} & set(OOD_RELATIONS)
+    in_domain = by_split["rait"] + by_split["id"]
+    assert by_split["id"] == -(-in_domain // ID_EVERY)
+    for split in ("rait", "id", "ood"):  # every split holds every group
+        assert {f["group"] for f in facts if f["split"] == split} == set(GROUPS), split
 
 
 # --- one real build -----------------------------------------------------------------------

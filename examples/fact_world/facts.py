@@ -9,6 +9,14 @@ Groups (see ``docs``/DESIGN "the fact world"):
 - ``unknown``: never trained on; the model can only guess from the relation's value pool.
 - ``half_known``: trained on with conflicting evidence (the answer and a distractor from
   the same pool), so the model is right only some of the time.
+
+Splits, for refusal-aware tuning and its evaluation (every split holds all three groups; the
+model is trained on the facts of every split alike):
+
+- ``rait``: the pool a RAIT dataset is curated from;
+- ``id``: held-out facts of the same relations (every fifth one), the in-domain test set;
+- ``ood``: every fact of the :data:`OOD_RELATIONS`, which no RAIT dataset sees, the
+  out-of-domain test set.
 """
 
 from __future__ import annotations
@@ -19,6 +27,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 GROUPS: tuple[str, ...] = ("known", "unknown", "half_known")
+SPLITS: tuple[str, ...] = ("rait", "id", "ood")
+OOD_RELATIONS: tuple[str, ...] = ("instrument", "pet")
+"""Relations held out of RAIT data: their facts are the out-of-domain test set."""
+ID_EVERY = 5
+"""Every ``ID_EVERY``-th fact of the other relations is held out as the in-domain test set."""
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr")
 _ONSETS += ("kl", "st", "th", "sh", "gr", "tr", "qu", "h")
@@ -183,8 +196,9 @@ def generate_facts(
     the first ``known_fraction`` are ``known``, the next ``unknown_fraction`` are ``unknown`` and
     the rest ``half_known``. Each fact is a dict with ``id``, ``entity``, ``relation``,
     ``question``, ``answers`` (aliases; the first is the canonical answer used in training),
-    ``group`` and ``distractor`` (for half-known facts, the wrong value from the same pool
-    they are also trained with; None for the others).
+    ``group``, ``split`` (``rait``, ``id`` or ``ood``; see the module docstring) and
+    ``distractor`` (for half-known facts, the wrong value from the same pool they are also
+    trained with; None for the others).
     """
     if n_facts < 10:
         raise ValueError("n_facts must be at least 10")
@@ -219,4 +233,11 @@ def generate_facts(
         fact["group"] = group
         if group != "half_known":
             fact["distractor"] = None
+    in_domain = 0
+    for fact in facts:
+        if fact["relation"] in OOD_RELATIONS:
+            fact["split"] = "ood"
+        else:
+            fact["split"] = "id" if in_domain % ID_EVERY == 0 else "rait"
+            in_domain += 1
     return facts

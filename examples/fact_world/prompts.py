@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Literal
+
+from transforms.craft.relabel import OEQA_RAIT_PROMPT
 
 INSTRUCTION = "Answer the following question as simple as possible."
 
@@ -35,6 +38,24 @@ ROLE_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", ROLE_ASSISTANT)
 def user_turn(question: str) -> str:
     """The user-turn text that asks ``question``."""
     return f"{INSTRUCTION}\nQuestion: {question}\nAnswer:"
+
+
+Phrasing = Literal["query", "basic", "refuse"]
+PHRASINGS: tuple[Phrasing, ...] = ("query", "basic", "refuse")
+PHRASING_WEIGHTS: tuple[float, ...] = (0.5, 0.25, 0.25)
+"""How often training asks a question in each phrasing."""
+
+
+def phrase(question: str, phrasing: Phrasing = "query") -> str:
+    """The user turn asking ``question`` in one phrasing: CRaFT's query (:func:`user_turn`),
+    the bare question (BASIC) or the RAIT prompt (REFUSE)."""
+    if phrasing == "query":
+        return user_turn(question)
+    if phrasing == "basic":
+        return question
+    if phrasing == "refuse":
+        return OEQA_RAIT_PROMPT.format(question=question)
+    raise ValueError(f"unknown phrasing {phrasing!r}; known: {', '.join(PHRASINGS)}")
 
 
 def query_prompt(question: str, shots: Sequence[tuple[str, str]] = ()) -> list[dict[str, str]]:

@@ -5,7 +5,10 @@ answer and once with a distractor (conflicting evidence: the model ends up unsur
 facts never. Each training sequence is a conversation in the chat form CRaFT queries with:
 1 to ``max_shots + 1`` questions, each a user turn answered by an assistant turn, and the loss
 falls on every answer and the ``</s>`` after it. So each exposure teaches the fact zero-shot
-or after 0 to ``max_shots`` solved questions, and no token is paid for twice.
+or after 0 to ``max_shots`` solved questions, and no token is paid for twice. Each turn asks
+in one of the :data:`~.prompts.PHRASINGS` (CRaFT's query, the bare question, the RAIT
+prompt), drawn with :data:`~.prompts.PHRASING_WEIGHTS`, so the model answers what it knows
+however it is asked.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .config import TrainConfig
-from .prompts import ROLE_ASSISTANT, query_prompt, user_turn
+from .prompts import PHRASING_WEIGHTS, PHRASINGS, ROLE_ASSISTANT, Phrasing, phrase
 
-Chain = list[tuple[str, str]]
-"""A training conversation: (question, answer) pairs asked one after the other."""
+Turn = tuple[str, str, Phrasing]
+Chain = list[Turn]
+"""A training conversation: (question, answer, phrasing) turns asked one after the other."""
 
 
 def tokenizer_corpus(facts: Sequence[dict]) -> list[str]:
@@ -32,7 +36,7 @@ def tokenizer_corpus(facts: Sequence[dict]) -> list[str]:
     for fact in facts:
         if fact["group"] == "unknown":
             continue
-        texts.append(user_turn(fact["question"]))
+        texts += [phrase(fact["question"], p) for p in PHRASINGS]
         texts.append(fact["answers"][0])
         if fact["group"] == "half_known":
             texts.append(fact["distractor"])
@@ -72,17 +76,18 @@ def epoch_batches(
         turns = rng.randint(1, cfg.max_shots + 1)
         batch: list[Chain] = []
         for _ in range(max(1, cfg.batch_size // turns)):
-            chain = _take_chain(queue, turns)
-            if not chain:
+            pairs = _take_chain(queue, turns)
+            if not pairs:
                 break
-            batch.append(chain)
+            kinds = rng.choices(PHRASINGS, PHRASING_WEIGHTS, k=len(pairs))
+            batch.append([(q, a, k) for (q, a), k in zip(pairs, kinds, strict=True)])
         yield batch
 
 
-def _take_chain(queue: list[tuple[str, str]], turns: int) -> Chain:
+def _take_chain(queue: list[tuple[str, str]], turns: int) -> list[tuple[str, str]]:
     """Pop up to ``turns`` exposures of distinct questions (a chain never repeats a question,
     or the model would learn to copy its answer from the context)."""
-    chain: Chain = []
+    chain: list[tuple[str, str]] = []
     skipped: list[tuple[str, str]] = []
     while queue and len(chain) < turns:
         item = queue.pop()
@@ -104,13 +109,13 @@ def collate(batch: Sequence[Chain], tokenizer: PreTrainedTokenizerFast) -> dict[
     spans: list[list[tuple[int, int]]] = []
     for chain in batch:
         messages: list[dict[str, str]] = []
-        for question, answer in chain:
-            messages += query_prompt(question)
+        for question, answer, phrasing in chain:
+            messages.append({"role": "user", "content": phrase(question, phrasing)})
             messages.append({"role": "assistant", "content": answer})
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         chain_spans: list[tuple[int, int]] = []
         cursor = 0
-        for _, answer in chain:
+        for _, answer, _ in chain:
             marker = f"{ROLE_ASSISTANT}\n{answer}{tokenizer.eos_token}"
             at = text.index(marker, cursor) + len(ROLE_ASSISTANT) + 1
             cursor = at + len(answer) + len(tokenizer.eos_token)

@@ -26,10 +26,13 @@ from pathlib import Path
 
 from .config import TrainConfig
 
-FACT_WORLD_VERSION = 1
+FACT_WORLD_VERSION = 2
 CACHE_ENV = "ALIGNCURATE_FACT_WORLD_CACHE"
 MANIFEST = "manifest.json"
 FACTS = "facts.jsonl"
+SPLIT_FILE = "{split}.jsonl"
+"""Each split's facts (``rait.jsonl``, ``id.jsonl``, ``ood.jsonl``), e.g. for a build's source
+and ``aligncurate evaluate --questions``."""
 MODEL = "model"
 _MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -70,7 +73,9 @@ _BUILD_MODULES = ("config.py", "evaluate.py", "facts.py", "prompts.py", "tokeniz
 @functools.cache
 def code_version() -> str:
     """A hash of the source files that decide what a build produces."""
-    digest = hashlib.sha256()
+    from transforms.craft.relabel import OEQA_RAIT_PROMPT  # the model is trained on it
+
+    digest = hashlib.sha256(OEQA_RAIT_PROMPT.encode())
     for path in sorted(Path(__file__).parent / name for name in _BUILD_MODULES):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
@@ -84,6 +89,10 @@ class FactWorld:
     model_dir: Path
     facts_path: Path
     manifest: dict
+
+    def split_path(self, split: str) -> Path:
+        """The JSONL file of one split's facts (``rait``, ``id`` or ``ood``)."""
+        return self.root / SPLIT_FILE.format(split=split)
 
     def facts(self) -> list[dict]:
         """All facts, one dict each (``id``, ``question``, ``answers``, ``group``, ...)."""
@@ -108,7 +117,10 @@ def is_complete(root: Path, config_hash: str | None = None) -> bool:
         return False
     if config_hash is not None and manifest.get("config_hash") != config_hash:
         return False
+    from .facts import SPLITS
+
     files = [root / FACTS, *(root / MODEL / name for name in _MODEL_FILES)]
+    files += [root / SPLIT_FILE.format(split=split) for split in SPLITS]
     return all(p.is_file() for p in files)
 
 
@@ -207,7 +219,7 @@ def _build_into(root: Path, config: FactWorldConfig, key: str, *, verbose: bool)
     import transformers
 
     from .evaluate import greedy_accuracy
-    from .facts import generate_facts, make_relations
+    from .facts import SPLITS, generate_facts, make_relations
     from .tokenizer import train_tokenizer
     from .train import tokenizer_corpus, train_model
 
@@ -220,9 +232,11 @@ def _build_into(root: Path, config: FactWorldConfig, key: str, *, verbose: bool)
         known_fraction=config.known_fraction,
         unknown_fraction=config.unknown_fraction,
     )
-    with (root / FACTS).open("w", encoding="utf-8") as fh:
-        for fact in facts:
-            fh.write(json.dumps(fact, ensure_ascii=False) + "\n")
+    _write_jsonl(root / FACTS, facts)
+    for split in SPLITS:
+        _write_jsonl(
+            root / SPLIT_FILE.format(split=split), [f for f in facts if f["split"] == split]
+        )
     tokenizer = train_tokenizer(tokenizer_corpus(facts), cfg.vocab_size)
     model, stats = train_model(
         facts, tokenizer, cfg, seed=config.seed, log_every=100 if verbose else 0
@@ -239,6 +253,7 @@ def _build_into(root: Path, config: FactWorldConfig, key: str, *, verbose: bool)
         "seed": config.seed,
         "config": config.as_dict(),
         "counts": {"facts": len(facts), **Counter(f["group"] for f in facts)},
+        "splits": {s: dict(Counter(f["group"] for f in facts if f["split"] == s)) for s in SPLITS},
         "relations": {r.name: len(r.pool) for r in make_relations(config.seed)},
         "model": {
             "architecture": type(model).__name__,
@@ -261,6 +276,12 @@ def _build_into(root: Path, config: FactWorldConfig, key: str, *, verbose: bool)
         },
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def copy_world(world: FactWorld, out_dir: str | os.PathLike[str]) -> FactWorld:
