@@ -88,6 +88,11 @@ class CraftParams(EngineSettings):
     )
     crss_threshold: float = CRSS_THRESHOLD
     seed: int = 0
+    fidelity: Literal["paper", "code"] = Field(
+        default="paper",
+        description="code: the released code's MCQ certainty (raw entropy) and MCQ selection "
+        "(ties kept, refills and baseline fills with replacement); see docs/craft.md",
+    )
 
 
 def rehearsal_pairs(
@@ -228,6 +233,9 @@ def run_craft(
     """The whole CRaFT stage over ``table``; adds the score columns, then selects."""
     embedder = Embedder()
     clock = _Clock()
+    query_params = params.query
+    if params.fidelity == "code":
+        query_params = query_params.model_copy(update={"mcq_raw_entropy": True})
 
     def render_messages(messages: list[dict[str, str]]) -> str:
         return render(params.model, messages)
@@ -236,7 +244,7 @@ def run_craft(
         engine = open_engine(params, cache, model)  # the model loads on its first call
         try:
             return query_knowledge(
-                table, engine, render_messages, embedder, params.query, label
+                table, engine, render_messages, embedder, query_params, label
             ), engine.stats.to_dict()
         finally:
             close_engine(engine)
@@ -267,7 +275,8 @@ def run_craft(
             ("certainty_flow", certainty_flow),
         ):
             scored = scored.append_column(name, pa.array(values, pa.float64(), from_pandas=True))
-        selected = select(scored, params.selection.model_copy(update={"method": params.method}))
+        selection = {"method": params.method, "fidelity": params.fidelity}
+        selected = select(scored, params.selection.model_copy(update=selection))
         relabelled = relabel(selected.kept, params.relabel)
     with clock("diagnostics"):
         stats.update(diagnose(selected, params, work, clock))

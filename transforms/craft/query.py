@@ -52,6 +52,9 @@ class QueryParams(BaseModel):
     mcq_shots: int = 5
     mcq_dev_dir: str | None = None
     match: Literal["substring", "exact"] = "substring"
+    mcq_raw_entropy: bool = False
+    """σ of MCQ from the raw option probabilities (the code) instead of the renormalised
+    ones (the paper); set by ``fidelity: code``."""
 
 
 class Generator(Protocol):
@@ -188,7 +191,7 @@ def query_knowledge(
             prompts.append(mcq_prompt(subject, question_of(row), row["choices"], shots))
             gold.append("ABCD".index(row["references"][0]))
         probs = np.array(engine.score_options(prompts, list("ABCD")))
-        scores = mcq_knowledge(probs, gold)
+        scores = mcq_knowledge(probs, gold, raw_entropy=params.mcq_raw_entropy)
         correctness[mcq], certainty[mcq] = scores.correctness, scores.certainty
         p_gold[mcq] = scores.p_gold
     return Knowledge(correctness, certainty, samples, p_gold)

@@ -12,7 +12,9 @@ OpenCompass fork github.com/Zrc007/opencompass_CRaFT).
   substring rule is our default; ``rule="exact"`` is the paper's wording.
 - Multiple choice: from the full-vocabulary probabilities p(X) of the option tokens,
   μ = p(gold) / Σ_X p(X) and σ = −entropy of the renormalised p(X), so σ ∈ [−ln k, 0]
-  (the paper's stated range [−log|O|, 0]).
+  (the paper's stated range [−log|O|, 0]). With ``raw_entropy`` (``fidelity: code``), σ is
+  minus the entropy of the *raw* p(X), as the code computes it (its PPL inferencer's
+  ``-sum(p * log(p))`` over the option tokens' probabilities; only μ is renormalised).
 
 σ for open QA (mean pairwise embedding cosine) needs an embedding model and lives with
 the engine-backed query code, not here.
@@ -112,16 +114,21 @@ class McqKnowledge:
     correctness: np.ndarray
     """μ = p(gold) / Σ p."""
     certainty: np.ndarray
-    """σ = −entropy (natural log) of the renormalised probabilities, in [−ln k, 0]."""
+    """σ = −entropy (natural log) of the renormalised probabilities, in [−ln k, 0]; or, with
+    ``raw_entropy``, of the raw probabilities."""
 
 
-def mcq_knowledge(option_probs: np.ndarray, gold: Sequence[int]) -> McqKnowledge:
+def mcq_knowledge(
+    option_probs: np.ndarray, gold: Sequence[int], *, raw_entropy: bool = False
+) -> McqKnowledge:
     """μ and σ of each MCQ row from the option-token probabilities (CRaFT §4.2).
 
     Args:
         option_probs: n×k full-vocabulary softmax probabilities of the option tokens
             (k = 4 for A–D); they need not sum to 1. An all-zero row counts as uniform.
         gold: the gold option index of each row (0 = A).
+        raw_entropy: σ from the raw probabilities (the code) instead of the renormalised
+            ones (the paper).
 
     Raises:
         ValueError: wrong shape, negative or non-finite probabilities, or a gold index
@@ -147,11 +154,17 @@ def mcq_knowledge(option_probs: np.ndarray, gold: Sequence[int]) -> McqKnowledge
     rows = np.arange(n)
     with np.errstate(divide="ignore", invalid="ignore"):
         plogp = np.where(renorm > 0, renorm * np.log(renorm), 0.0)
+        raw_plogp = np.where(probs > 0, probs * np.log(probs), 0.0)
+    certainty = (
+        raw_plogp.sum(axis=1)
+        if raw_entropy
+        else np.clip(plogp.sum(axis=1), -np.log(k), 0.0)  # float round-off only
+    )
     return McqKnowledge(
         p_gold=probs[rows, gold_idx],
         renormalised=renorm,
         correctness=renorm[rows, gold_idx],
-        certainty=np.clip(plogp.sum(axis=1), -np.log(k), 0.0),  # float round-off only
+        certainty=certainty,
     )
 
 

@@ -40,6 +40,15 @@ Baselines and ablations (the paper's Table 2 rows):
 - ``vanilla``: Van-Tuning, every row kept unchanged as vanilla; with ``size`` a seeded
   random ``size`` rows (the paper's "randomly selects N_van + N_idk samples").
 
+``fidelity: code`` reproduces the released code's MCQ selection (``mmlu_RAI.py``) where it
+differs from the above: the certainty-ordered pools are cut with pandas' ``nsmallest`` /
+``nlargest(keep='all')``, so every row tied with the last one taken is kept too (a pool
+can exceed its quota); a pool short of its quota is refilled by sampling with replacement;
+and the random fills of Cor-RAIT and Van-Tuning draw their rows *with replacement* even from
+a large pool (``sample(n, replace=True)``). Repeats are counted in ``added``. The open-QA
+code (``triviaqa_RAI.py``) samples without replacement, so open-QA selection is the same
+under both fidelities.
+
 Rows of another task (``instruction``) are rejected as ``craft:unsupported_task`` except by
 ``vanilla``; a row whose score a rule needs is null or NaN is rejected as
 ``craft:missing_score``. Random fills order rows by a hash of (seed, id), so a seed gives
@@ -104,6 +113,8 @@ class SelectionParams(BaseModel):
     admit_never_correct: bool = False
     seed: int = 0
     replace: bool = False
+    fidelity: Literal["paper", "code"] = "paper"
+    """``code``: the released code's MCQ ties, refills and sampling (module docstring)."""
 
     @model_validator(mode="after")
     def _ordered_thresholds(self) -> SelectionParams:
@@ -154,7 +165,9 @@ def select(table: pa.Table, params: SelectionParams) -> StageResult:
             labels[:] = VANILLA
         else:
             order = rows[_random_order(ids[rows], params.seed)]
-            take, repeats = _fill(order, params.size, "rows", "all tasks", params, warnings)
+            code_mcq = params.fidelity == "code" and _all_mcq(table)
+            fill = _draw_with_replacement if code_mcq else _fill
+            take, repeats = fill(order, params.size, "rows", "all tasks", params, warnings)
             labels[take] = VANILLA
             reasons[np.setdiff1d(rows, take)] = OVER_QUOTA
             extra.extend((int(r), VANILLA) for r in repeats)
@@ -264,8 +277,15 @@ def _select_task(
         total = size
     quota_idk = _half_up(total * params.idk_share)
     quota_van = total - quota_idk
+    code_mcq = params.fidelity == "code" and task == "mcq"
     for label, order, quota in ((VANILLA, van_rows, quota_van), (IDK, idk_rows, quota_idk)):
-        take, repeats = _fill(order, quota, f"{label} candidates", task, params, warnings)
+        what = f"{label} candidates"
+        if code_mcq and sigma_all is not None:
+            take, repeats = _fill_keep_ties(order, quota, sigma_all, what, task, params, warnings)
+        elif code_mcq:
+            take, repeats = _draw_with_replacement(order, quota, what, task, params, warnings)
+        else:
+            take, repeats = _fill(order, quota, what, task, params, warnings)
         labels[take] = label
         reasons[np.setdiff1d(order, take)] = OVER_QUOTA
         extra.extend((int(r), label) for r in repeats)
@@ -299,6 +319,59 @@ def _fill(
         else:
             warnings.append(f"{message}; kept {len(order)}, no sampling with replacement")
     return take, repeats
+
+
+def _fill_keep_ties(
+    order: np.ndarray,
+    quota: int,
+    sigma: np.ndarray,
+    what: str,
+    where: str,
+    params: SelectionParams,
+    warnings: list[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The code's ``nsmallest``/``nlargest(quota, keep='all')`` on a certainty-ordered pool:
+    the first ``quota`` rows plus every later row tied with the last one; a short pool is
+    refilled with replacement."""
+    if len(order) <= quota:
+        code = params.model_copy(update={"replace": True})
+        return _fill(order, quota, what, where, code, warnings)
+    if quota == 0:
+        return order[:0], np.zeros(0, dtype=np.int64)
+    boundary = sigma[order[quota - 1]]
+    end = quota
+    while end < len(order) and sigma[order[end]] == boundary:
+        end += 1
+    if end > quota:
+        warnings.append(
+            f"craft: {where}: {end - quota} {what} tied with the last one kept beyond the "
+            f"quota of {quota} (fidelity: code, keep='all')"
+        )
+    return order[:end], np.zeros(0, dtype=np.int64)
+
+
+def _draw_with_replacement(
+    order: np.ndarray,
+    quota: int,
+    what: str,
+    where: str,
+    params: SelectionParams,
+    warnings: list[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The code's ``sample(quota, replace=True)``: ``quota`` draws from the pool, each row
+    kept once (``take``) and every further draw of it a repeat."""
+    if not len(order) or quota == 0:
+        return _fill(order, quota, what, where, params, warnings)
+    rng = np.random.default_rng(params.seed)
+    drawn = order[rng.integers(0, len(order), size=quota)]
+    _, first = np.unique(drawn, return_index=True)
+    is_first = np.zeros(quota, dtype=bool)
+    is_first[first] = True
+    return np.sort(drawn[is_first]), drawn[~is_first]
+
+
+def _all_mcq(table: pa.Table) -> bool:
+    return "task" in table.column_names and pc.all(pc.equal(table.column("task"), "mcq")).as_py()
 
 
 def _largest_fillable(n_van: int, n_idk: int, share: float) -> int:
