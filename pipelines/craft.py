@@ -9,9 +9,15 @@ work folder, so a rerun reuses it), adds every per-row score as a column, and wr
 diagnostics (:mod:`transforms.craft.diagnostics`): the knowledge-state scatter as a PNG and
 the CRSS static-conflict rate. ``stats["seconds"]`` times each phase.
 
-Rehearsal data follows the code: open-QA rows with μ ≥ 0.995 and σ ≥ 0.995, at most 1,000
-(seeded), each trained on the model's own most frequent correct answer; MCQ rows with
-p(gold) > 0.99, trained on the letter. Both use the same prompt as the query.
+Rehearsal data follows the code's selection: open-QA rows with μ ≥ 0.995 and σ ≥ 0.995, at
+most 1,000 (seeded), each trained on the model's own most frequent correct answer (the code
+means to, but its ``replace_ans`` always falls back to the gold answer: a bug we do not
+reproduce); MCQ rows with p(gold) > 0.99, trained on the letter. Under ``fidelity: paper``
+(the default) both use the query's prompt, and MCQ rows are not capped. ``fidelity: code``
+rehearses as the released code does: open QA on the bare question in the chat template,
+as a full fine-tune at 2e-6, batch 16 (the code packs to 2,048 tokens at 1 × 16
+accumulation: packing is not reproduced); MCQ capped at 1,000 rows by ``random.sample``
+(seed 42), in the chat template with the BASIC instruction, target ``"A\n"``.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from transforms.craft.diagnostics import (
     state_labels,
     static_conflict_rate,
 )
+from transforms.craft.evaluation import basic_prompt_text
 from transforms.craft.query import (
     Knowledge,
     QueryParams,
@@ -113,18 +120,46 @@ def rehearsal_pairs(
     rng = random.Random(params.seed)
     if len(qa) > params.rehearsal_max_rows:
         qa = sorted(rng.sample(qa, params.rehearsal_max_rows))
+    code = params.fidelity == "code"
     pairs = []
     for i in qa:
         target = most_frequent_correct(
             k0.samples[i] or [], rows[i]["references"], rule=params.query.match
         )
+        question = question_of(rows[i])
+        messages = [{"role": "user", "content": question}] if code else oeqa_messages(question, [])
         if target:
-            pairs.append((render_messages(oeqa_messages(question_of(rows[i]), [])), target))
-    for i, r in enumerate(rows):
-        if r["task"] == "mcq" and k0.p_gold[i] > params.rehearsal_min_p_gold:
-            prompt = mcq_prompt(subject_of(r["source"]), question_of(r), r["choices"], [])
-            pairs.append((prompt, " " + r["references"][0]))
+            pairs.append((render_messages(messages), target))
+    mcq = [
+        i
+        for i, r in enumerate(rows)
+        if r["task"] == "mcq" and k0.p_gold[i] > params.rehearsal_min_p_gold
+    ]
+    if code and len(mcq) > params.rehearsal_max_rows:
+        mcq = sorted(random.Random(42).sample(mcq, params.rehearsal_max_rows))
+    for i in mcq:
+        r = rows[i]
+        subject = subject_of(r["source"])
+        if code:
+            text = basic_prompt_text("mcq", question_of(r), r["choices"], subject)
+            pair = (render_messages([{"role": "user", "content": text}]), r["references"][0] + "\n")
+        else:
+            pair = (mcq_prompt(subject, question_of(r), r["choices"], []), " " + r["references"][0])
+        pairs.append(pair)
     return pairs
+
+
+CODE_OEQA_REHEARSAL = {"method": "full", "learning_rate": 2e-6, "batch_size": 16}
+"""The code's open-QA rehearsal (``fidelity: code``): full fine-tune at 2e-6, 16 rows a step."""
+
+
+def rehearsal_params(params: CraftParams, table: pa.Table) -> RehearsalParams:
+    """The rehearsal settings: as given, or under ``fidelity: code`` for an open-QA table the
+    code's full fine-tune (:data:`CODE_OEQA_REHEARSAL`)."""
+    tasks = set(table.column("task").to_pylist())
+    if params.fidelity == "code" and tasks == {"open_qa"}:
+        return params.rehearsal.model_copy(update=CODE_OEQA_REHEARSAL)
+    return params.rehearsal
 
 
 @task(
@@ -143,18 +178,24 @@ def rehearsal_task(
     return folder
 
 
-def rehearsed_model(params: CraftParams, pairs: list[tuple[str, str]], work: Path) -> str:
-    """The merged checkpoint of M̃, trained now or reused from an earlier run."""
+def rehearsed_model(
+    params: CraftParams, pairs: list[tuple[str, str]], root: Path, settings: RehearsalParams
+) -> str:
+    """The merged checkpoint of M̃, trained now or reused from an earlier run.
+
+    It lives under ``root`` (the store's cache folder), keyed by the base model, the pairs
+    and the hyper-parameters only, so every dataset built from the same M0 and the same
+    rows (e.g. the method variants of one corpus) shares one rehearsal."""
     key = key_of(
         "rehearsal",
         fingerprint("model", params.model),
         pairs,
-        params.rehearsal.model_dump(mode="json"),
+        settings.model_dump(mode="json"),
     )
-    folder = work / "rehearsed" / key
+    folder = root / "rehearsed" / key
     # The task's key names the folder too: a cached result is a path, valid only there.
     return fresh(rehearsal_task, folder)(
-        key_of(key, str(folder)), params.model, pairs, params.rehearsal, str(folder)
+        key_of(key, str(folder)), params.model, pairs, settings, str(folder)
     )
 
 
@@ -258,7 +299,8 @@ def run_craft(
         pairs = rehearsal_pairs(table, k0, params, render_messages)
         stats["rehearsal_rows"] = len(pairs)
         with clock("rehearsal", model=True):
-            rehearsed = rehearsed_model(params, pairs, work)
+            settings = rehearsal_params(params, table)
+            rehearsed = rehearsed_model(params, pairs, cache.path.parent, settings)
         with clock("query_rehearsal"):
             k1, stats["engine_rehearsal"] = query(rehearsed, "craft_rehearsal")
         correctness_m1, certainty_m1 = k1.correctness, k1.certainty

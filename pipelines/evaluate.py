@@ -30,8 +30,9 @@ from engines.cached import CachedEngine
 from engines.prompts import render
 from pipelines.generate import GenerateOptions, open_engine
 from pipelines.train import read_record
-from storage.atomic import write_json_atomic, write_text_atomic
+from storage.atomic import write_text_atomic
 from storage.dataset import DatasetStore
+from storage.evaluations import save_evaluation
 from storage.gencache import GenerationCache
 from storage.names import StoreError
 from transforms.craft.evaluation import Label, basic_prompt_text, classify, rates, ths_against
@@ -42,7 +43,6 @@ PromptKind = Literal["refuse", "basic"]
 GRADED_TASKS = ("open_qa", "mcq")
 MAX_TOKENS = 50
 """Answer length: the CRaFT query's ``max_tokens``; a refusal or a short answer fits."""
-EVALUATIONS = "_evaluations"
 
 
 @dataclass(frozen=True)
@@ -225,24 +225,12 @@ def store_next_to_version(store: DatasetStore, result: dict[str, Any]) -> str | 
     dataset = record["dataset"]
     if Path(dataset["store"]).resolve() != Path(store.root).resolve():
         return None
-    tag = hashlib.sha256(
-        json.dumps(
-            [result["fingerprint"], result["baseline_fingerprint"], result["origins"]]
-        ).encode()
-    ).hexdigest()[:16]
-    folder = Path(store.root) / dataset["name"] / EVALUATIONS / f"v{dataset['version']}"
-    path = folder / f"{tag}.json"
-    write_json_atomic(path, {**result, "dataset": dataset})
-    return str(path)
-
-
-def evaluations_of(store: DatasetStore, name: str, version: int) -> list[dict[str, Any]]:
-    """The evaluations stored next to a version (newest first)."""
-    folder = Path(store.root) / name / EVALUATIONS / f"v{version}"
-    if store.remote or not folder.is_dir():
-        return []
-    found = [json.loads(p.read_text(encoding="utf-8")) for p in folder.glob("*.json")]
-    return sorted(found, key=lambda r: r.get("created_at", ""), reverse=True)
+    identity = [result["fingerprint"], result["baseline_fingerprint"], result["origins"]]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    path = save_evaluation(
+        store, dataset["name"], dataset["version"], key, {**result, "dataset": dataset}
+    )
+    return str(path) if path else None
 
 
 def evaluate(

@@ -39,8 +39,8 @@ def craft_run(fact_world, prefect_harness, tmp_path_factory: pytest.TempPathFact
     # The stage alone over the same rows, with the build's work folder and cache: the
     # generation cache and the rehearsed checkpoint are reused, so no model is called.
     table = pa.concat_tables(r.kept for r in read_source(fact_world.facts_path, format="open_qa"))
-    work = Path(store.root) / "_work" / "fw-rait" / "stages"
-    checkpoints = {p: p.stat().st_mtime_ns for p in work.glob("rehearsed/*/*.safetensors")}
+    rehearsed = Path(cache_dir(store.root)) / "rehearsed"  # shared by the store's datasets
+    checkpoints = {p: p.stat().st_mtime_ns for p in rehearsed.glob("*/*.safetensors")}
     again = run_craft(
         table,
         CraftParams(model=str(fact_world.model_dir)),

@@ -133,3 +133,33 @@ def test_open_qa_selection_is_the_same_under_both(mmlu_rows: pa.Table) -> None:
         paper = select(table, params)
         code = select(table, params.model_copy(update={"fidelity": "code"}))
         assert paper.kept.equals(code.kept)
+
+
+def test_code_rehearsal_caps_mcq_and_uses_the_chat_template(
+    mmlu_rows: pa.Table, fact_world
+) -> None:
+    import random
+
+    from engines.prompts import render
+    from pipelines.craft import CraftParams, rehearsal_pairs
+    from transforms.craft.query import Knowledge
+
+    p_gold = np.where(np.arange(20) < 12, 0.995, 0.5)  # 12 rows the model knows well
+    k0 = Knowledge(np.full(20, 0.9), np.full(20, -0.1), [None] * 20, p_gold)
+
+    def rendered(messages):
+        return render(fact_world.model_dir, messages)
+
+    base = {"model": str(fact_world.model_dir), "rehearsal_max_rows": 5}
+    paper = rehearsal_pairs(mmlu_rows, k0, CraftParams(**base), rendered)
+    assert len(paper) == 12  # the paper's setting caps open QA only
+    assert {completion for _, completion in paper} <= {" A", " B", " C", " D"}
+
+    code = rehearsal_pairs(mmlu_rows, k0, CraftParams(**base, fidelity="code"), rendered)
+    picked = sorted(random.Random(42).sample(range(12), 5))  # the code's random.sample
+    golds = mmlu_rows.column("references").to_pylist()
+    assert [completion for _, completion in code] == [golds[i][0] + "\n" for i in picked]
+    for prompt, _ in code:
+        assert prompt.startswith("<s><|user|>\nThere is a single choice question about anatomy.")
+        assert "Answer the question by replying A, B, C or D." in prompt  # BASIC instruction
+        assert prompt.endswith("Answer: \n<|assistant|>\n")

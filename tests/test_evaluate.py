@@ -193,6 +193,15 @@ def test_train_then_evaluate_end_to_end(fact_world, small_version, tmp_path: Pat
     assert rerun["engine_calls"] == 0
     assert rerun["sets"] == result["sets"]
 
+    from pipelines.report import write_report
+    from storage.dataset import DatasetStore
+
+    report = write_report(DatasetStore(str(store)), ref, tmp_path / "report")
+    assert "evaluations" in report.sections
+    page = Path(report.path).read_text(encoding="utf-8")
+    assert "Models trained on this version" in page and "M0 Init-Basic" in page
+    assert f"{100 * result['sets']['held_out']['pc']:,.4g}" in page
+
 
 def test_train_refuses_to_overwrite_a_foreign_folder(fact_world, small_version, tmp_path) -> None:
     store, ref = small_version

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from pipelines.parallel import ordered_map
 from storage.dataset import DatasetStore, VersionInfo
 from storage.diff import DatasetDiff
+from storage.evaluations import evaluations_of
 from storage.names import SPLITS, StoreError
 from transforms.craft.select import CERTAINTY, CORRECTNESS, LABEL_COLUMN
 from transforms.response.stats import lengths_of, summarize
@@ -77,6 +78,8 @@ class ReportData:
     stats: dict[str, Any]
     diff: DatasetDiff | None
     diff_error: str | None = None
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    """Evaluations of models trained on this version (:mod:`storage.evaluations`)."""
 
     @property
     def ref(self) -> str:
@@ -141,7 +144,8 @@ def collect(store: DatasetStore, ref: str, sample: int = 5, diff: bool = True) -
             result = store.diff(f"{name}@{version - 1}", exact)
         except StoreError as exc:  # e.g. the previous version's files were vacuumed
             error = str(exc)
-    return ReportData(name, version, info, columns, splits, stats, result, error)
+    evaluations = evaluations_of(store, name, version)
+    return ReportData(name, version, info, columns, splits, stats, result, error, evaluations)
 
 
 def _scan(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from html import escape
+from pathlib import Path
 from typing import Any
 
 from pipelines.report.collect import ReportData
@@ -65,6 +66,8 @@ def render(data: ReportData) -> str:
         sections.append(("craft", "CRaFT knowledge state", _craft(data)))
     if data.has_lineage():
         sections.append(("lineage", "Synthesis lineage", _lineage(data)))
+    if data.evaluations:
+        sections.append(("evaluations", "Models trained on this version", _evaluations(data)))
     sections.append(("diff", "Diff against the previous version", _diff(data)))
     sections.append(("samples", "Sample rows", _samples(data)))
     nav = "".join(f'<a href="#{key}">{escape(title)}</a>' for key, title, _ in sections)
@@ -302,6 +305,29 @@ def _lineage(data: ReportData) -> str:
             )
         )
     return "".join(parts)
+
+
+def _evaluations(data: ReportData) -> str:
+    """Pc / Pw / refusal / THS of each evaluation of a model trained on this version, with
+    M0's Init-Basic and Init-Refuse lines (``aligncurate evaluate``)."""
+    rows = []
+    for result in data.evaluations:
+        model = Path(result["model"]).name
+        for name, line in result["sets"].items():
+            shown = (
+                ("M0 Init-Basic", line["init_basic"], 0.0),
+                ("M0 Init-Refuse", line["init_refuse"], line["init_refuse"]["ths"]),
+                (model, line, line["ths"]),
+            )
+            for who, rates, ths in shown:
+                cells = [100 * rates[k] for k in ("pc", "pw", "refusal")]
+                rows.append([name, who, rates["n"], *cells, ths, result.get("created_at")])
+    head = ["question set", "model", "n", "Pc %", "Pw %", "refusal %", "THS", "evaluated"]
+    note = (
+        "<p>THS is against M0 asked with the bare question (Init-Basic), as in the CRaFT "
+        "paper's Table 2; every other line is asked with the RAIT prompt.</p>"
+    )
+    return note + _table(head, rows, numeric=range(2, 7))
 
 
 def _diff(data: ReportData) -> str:
