@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.base import EngineError
 from engines.models import model_dir
@@ -42,7 +42,7 @@ class TrainParams(BaseModel):
     batch_size: int = 8
     gradient_accumulation: int = 1
     lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
     weight_decay: float = 0.0
     max_length: int = 1024
     lora_r: int = 64
@@ -68,7 +68,13 @@ def preset(task: str, **overrides: Any) -> TrainParams:
     """
     if task not in PRESETS:
         raise EngineError(f"no training preset for task {task!r}; presets: {', '.join(PRESETS)}")
-    return TrainParams(**{**PRESETS[task], **overrides})
+    try:
+        return TrainParams(**{**PRESETS[task], **overrides})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors()
+        )
+        raise EngineError(f"bad training parameter: {problems}") from None
 
 
 def train_sft(
@@ -92,6 +98,7 @@ def train_sft(
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     if not pairs:
@@ -128,7 +135,7 @@ def train_sft(
             per_device_train_batch_size=params.batch_size,
             gradient_accumulation_steps=params.gradient_accumulation,
             lr_scheduler_type=params.lr_scheduler,
-            warmup_ratio=params.warmup_ratio,
+            warmup_steps=params.warmup_ratio,  # a float below 1 is a ratio of the steps
             weight_decay=params.weight_decay,
             max_length=params.max_length,
             completion_only_loss=True,
@@ -163,6 +170,7 @@ def train_sft(
             peft_config=peft_config,
             callbacks=[_Record()],
         )
+        trainer.remove_callback(PrinterCallback)  # no log dicts on stdout: _Record keeps them
         trainer.train()
         trained = trainer.model
         if params.method == "lora":

@@ -1,0 +1,244 @@
+"""Reproduce CRaFT's THS table (Zhu et al., AAAI-25, Table 2) on the fact world, on a CPU.
+
+``make reproduce-craft`` (or ``python -m examples.reproduce_craft``):
+
+1. builds the fact world (cached) and, from its ``rait`` split, one dataset per method
+   (``vanilla``, ``cor_rait``, ``craft_wo_flow``, ``craft_wo_cer``, ``craft``) with the same
+   M0 scores and the same rehearsal (the generation cache and the rehearsal cache are
+   shared, so only the first build asks the model anything);
+2. trains M0 on each dataset with ``aligncurate train`` (TRL), once per seed;
+3. evaluates M0 and every trained model on the held-out facts of the same relations
+   (``id``) and on the facts of relations no dataset holds (``ood``) with
+   ``aligncurate evaluate``;
+4. writes ``<out>/results.json`` (``{"rows": [{variant, seed, set, n, pc, pw, refusal, ths,
+   model, dataset}]}``) and prints the table, mean ± spread over seeds.
+
+Every step is cached: a rerun builds no version, trains nothing and makes no engine call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VARIANTS = ("vanilla", "cor_rait", "craft_wo_flow", "craft_wo_cer", "craft")
+SETS = ("id", "ood")
+TRAIN_OVERRIDES: dict[str, Any] = {"learning_rate": 1e-4, "batch_size": 8}
+"""Stage-2 settings for the 3.7M-parameter fact-world model (see docs/craft.md): the open-QA
+preset (full fine-tune, 3 epochs, cosine) with a learning rate of 1e-4 instead of 8e-6."""
+
+
+def spec_for(variant: str, world: Any) -> dict[str, Any]:
+    """The build spec of one variant: the ``rait`` facts through CRaFT with ``method``."""
+    return {
+        "name": f"fact-world-{variant.replace('_', '-')}",
+        "sources": [{"path": str(world.split_path("rait")), "format": "open_qa"}],
+        "stages": [
+            {"normalize": {}},
+            {"exact_dedup": {}},
+            {
+                "craft": {
+                    "model": str(world.model_dir),
+                    "engine": "vllm",
+                    "method": variant,
+                    "static_conflict": False,
+                    "selection": {"idk_share": 0.2},
+                }
+            },
+        ],
+    }
+
+
+def build_variant(variant: str, world: Any, store: Any, folder: Path) -> str:
+    """The variant's version ``NAME@N``, built unless the latest version has this spec."""
+    from pipelines.build import build_dataset
+    from pipelines.spec import load_spec
+
+    path = folder / f"{variant}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec_for(variant, world), sort_keys=False), encoding="utf-8")
+    spec = load_spec(path)
+    if store.exists(spec.name):
+        latest = store.versions(spec.name)[-1]
+        if latest.metadata.get("spec_hash") == spec.spec_hash():
+            return f"{spec.name}@{latest.version}"
+    summary = build_dataset(str(path), store.root)
+    return f"{spec.name}@{summary['version']}"
+
+
+def rows_of(result: dict[str, Any], variant: str, seed: int | None, dataset: str | None) -> list:
+    """results.json rows of one evaluation."""
+    return [
+        {
+            "variant": variant,
+            "seed": seed,
+            "set": name,
+            **{k: line[k] for k in ("n", "pc", "pw", "refusal", "ths")},
+            "model": result["model"],
+            "dataset": dataset,
+        }
+        for name, line in result["sets"].items()
+    ]
+
+
+def group_rows(
+    folder: Path, facts: dict[str, str], variant: str, seed: int | None
+) -> list[dict[str, Any]]:
+    """Pc / Pw / refusal per fact group (known, half_known, unknown) from ``--rows-out``."""
+    from transforms.craft.evaluation import rates
+
+    rows = []
+    for name in SETS:
+        lines = [json.loads(x) for x in (folder / f"{name}.jsonl").read_text().splitlines()]
+        for group in ("known", "half_known", "unknown"):
+            labels = [r["label"] for r in lines if facts[r["question"]] == group]
+            rows.append({"variant": variant, "seed": seed, "set": name, "group": group,
+                         **rates(labels)})  # fmt: skip
+    return rows
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """The THS table as markdown: mean ± spread (half the range) over seeds."""
+    lines = [
+        "| variant | set | seeds | Pc % | Pw % | refusal % | THS |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for variant in ("m0", *VARIANTS):
+        for name in SETS:
+            group = [r for r in rows if r["variant"] == variant and r["set"] == name]
+            if not group:
+                continue
+            cells = []
+            for key, scale in (("pc", 100), ("pw", 100), ("refusal", 100), ("ths", 1)):
+                values = [r[key] * scale for r in group if r[key] is not None]
+                if not values:
+                    cells.append("undefined")
+                    continue
+                spread = (max(values) - min(values)) / 2
+                cells.append(f"{statistics.fmean(values):.1f} ± {spread:.1f}")
+            lines.append(f"| {variant} | {name} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def group_table(rows: Sequence[dict[str, Any]]) -> str:
+    """What each model does with known, half-known and unknown facts (mean over seeds)."""
+    lines = [
+        "| variant | set | known: Pc % | known: refusal % | half-known: refusal % "
+        "| unknown: Pw % | unknown: refusal % |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    cells = (("known", "pc"), ("known", "refusal"), ("half_known", "refusal"),
+             ("unknown", "pw"), ("unknown", "refusal"))  # fmt: skip
+    for variant in ("m0", *VARIANTS):
+        for name in SETS:
+            values = []
+            for group, key in cells:
+                found = [
+                    100 * r[key]
+                    for r in rows
+                    if (r["variant"], r["set"], r["group"]) == (variant, name, group)
+                ]
+                values.append(f"{statistics.fmean(found):.1f}" if found else "–")
+            if any(v != "–" for v in values):
+                lines.append(f"| {variant} | {name} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def reproduce(out: Path, seeds: Sequence[int], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Build, train and evaluate everything (see the module docstring); the results."""
+    from examples.fact_world import build_fact_world
+    from pipelines.evaluate import evaluate
+    from pipelines.train import train_version
+    from storage.dataset import DatasetStore
+    from storage.gencache import GenerationCache, cache_dir
+
+    started = time.perf_counter()
+    world = build_fact_world()
+    store = DatasetStore(str(out / "store"))
+    cache = GenerationCache(cache_dir(store.root))
+    questions = [str(world.split_path(name)) for name in SETS]
+    timings: dict[str, float] = {}
+    calls = 0
+    versions = {}
+    for variant in VARIANTS:
+        t = time.perf_counter()
+        versions[variant] = build_variant(variant, world, store, out / "specs")
+        timings[f"build {variant}"] = round(time.perf_counter() - t, 1)
+    groups = {f["question"]: f["group"] for f in world.facts()}
+    rows: list[dict[str, Any]] = []
+    by_group: list[dict[str, Any]] = []
+
+    def evaluated(
+        model: Path, variant: str, seed: int | None, dataset: str | None
+    ) -> dict[str, Any]:
+        nonlocal calls
+        answers = out / "answers" / (f"{variant}-seed{seed}" if seed is not None else variant)
+        t = time.perf_counter()
+        result = evaluate(
+            str(model), str(world.model_dir), questions, store, cache,
+            engine="transformers", rows_out=answers,
+        )  # fmt: skip
+        timings[f"evaluate {answers.name}"] = round(time.perf_counter() - t, 1)
+        calls += result["engine_calls"]
+        rows.extend(rows_of(result, variant, seed, dataset))
+        by_group.extend(group_rows(answers, groups, variant, seed))
+        return result
+
+    m0 = evaluated(world.model_dir, "m0", None, None)  # M0 under the RAIT prompt: Init-Refuse
+    trained = 0
+    for variant in VARIANTS:
+        for seed in seeds:
+            model = out / "models" / f"{variant}-seed{seed}"
+            t = time.perf_counter()
+            record = train_version(
+                store, versions[variant], world.model_dir, model, {**overrides, "seed": seed},
+                progress=False,
+            )  # fmt: skip
+            trained += not record["cached"]
+            timings[f"train {variant} {seed}"] = round(time.perf_counter() - t, 1)
+            evaluated(model, variant, seed, versions[variant])
+    results = {
+        "rows": rows,
+        "by_group": by_group,
+        "init_basic": {name: line["init_basic"] for name, line in m0["sets"].items()},
+        "versions": versions,
+        "train_overrides": overrides,
+        "seeds": list(seeds),
+        "engine_calls": calls,
+        "trainings": trained,
+        "seconds": round(time.perf_counter() - started, 1),
+        "timings": timings,
+        "fact_world": {"root": str(world.root), "splits": world.manifest.get("splits")},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.reproduce_craft", description=__doc__)
+    parser.add_argument("--out", default="reports/craft-ths", help="results and work folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lr", type=float, default=TRAIN_OVERRIDES["learning_rate"])
+    args = parser.parse_args(argv)
+    overrides = {**TRAIN_OVERRIDES, "learning_rate": args.lr}
+    results = reproduce(Path(args.out), args.seeds, overrides)
+    print(table(results["rows"]))
+    print()
+    print(group_table(results["by_group"]))
+    print(
+        f"\n{results['seconds']} s; {results['trainings']} models trained, "
+        f"{results['engine_calls']} engine calls → {Path(args.out) / 'results.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
