@@ -44,10 +44,30 @@ def test_generator_is_deterministic_for_a_seed() -> None:
 
 @pytest.mark.parametrize(("n", "sizes"), [(600, (360, 120, 120)), (100, (60, 20, 20))])
 def test_group_sizes(n: int, sizes: tuple[int, int, int]) -> None:
-    facts = generate_facts(n_facts=n)
+    facts = generate_facts(n_facts=n, twins=False)
     assert len(facts) == n
     counts = Counter(f["group"] for f in facts)
     assert tuple(counts[g] for g in GROUPS) == sizes
+    with_twins = generate_facts(n_facts=n)
+    assert with_twins[:n] == [{**f, "twin_of": None} for f in facts]
+    assert len(with_twins) == n + sizes[2]  # one known twin per half-known fact
+
+
+def test_every_half_known_fact_has_a_known_twin_answering_its_distractor() -> None:
+    facts = generate_facts()
+    by_id = {f["id"]: f for f in facts}
+    twins = [f for f in facts if f["twin_of"]]
+    assert sorted(by_id[t["twin_of"]]["id"] for t in twins) == sorted(
+        f["id"] for f in facts if f["group"] == "half_known"
+    )
+    entities = Counter(f["entity"] for f in facts if not f["twin_of"])
+    for twin in twins:
+        half = by_id[twin["twin_of"]]
+        assert twin["group"] == "known" and twin["split"] == half["split"]
+        assert twin["relation"] == half["relation"]
+        assert twin["answers"][0] == half["distractor"]
+        assert twin["entity"][:-1] == half["entity"][:-1] != twin["entity"]
+        assert twin["entity"] not in entities
 
 
 def test_facts_are_well_formed() -> None:
@@ -219,7 +239,7 @@ def test_world_files_and_manifest(fact_world: FactWorld) -> None:
     manifest = json.loads((fact_world.root / "manifest.json").read_text())
     assert manifest == fact_world.manifest
     assert manifest["seed"] == 0
-    assert manifest["counts"] == {"facts": 600, "known": 360, "unknown": 120, "half_known": 120}
+    assert manifest["counts"] == {"facts": 720, "known": 480, "unknown": 120, "half_known": 120}
     assert set(manifest["accuracy"]["greedy"]) == {"0_shot", "3_shot"}
     assert manifest["training"]["seconds"] <= 180  # trained on CPU within 3 minutes
     assert not [p for p in fact_world.root.parent.iterdir() if ".tmp-" in p.name]

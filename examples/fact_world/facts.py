@@ -10,6 +10,14 @@ Groups (see ``docs``/DESIGN "the fact world"):
 - ``half_known``: trained on with conflicting evidence (the answer and a distractor from
   the same pool), so the model is right only some of the time.
 
+Every half-known fact has a **twin**: a ``known`` fact of the same relation about an entity
+whose name differs in its last letter, whose answer is the half-known fact's distractor
+(``twin_of`` names the half-known fact). Fine-tuning on the twin (as CRaFT's rehearsal does
+with every fact the model knows well) pulls the look-alike question toward the distractor:
+these are the facts that fine-tuning on *other* facts makes the model forget, the
+knowledge flow CRaFT measures (without twins, rehearsal on facts the model has fully
+memorised moved μ only by sampling noise).
+
 Splits, for refusal-aware tuning and its evaluation (every split holds all three groups; the
 model is trained on the facts of every split alike):
 
@@ -189,6 +197,7 @@ def generate_facts(
     relations_per_entity: int = 3,
     known_fraction: float = 0.6,
     unknown_fraction: float = 0.2,
+    twins: bool = True,
 ) -> list[dict]:
     """Generate ``n_facts`` facts, deterministic for ``seed``.
 
@@ -196,9 +205,13 @@ def generate_facts(
     the first ``known_fraction`` are ``known``, the next ``unknown_fraction`` are ``unknown`` and
     the rest ``half_known``. Each fact is a dict with ``id``, ``entity``, ``relation``,
     ``question``, ``answers`` (aliases; the first is the canonical answer used in training),
-    ``group``, ``split`` (``rait``, ``id`` or ``ood``; see the module docstring) and
+    ``group``, ``split`` (``rait``, ``id`` or ``ood``; see the module docstring),
     ``distractor`` (for half-known facts, the wrong value from the same pool they are also
-    trained with; None for the others).
+    trained with; None for the others) and ``twin_of``.
+
+    With ``twins`` every half-known fact gets its known twin (module docstring), appended
+    after the ``n_facts`` facts, in its split: the world then holds ``n_facts`` plus one fact
+    per half-known one.
     """
     if n_facts < 10:
         raise ValueError("n_facts must be at least 10")
@@ -240,4 +253,42 @@ def generate_facts(
         else:
             fact["split"] = "id" if in_domain % ID_EVERY == 0 else "rait"
             in_domain += 1
+        fact["twin_of"] = None
+    if twins:
+        facts += _twins(facts, {r.name: r for r in relations}, {e for e in entities})
     return facts
+
+
+def twin_name(entity: str, taken: set[str]) -> str:
+    """A new name differing from ``entity`` in the last letter only."""
+    for letter in "aeiouyrnlst":
+        name = entity[:-1] + letter
+        if name != entity and name not in taken:
+            return name
+    raise ValueError(f"no free twin name for {entity!r}")
+
+
+def _twins(facts: list[dict], relations: dict[str, Relation], taken: set[str]) -> list[dict]:
+    """The known twin of every half-known fact (see the module docstring)."""
+    out = []
+    for fact in facts:
+        if fact["group"] != "half_known":
+            continue
+        rel = relations[fact["relation"]]
+        entity = twin_name(fact["entity"], taken)
+        taken.add(entity)
+        question = rel.question(entity)
+        out.append(
+            {
+                "id": fact_id(question),
+                "entity": entity,
+                "relation": rel.name,
+                "question": question,
+                "answers": rel.aliases(fact["distractor"]),
+                "distractor": None,
+                "group": "known",
+                "split": fact["split"],
+                "twin_of": fact["id"],
+            }
+        )
+    return out

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 
-FACT_WORLD_VERSION = 2
+FACT_WORLD_VERSION = 3
 CACHE_ENV = "ALIGNCURATE_FACT_WORLD_CACHE"
 MANIFEST = "manifest.json"
 FACTS = "facts.jsonl"
