@@ -84,6 +84,18 @@ def vllm_engine(fact_world: object) -> Iterator[object]:
     engine.close()
 
 
+@pytest.fixture(scope="session")
+def vllm_server(fact_world: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One ``vllm serve`` of the fact-world model (max_model_len 512) for the session, for the
+    tests that talk to a server and leave it running (tests that kill one start their own)."""
+    from engines.server import VLLMServer
+
+    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    model = fact_world.model_dir  # type: ignore[attr-defined]
+    with VLLMServer(model, max_model_len=512, log_path=log) as running:
+        yield running
+
+
 def build_demo_with_console_script(store: Path, env: dict[str, str]) -> dict:
     """``aligncurate build examples/demo/spec.yaml --json`` in its own process, as a user
     runs it; returns the JSON summary (the test fails with stderr if the build fails)."""

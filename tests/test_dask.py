@@ -123,33 +123,14 @@ def test_a_dead_dask_worker_fails_the_build_with_no_version(
 
 
 @pytest.fixture(scope="module")
-def servers(fact_world, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[VLLMServer]]:
-    """Two ``vllm serve`` processes of the fact-world model, started side by side."""
-    logs = tmp_path_factory.mktemp("serve")
-    pair = [
-        VLLMServer(fact_world.model_dir, max_model_len=512, log_path=logs / f"serve-{i}.log")
-        for i in range(2)
-    ]
-    errors: list[BaseException] = []
-
-    def start(server: VLLMServer) -> None:
-        try:
-            server.start()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(s,)) for s in pair]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        if errors:
-            raise errors[0]
-        yield pair
-    finally:
-        for server in pair:
-            server.stop()
+def servers(
+    vllm_server: VLLMServer, fact_world, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[VLLMServer]]:
+    """Two ``vllm serve`` processes of the fact-world model: the session's (tests/conftest.py)
+    and a second one started here."""
+    log = tmp_path_factory.mktemp("serve") / "serve-1.log"
+    with VLLMServer(fact_world.model_dir, max_model_len=512, log_path=log) as second:
+        yield [vllm_server, second]
 
 
 def _served(server: VLLMServer) -> float:

@@ -7,7 +7,6 @@ as unparseable (never guessed), with the judge's text kept for inspection.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,11 +23,10 @@ from transforms.synthesis import judge as jd
 QUERY = "Answer the following question as simple as possible.\nQuestion: {content}\nAnswer:"
 
 
-@pytest.fixture(scope="module")
-def server(fact_world, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
-    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    with VLLMServer(fact_world.model_dir, max_model_len=512, log_path=log) as running:
-        yield running
+@pytest.fixture
+def server(vllm_server: VLLMServer) -> VLLMServer:
+    """The session's ``vllm serve`` (tests/conftest.py)."""
+    return vllm_server
 
 
 def test_llm_judge_through_the_openai_engine(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +31,10 @@ def requests_for(world, k: int, stage: str = "openai") -> list[Request]:
     ]
 
 
-@pytest.fixture(scope="module")
-def server(fact_world, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
-    log = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    with VLLMServer(fact_world.model_dir, max_model_len=512, log_path=log) as running:
-        yield running
+@pytest.fixture
+def server(vllm_server: VLLMServer) -> VLLMServer:
+    """The session's ``vllm serve`` (tests/conftest.py)."""
+    return vllm_server
 
 
 def test_server_matches_in_process_vllm(
