@@ -74,12 +74,13 @@ system-deps:
 	  echo "system-deps: could not install$$missing; their tests will skip"; \
 	fi
 
+# More pytest options: make test PYTEST_ARGS="--durations=20 -x"
 test: setup system-deps
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 # Pure transforms and storage (no model, no Prefect server, no browser): about a minute.
 test-fast: setup
-	$(BIN)/pytest -q -m fast
+	$(BIN)/pytest -q -m fast $(PYTEST_ARGS)
 
 # CRaFT's THS table (paper Table 2) on the fact world, on a CPU: 5 curation methods x 3
 # training seeds, evaluated on in-domain and out-of-domain facts (docs/craft.md).
