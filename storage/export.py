@@ -21,12 +21,19 @@ Formats (written to ``out_dir``, streamed batch by batch so memory stays bounded
 - ``jsonl`` / ``parquet``: the rows as they are stored (all columns).
 - ``response_only``: JSONL ``{"messages": [{"role": "assistant", ...}]}``, the response
   alone (Response Tuning; see :mod:`storage.training`).
-- ``trl_preference``, ``trl_kto``, ``cut``, ``llamafactory_preference``: the judged responses
-  of the ``judge`` stage as preference pairs, KTO rows or CUT triplets (see
-  :mod:`storage.preference`).
+- ``trl_preference``, ``trl_kto``, ``cut``, ``llamafactory_preference``,
+  ``llamafactory_kto``: the judged responses of the ``judge`` stage as preference pairs, KTO
+  rows or CUT triplets (see :mod:`storage.preference`).
+
+:data:`FORMATS` is the registry: each format's name and what it is for (the CLI's
+``export --help`` lists it).
 
 Every export writes ``export_manifest.json`` last; data files are written under a
-temporary name and renamed, so a failed export leaves no file that looks complete.
+temporary name and renamed, so a failed export leaves no file that looks complete. The
+manifest counts in two units: rows of the split (``rows_read = rows_exported + skipped``,
+``skipped_reasons`` by reason) and records written to the data file
+(``records_written``), which differ for the preference formats (a pair is two rows, a
+prompt row is no record); those also count ``prompts`` (and ``pairs``).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from storage.dataset import DatasetStore
 from storage.names import Ref, StoreError, validate_split
 from storage.preference import (
     LIST_FORMATS,
+    PAIR_FORMATS,
     PREFERENCE_FORMATS,
     preference_dataset_info,
     preference_records,
@@ -64,16 +72,18 @@ from storage.training import (
 )
 from transforms.ingest.chat import is_tool_call
 
-EXPORT_FORMATS = (
-    "trl_messages",
-    "trl_prompt_completion",
-    "llamafactory_alpaca",
-    "llamafactory_sharegpt",
-    "jsonl",
-    "parquet",
-    RESPONSE_ONLY,
-    *PREFERENCE_FORMATS,
-)
+FORMATS: dict[str, str] = {
+    "trl_messages": "TRL conversational LM, JSONL {messages, tools}; axolotl, OpenRLHF",
+    "trl_prompt_completion": "TRL conversational prompt-completion, JSONL",
+    "llamafactory_alpaca": "LLaMA-Factory alpaca (no tool turns) + dataset_info.json",
+    "llamafactory_sharegpt": "LLaMA-Factory sharegpt, tool calls included + dataset_info.json",
+    "jsonl": "every stored column, JSONL",
+    "parquet": "every stored column, Parquet",
+    RESPONSE_ONLY: "the response alone, JSONL {messages: [assistant]} (Response Tuning)",
+    **PREFERENCE_FORMATS,
+}
+"""Every export format and what it is for."""
+EXPORT_FORMATS = tuple(FORMATS)
 MANIFEST = "export_manifest.json"
 DATASET_INFO = "dataset_info.json"
 _BATCH_ROWS = 4_096
@@ -97,7 +107,16 @@ _SHAREGPT_ROLES = {
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What an export wrote. ``files`` are names inside ``out_dir``."""
+    """What an export wrote. ``files`` are names inside ``out_dir``.
+
+    Rows of the split and records of the data file are counted apart:
+    ``rows_read == rows_exported + skipped`` (``skipped_reasons`` sums to ``skipped``), and
+    ``records_written`` is the number of records in the data file. For most formats a row
+    is one record; for the preference formats a pair holds two rows and prompt rows are
+    skipped, so the preference formats also count ``prompts`` (judged prompts),
+    ``prompts_exported`` (those with a record), ``judged_responses`` and, for the pair
+    formats, ``pairs``. Counts a format does not have are None and left out of the manifest.
+    """
 
     name: str
     version: int
@@ -105,12 +124,23 @@ class ExportResult:
     format: str
     out_dir: str
     files: list[str]
-    rows: int
+    rows_read: int
+    rows_exported: int
     skipped: int
+    records_written: int
     skipped_reasons: dict[str, int] = field(default_factory=dict)
+    prompts: int | None = None
+    prompts_exported: int | None = None
+    judged_responses: int | None = None
+    pairs: int | None = None
     created_at: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     """Trainer settings for the loss over the prompt (see :mod:`storage.training`)."""
+
+    @property
+    def rows(self) -> int:
+        """``records_written`` (the name of earlier versions, kept for callers)."""
+        return self.records_written
 
     @property
     def manifest(self) -> Path:
@@ -119,7 +149,32 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the manifest's content); ``dataset`` repeats ``name``."""
-        return {"dataset": self.name, "ref": f"{self.name}@{self.version}", **asdict(self)}
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        return {"dataset": self.name, "ref": f"{self.name}@{self.version}", **fields}
+
+
+@dataclass
+class Tally:
+    """What an export read, exported and skipped, in rows of the split; filled while the
+    records stream (the preference formats also fill the prompt counts)."""
+
+    rows_read: int = 0
+    rows_exported: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    prompts: int | None = None
+    prompts_exported: int | None = None
+    judged_responses: int | None = None
+
+    def reading(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        """``batches``, counting their rows as read."""
+        for batch in batches:
+            self.rows_read += batch.num_rows
+            yield batch
+
+    def skip(self, reason: str, rows: int = 1) -> None:
+        """Count ``rows`` rows as skipped for ``reason``."""
+        if rows:
+            self.skipped[reason] += rows
 
 
 class _Skip(Exception):
@@ -154,21 +209,21 @@ def export(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{name}_v{version}" + ("" if split == "train" else f"_{split}")
-    batches = store.batches(exact, split=split, batch_size=_BATCH_ROWS)
+    tally = Tally()
+    batches = tally.reading(store.batches(exact, split=split, batch_size=_BATCH_ROWS))
 
-    skipped: Counter[str] = Counter()
     if fmt == "parquet":
         data = out / f"{stem}.parquet"
         schema = pa.schema([f for f in store.schema(exact) if f.name != "split"])
-        rows = _write_parquet(batches, schema, data)
+        written = tally.rows_exported = _write_parquet(batches, schema, data)
     else:
         if fmt in PREFERENCE_FORMATS:
-            records = preference_records(fmt, batches, skipped)
+            records = preference_records(fmt, batches, tally)
         else:
-            records = _convert(batches, _CONVERTERS[fmt], skipped)
+            records = _convert(batches, _CONVERTERS[fmt], tally)
         is_list = fmt.startswith("llamafactory") or fmt in LIST_FORMATS
         data = out / f"{stem}.json" if is_list else out / f"{stem}.jsonl"
-        rows = _write_json(records, data, as_list=is_list)
+        written = _write_json(records, data, as_list=is_list)
     files = [data.name]
     if fmt.startswith("llamafactory"):
         _update_dataset_info(out / DATASET_INFO, stem, _dataset_info_entry(fmt, data.name))
@@ -189,9 +244,15 @@ def export(
         format=fmt,
         out_dir=str(out),
         files=files,
-        rows=rows,
-        skipped=sum(skipped.values()),
-        skipped_reasons=dict(sorted(skipped.items())),
+        rows_read=tally.rows_read,
+        rows_exported=tally.rows_exported,
+        skipped=sum(tally.skipped.values()),
+        records_written=written,
+        skipped_reasons=dict(sorted(tally.skipped.items())),
+        prompts=tally.prompts,
+        prompts_exported=tally.prompts_exported,
+        judged_responses=tally.judged_responses,
+        pairs=written if fmt in PAIR_FORMATS else None,
         created_at=datetime.now(UTC).isoformat(),
         training=training,
     )
@@ -203,14 +264,17 @@ def export(
 
 
 def _convert(
-    batches: Iterable[pa.RecordBatch], convert: Callable[[Row], Row], skipped: Counter[str]
+    batches: Iterable[pa.RecordBatch], convert: Callable[[Row], Row], tally: Tally
 ) -> Iterator[Row]:
     for batch in batches:
         for row in batch.to_pylist():
             try:
-                yield convert(row)
+                record = convert(row)
             except _Skip as reason:
-                skipped[str(reason)] += 1
+                tally.skip(str(reason))
+                continue
+            tally.rows_exported += 1
+            yield record
 
 
 @contextmanager

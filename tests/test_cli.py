@@ -132,13 +132,16 @@ def test_tag_diff_and_export(built: tuple[str, Path]) -> None:
         "--store",
         store,
     )
-    assert result["rows"] == len((out_dir / result["files"][0]).read_text().splitlines())
+    lines = (out_dir / result["files"][0]).read_text().splitlines()
+    assert result["records_written"] == result["rows_read"] == len(lines)
     manifest = json.loads((out_dir / "export_manifest.json").read_text())
     assert manifest["version"] == 0 and manifest["name"] == "mix"
     code, table, _ = cli(
         "export", "mix@0", "--format", "jsonl", "--out", str(folder / "plain"), "--store", store
     )
-    assert code == 0 and "exported mix@0 as jsonl" in table and str(result["rows"]) in table
+    assert (
+        code == 0 and "exported mix@0 as jsonl" in table and str(result["records_written"]) in table
+    )
 
 
 def test_read_errors_are_clear_and_exit_nonzero(built: tuple[str, Path]) -> None:

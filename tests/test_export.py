@@ -66,8 +66,10 @@ def test_trl_messages(store: DatasetStore, tmp_path: Path) -> None:
     info = manifest(tmp_path / "out")
     assert info["name"] == info["dataset"] == "sft" and info["ref"] == "sft@0"
     assert info["version"] == 0 and info["split"] == "train"
-    assert info["format"] == "trl_messages" and info["rows"] == ROWS
+    assert info["format"] == "trl_messages" and info["records_written"] == ROWS
+    assert info["rows_read"] == info["rows_exported"] == ROWS and "rows" not in info
     assert info["files"] == ["sft_v0.jsonl"] and info["skipped"] == 0 and info["created_at"]
+    assert "prompts" not in info and "pairs" not in info  # preference counts only
 
 
 def test_trl_prompt_completion(store: DatasetStore, tmp_path: Path) -> None:
@@ -122,6 +124,7 @@ def test_llamafactory_alpaca(store: DatasetStore, tmp_path: Path) -> None:
     loaded = load_json(out / "sft_v0.json", tmp_path)
     assert set(info["sft_v0"]["columns"].values()) <= set(loaded.column_names)
     assert manifest(out)["skipped"] == TOOL_ROWS
+    assert manifest(out)["rows_read"] == ROWS and manifest(out)["rows_exported"] == ROWS - TOOL_ROWS
     assert manifest(out)["files"] == ["sft_v0.json", "dataset_info.json"]
 
 
@@ -204,6 +207,7 @@ def test_bad_format_and_ref(store: DatasetStore, tmp_path: Path) -> None:
         "trl_kto",
         "cut",
         "llamafactory_preference",
+        "llamafactory_kto",
     }
 
 
@@ -341,3 +345,250 @@ def test_real_corpora_round_trip_through_trainer_formats(shared_data: Path, tmp_
         return sorted(json.dumps(r) for r in table.select(["prompt", "response"]).to_pylist())
 
     assert pairs(ingested(out / result.files[0])) == pairs(rows)
+
+
+# -- judged versions: preference, KTO and CUT exports ------------------------------------
+
+#: LLaMA-Factory's dataset_info.json schema: the entry keys, column names and sharegpt tags
+#: of its data/README.md, which ``DatasetAttr.join`` (src/llamafactory/data/parser.py) reads.
+LF_ENTRY_KEYS = {
+    "hf_hub_url", "ms_hub_url", "script_url", "cloud_file_name", "file_name", "formatting",
+    "ranking", "subset", "split", "folder", "num_samples", "columns", "tags",
+}  # fmt: skip
+LF_COLUMNS = {
+    "prompt", "query", "response", "history", "messages", "system", "tools", "images",
+    "videos", "audios", "chosen", "rejected", "kto_tag",
+}  # fmt: skip
+LF_TAGS = {
+    "role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
+    "system_tag",
+}  # fmt: skip
+
+
+def llamafactory_examples(entry: dict[str, Any], records: list[Any], stage: str) -> list[Any]:
+    """What LLaMA-Factory makes of an export for ``stage`` (its DPO workflow loads with
+    ``stage="rm"``): the loader's stage check (data/loader.py) and the sharegpt converter's
+    rules (data/converter.py), as (prompt roles, response roles, kind) per record.
+
+    Raises:
+        ValueError: the loader's refusal of the dataset for this stage.
+    """
+    assert set(entry) <= LF_ENTRY_KEYS and entry["formatting"] == "sharegpt"
+    assert set(entry["columns"]) <= LF_COLUMNS and set(entry["tags"]) <= LF_TAGS
+    ranking = entry.get("ranking", False)
+    if (stage == "rm") != (ranking is True):
+        raise ValueError("The dataset is not applicable in the current training stage.")
+    columns, tags = entry["columns"], entry["tags"]
+    odd = (tags["user_tag"], tags.get("observation_tag", "observation"))
+    even = (tags["assistant_tag"], tags.get("function_tag", "function_call"))
+    examples = []
+    for record in records:
+        messages = record[columns["messages"]]
+        roles = [m[tags["role_tag"]] for m in messages]
+        assert all(isinstance(m[tags["content_tag"]], str) for m in messages)
+        assert all(role in (odd, even)[i % 2] for i, role in enumerate(roles)), roles
+        assert len(roles) % 2 == (1 if ranking else 0), roles  # else "Invalid message count"
+        if "kto_tag" in columns:
+            assert isinstance(record[columns["kto_tag"]], bool)  # else not read as KTO
+            examples.append((roles[:-1], roles[-1:], "kto"))
+        elif ranking:
+            chosen, rejected = record[columns["chosen"]], record[columns["rejected"]]
+            assert isinstance(chosen, dict) and isinstance(rejected, dict)
+            assert chosen[tags["role_tag"]] in even and rejected[tags["role_tag"]] in even
+            examples.append((roles, [chosen[tags["role_tag"]]] * 2, "pairwise"))
+        else:
+            examples.append((roles[:-1], roles[-1:], "sft"))
+    return examples
+
+
+WRONG = ("I do not know.", "Nobody can say.", "It was never recorded.")
+
+
+def judged_rows(prompts: pa.Table) -> pa.Table:
+    """The ``judge`` stage's output on ``prompts`` (open-QA rows): the prompt rows followed
+    by judged responses, made as the stage makes them (``Generated`` rows through
+    ``generated_tables`` with the stage's columns, judged by the reference judge). Prompt
+    ``i`` gets responses by ``i % 4``: right + wrong; wrong + wrong; right + right; right +
+    right + wrong. The last prompt gets a system turn after the first turn, which
+    LLaMA-Factory cannot hold."""
+    from pipelines.judge import EXTRA, STAGE
+    from transforms.synthesis import judge as jd
+    from transforms.synthesis.lineage import Generated, generated_tables
+
+    out = []
+    last = prompts.num_rows - 1
+    for i, row in enumerate(prompts.to_pylist()):
+        right = [f"It is {row['references'][0]}.", f"The answer: {row['references'][0]}"]
+        responses = [
+            [right[0], WRONG[0]],
+            [WRONG[1], WRONG[2]],
+            right,
+            [*right, WRONG[0]],
+        ][i % 4]
+        prompt = row["prompt"]
+        if i == last:
+            later_system = [
+                {"role": "assistant", "content": "?"},
+                {"role": "system", "content": "!"},
+            ]
+            prompt = [prompt[0], *later_system, *prompt]
+        for j, response in enumerate(responses):
+            verdict = jd.reference_judgment(response, row["task"], row["references"])
+            extra = {"judge_sample": j, "judgment": verdict.text, "judgment_ok": verdict.ok}
+            extra["judge"] = jd.reference_fingerprint()
+            out.append(
+                Generated(
+                    prompt,
+                    response,
+                    [row["id"]],
+                    task=row["task"],
+                    references=row["references"],
+                    extra=extra,
+                )
+            )
+    kept, rejected = generated_tables(out, STAGE, "test-generator", EXTRA)
+    assert rejected.num_rows == 0
+    return pa.concat_tables([prompts, kept], promote_options="permissive")
+
+
+@pytest.fixture(scope="module")
+def judged(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> DatasetStore:
+    """pref@0: 24 real NQ questions and their judged responses (+ 2 rejected rows)."""
+    tmp = tmp_path_factory.mktemp("judged")
+    store = DatasetStore(str(tmp / "store"))
+    prompts = next(iter(read_source(shared_data / "nq" / "dev.csv"))).kept.slice(0, 24)
+    commit_build(store, "pref", tmp, judged_rows(prompts), rejected_table(["r000", "r001"]))
+    return store
+
+
+def records_of(path: Path) -> list[Any]:
+    text = path.read_text()
+    return (
+        json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines()]
+    )
+
+
+def expected_pairs(rows: list[dict[str, Any]]) -> tuple[int, int, int]:
+    """(pairs, positive responses left unpaired, rows of prompts without a negative) of
+    judged ``rows``, counted from their judgments."""
+    groups: dict[str, list[bool]] = {}
+    for row in rows:
+        groups.setdefault(row["lineage_parents"][0], []).append(row["judgment_ok"])
+    pairs = sum(oks.count(False) for oks in groups.values())
+    unpaired = sum(
+        max(0, oks.count(True) - oks.count(False)) for oks in groups.values() if False in oks
+    )
+    no_negative = sum(len(oks) for oks in groups.values() if False not in oks)
+    return pairs, unpaired, no_negative
+
+
+def test_manifest_counts_rows_and_records_apart(judged: DatasetStore, tmp_path: Path) -> None:
+    """On a judged version, every format's manifest adds up: ``rows_read`` is the split's
+    row count and equals ``rows_exported + skipped``; ``records_written`` is the number of
+    records in the file; the preference formats count prompts (and pairs) on their own."""
+    split_rows = judged.versions("pref")[0].rows["train"]
+    rows = judged.read("pref@0").to_pylist()
+    responses = [r for r in rows if r.get("judgment_ok") is not None]
+    prompt_rows = len(rows) - len(responses)
+    pairs, unpaired, no_negative = expected_pairs(responses)
+    assert prompt_rows == 24 and unpaired > 0 and no_negative > 0 and pairs > 0
+
+    for fmt in EXPORT_FORMATS:
+        result = export(judged, "pref@0", fmt, tmp_path / fmt)
+        info = manifest(tmp_path / fmt)
+        assert info == result.to_dict()
+        assert info["rows_read"] == split_rows == len(rows), fmt
+        assert info["rows_read"] == info["rows_exported"] + info["skipped"], fmt
+        assert info["skipped"] == sum(info["skipped_reasons"].values()), fmt
+        data = tmp_path / fmt / result.files[0]
+        written = pq.read_metadata(data).num_rows if fmt == "parquet" else len(records_of(data))
+        assert info["records_written"] == written == result.rows, fmt
+
+    kto = manifest(tmp_path / "trl_kto")
+    assert kto["records_written"] == kto["rows_exported"] == kto["judged_responses"]
+    assert kto["skipped_reasons"] == {
+        "not a judged response (a prompt row or a row the judge stage did not judge)": 24
+    }
+    assert (kto["prompts"], kto["prompts_exported"]) == (24, 24) and "pairs" not in kto
+
+    dpo = manifest(tmp_path / "trl_preference")
+    assert dpo["pairs"] == dpo["records_written"] == pairs
+    assert dpo["skipped_reasons"]["no negative response"] == no_negative
+    assert (
+        dpo["skipped_reasons"][
+            "positive response left unpaired (more positive than negative responses)"
+        ]
+        == unpaired
+    )
+    assert dpo["prompts"] == 24 and 0 < dpo["prompts_exported"] < 24
+    # A pair uses two judged rows (or one and the reference): rows and records differ.
+    assert dpo["rows_exported"] != dpo["records_written"]
+
+    lf_dpo, lf_kto = (
+        manifest(tmp_path / "llamafactory_preference"),
+        manifest(tmp_path / "llamafactory_kto"),
+    )
+    system_turn = "system turn after the first turn"
+    assert lf_kto["skipped_reasons"][system_turn] == 3  # the last prompt's three responses
+    assert lf_kto["records_written"] == kto["records_written"] - 3
+    assert lf_dpo["skipped_reasons"][system_turn] == 3 and lf_dpo["pairs"] == pairs - 1
+    sft = manifest(tmp_path / "trl_messages")
+    assert sft["rows_exported"] == sft["records_written"] == len(rows) and "prompts" not in sft
+
+
+def test_llamafactory_kto(judged: DatasetStore, tmp_path: Path) -> None:
+    """``llamafactory_kto`` is what LLaMA-Factory's ``kto`` stage loads: sharegpt with a
+    boolean ``kto_tag`` and no ``ranking``; ``llamafactory_preference`` (``ranking: true``)
+    is refused there and loads for ``rm``/``dpo`` only."""
+    out = tmp_path / "lf"
+    out.mkdir()
+    (out / "dataset_info.json").write_text(json.dumps({"other": {"file_name": "o.json"}}))
+    result = export(judged, "pref@0", "llamafactory_kto", out)
+    assert result.files == ["pref_v0.json", "dataset_info.json"]
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert set(info) == {"other", "pref_v0"}
+    entry = info["pref_v0"]
+    assert entry == {
+        "file_name": "pref_v0.json",
+        "formatting": "sharegpt",
+        "columns": {
+            "messages": "conversations",
+            "kto_tag": "kto_tag",
+            "system": "system",
+            "tools": "tools",
+        },
+        "tags": {
+            "role_tag": "from",
+            "content_tag": "value",
+            "user_tag": "human",
+            "assistant_tag": "gpt",
+            "observation_tag": "observation",
+            "function_tag": "function_call",
+            "system_tag": "system",
+        },
+    }
+    records = json.loads((out / "pref_v0.json").read_text())
+    examples = llamafactory_examples(entry, records, stage="kto")
+    assert len(examples) == result.records_written and {e[2] for e in examples} == {"kto"}
+    with pytest.raises(ValueError, match="not applicable in the current training stage"):
+        llamafactory_examples(entry, records, stage="rm")
+
+    judged_rows_ = {
+        (r["prompt"][-1]["content"], r["response"]): r["judgment_ok"]
+        for r in judged.read("pref@0").to_pylist()
+        if r.get("judgment_ok") is not None
+    }
+    for record in records:
+        human, gpt = record["conversations"][-2]["value"], record["conversations"][-1]["value"]
+        assert record["kto_tag"] is judged_rows_[(human, gpt)]
+        assert (record["system"], record["tools"]) == ("", "")
+    assert {r["kto_tag"] for r in records} == {True, False}
+    assert len(load_json(out / "pref_v0.json", tmp_path)) == len(records)
+
+    pairs = tmp_path / "pairs"
+    export(judged, "pref@0", "llamafactory_preference", pairs)
+    entry = json.loads((pairs / "dataset_info.json").read_text())["pref_v0"]
+    records = json.loads((pairs / "pref_v0.json").read_text())
+    assert {e[2] for e in llamafactory_examples(entry, records, stage="rm")} == {"pairwise"}
+    with pytest.raises(ValueError, match="not applicable in the current training stage"):
+        llamafactory_examples(entry, records, stage="kto")

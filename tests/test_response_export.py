@@ -39,7 +39,7 @@ def manifest(out: Path) -> dict:
 
 def test_response_only(store: DatasetStore, tmp_path: Path) -> None:
     result = export(store, "nq", "response_only", tmp_path)
-    assert result.rows == 300 and result.skipped == 0
+    assert result.records_written == result.rows_read == 300 and result.skipped == 0
     data = datasets.load_dataset(
         "json", data_files=str(tmp_path / result.files[0]), split="train", cache_dir=str(tmp_path)
     )
