@@ -1,4 +1,5 @@
-"""The ``aligncurate`` command line: build, versions, inspect, diff, tag, export, schedule.
+"""The ``aligncurate`` command line: build, versions, inspect, diff, tag, files, export,
+schedule.
 
 Every read command takes ``--json`` and then prints one JSON object on stdout.
 ``--store`` (or ``ALIGNCURATE_STORE``) chooses the store; the default is ``./datasets``.
@@ -13,10 +14,12 @@ from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
 app = typer.Typer(
     name="aligncurate",
@@ -335,14 +338,42 @@ def tag(
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Name a version."""
+    """Name a version; an existing tag moves, and the command says from where."""
     datasets = _store(store)
-    version = datasets.tag(ref, name)
     dataset, _ = datasets.resolve(ref)
+    previous, version = datasets.set_tag(ref, name)
     if as_json:
-        _emit_json({"name": dataset, "version": version, "tag": name})
+        _emit_json({"name": dataset, "version": version, "tag": name, "previous": previous})
         return
-    out.print(f"tagged {dataset}@{version} as {name!r}")
+    if previous is None:
+        out.print(f"tagged {dataset}@{version} as {name!r}", highlight=False)
+    elif previous == version:
+        out.print(f"{name!r} already tags {dataset}@{version}", highlight=False)
+    else:
+        out.print(f"{dataset}: moved {name!r} from v{previous} to v{version}", highlight=False)
+
+
+@app.command()
+@_friendly
+def files(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@TAG.")],
+    split: Annotated[str, typer.Option(help="train or rejected.")] = "train",
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the Parquet files of exactly one version's split, one per line.
+
+    A glob over the table folder would mix every version; read these instead, e.g.
+    load_dataset("parquet", data_files=[...]) or DuckDB's read_parquet([...])."""
+    datasets = _store(store)
+    name, version = datasets.resolve(ref)
+    found = datasets.files(f"{name}@{version}", split=split)
+    if as_json:
+        _emit_json({"name": name, "version": version, "split": split, "files": found})
+        return
+    sys.stdout.write("".join(f"{path}\n" for path in found))  # no wrapping: paths for scripts
+    if not found:
+        err.print(f"{name}@{version} has no {split} rows, so no files", highlight=False)
 
 
 def _loss_over_prompt(value: str | None) -> bool | str | None:
@@ -352,11 +383,26 @@ def _loss_over_prompt(value: str | None) -> bool | str | None:
     return None if value is None else choices[value.lower()]
 
 
-@app.command()
+class _ExportCommand(TyperCommand):
+    """The ``export`` command, whose help ends with the formats of the registry
+    (:data:`storage.export.FORMATS`), imported only when the help is shown: importing it
+    for every command would slow each one down."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from storage.export import FORMATS
+
+        lines = [f"* {name}: {escape(about)}" for name, about in FORMATS.items()]
+        self.epilog = "Formats (docs/exports.md):\n\n" + "\n".join(lines)
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_ExportCommand)
 @_friendly
 def export(
     ref: Annotated[str, typer.Argument(help="NAME, NAME@VERSION or NAME@TAG.")],
-    fmt: Annotated[str, typer.Option("--format", help="Export format.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="Export format (listed below), e.g. trl_messages.")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
     loss_over_prompt: Annotated[
         str | None,

@@ -47,6 +47,10 @@ from storage.s3 import describe, fsspec_options, is_remote, s3_options
 from storage.uris import filesystem, local_path, normalize_root
 
 if TYPE_CHECKING:
+    import datasets
+    import pandas as pd
+    import polars as pl
+
     from storage.diff import DatasetDiff
 
 ENV_STORE = "ALIGNCURATE_STORE"
@@ -357,6 +361,44 @@ class DatasetStore:
         table = self._open(ref)[2]
         return table.file_uris(file_pruning_predicate=[("split", "=", split)])
 
+    def load(self, ref: Ref | str, split: str = "train", **kwargs: Any) -> datasets.Dataset:
+        """One version's ``split`` as a Hugging Face :class:`datasets.Dataset`.
+
+        ``load_dataset("parquet", data_files=self.files(ref, split))``, with
+        :meth:`fsspec_options` for an ``s3://`` store; ``kwargs`` go to ``load_dataset``
+        (``cache_dir``, ``num_proc``, ...). The rows lack the ``split`` column. An empty
+        split gives an empty dataset with the version's columns.
+        """
+        import datasets
+
+        files = self.files(ref, split)
+        if not files:
+            schema = pa.schema([f for f in self.schema(ref) if f.name != "split"])
+            return datasets.Dataset(schema.empty_table())
+        if self.remote:
+            kwargs.setdefault("storage_options", self.fsspec_options())
+        return datasets.load_dataset("parquet", data_files=files, split="train", **kwargs)
+
+    def to_pandas(self, ref: Ref | str, split: str | None = "train") -> pd.DataFrame:
+        """One version's ``split`` as a pandas DataFrame (``split=None``: both splits, with
+        the ``split`` column); read as :meth:`read` reads it."""
+        return self.read(ref, split).to_pandas()
+
+    def to_polars(self, ref: Ref | str, split: str | None = "train") -> pl.DataFrame:
+        """One version's ``split`` as a polars DataFrame, as :meth:`to_pandas`.
+
+        Raises:
+            ImportError: polars is not installed (it is not a dependency of aligncurate).
+        """
+        try:
+            import polars
+        except ImportError as exc:
+            raise ImportError(
+                "DatasetStore.to_polars needs polars, which is not installed: "
+                "pip install polars (or use to_pandas, load or read)"
+            ) from exc
+        return polars.from_arrow(self.read(ref, split))
+
     # -- tags ----------------------------------------------------------------------------
 
     @_remote_errors
@@ -371,12 +413,23 @@ class DatasetStore:
         Returns:
             The tagged version.
         """
+        return self.set_tag(ref, tag)[1]
+
+    @_remote_errors
+    def set_tag(self, ref: Ref | str, tag: str) -> tuple[int | None, int]:
+        """Like :meth:`tag`, and say where the tag was before.
+
+        Returns:
+            ``(previous, version)``: the version ``tag`` pointed at before (None when the
+            tag is new) and the version it points at now.
+        """
         validate_tag(tag)
         name, version = self.resolve(ref)
         tags = self._read_tags(name)
+        previous = int(tags[tag]["version"]) if tag in tags else None
         tags[tag] = {"version": version, "tagged_at": datetime.now(UTC).isoformat()}
         self._write_tags(name, tags)
-        return version
+        return previous, version
 
     @_remote_errors
     def untag(self, name: str, tag: str) -> int:

@@ -10,9 +10,11 @@ import pyarrow as pa
 import pytest
 import yaml
 from conftest import build_demo_with_console_script
+from test_storage import canonical_table, commit_build, ids, rejected_table
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from storage import EXPORT_FORMATS, DatasetStore
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -195,3 +197,61 @@ def test_reject_reasons_are_counted_by_rule_not_by_kept_id(shared_data: Path) ->
         "repetition:*": 2,
         "empty_response": 1,
     }
+
+
+@pytest.fixture
+def two_versions(tmp_path: Path) -> str:
+    """A store whose sft@0 has train and rejected rows and sft@1 train rows only."""
+    store = DatasetStore(str(tmp_path / "store"))
+    commit_build(store, "sft", tmp_path, canonical_table(ids("a", 8)), rejected_table(["r000"]))
+    commit_build(store, "sft", tmp_path, canonical_table(ids("b", 3)))
+    return store.root
+
+
+def test_export_help_lists_the_formats() -> None:
+    code, out, _ = cli("export", "--help")
+    assert code == 0 and "Formats" in out
+    for fmt in EXPORT_FORMATS:
+        assert f"{fmt}:" in out, fmt
+
+
+def test_tag_says_when_it_moves_a_tag(two_versions: str) -> None:
+    store = two_versions
+    assert cli("tag", "sft@0", "golden", "--store", store)[:2] == (0, "tagged sft@0 as 'golden'\n")
+    code, out, _ = cli("tag", "sft@1", "golden", "--store", store)
+    assert code == 0 and out == "sft: moved 'golden' from v0 to v1\n"
+    code, out, _ = cli("tag", "sft@golden", "golden", "--store", store)
+    assert code == 0 and out == "'golden' already tags sft@1\n"
+    moved = cli_json("tag", "sft@0", "golden", "--store", store)
+    assert moved == {"name": "sft", "version": 0, "tag": "golden", "previous": 1}
+    new = cli_json("tag", "sft@1", "prod", "--store", store)
+    assert new == {"name": "sft", "version": 1, "tag": "prod", "previous": None}
+    assert DatasetStore(store).tags("sft") == {"golden": 0, "prod": 1}
+
+
+def test_files_prints_exactly_one_versions_files(two_versions: str) -> None:
+    datasets = DatasetStore(two_versions)
+    datasets.tag("sft@0", "golden")
+    code, out, _ = cli("files", "sft@golden", "--store", two_versions)
+    assert code == 0 and out.splitlines() == datasets.files("sft@0") != []
+    code, out, _ = cli("files", "sft", "--split", "rejected", "--store", two_versions)
+    assert code == 0 and out == "" and datasets.files("sft@1", "rejected") == []
+    code, out, _ = cli("files", "sft@0", "--split", "rejected", "--store", two_versions)
+    assert out.splitlines() == datasets.files("sft@0", "rejected") != []
+    listed = cli_json("files", "sft@golden", "--store", two_versions)
+    assert listed == {
+        "name": "sft",
+        "version": 0,
+        "split": "train",
+        "files": datasets.files("sft@0"),
+    }
+    latest = cli_json("files", "sft", "--store", two_versions)
+    assert latest["version"] == 1 and not set(latest["files"]) & set(listed["files"])
+    # What a glob over the table folder would read: both versions' train files.
+    table = Path(two_versions) / "sft"
+    assert set(map(str, table.glob("split=train/*.parquet"))) == {
+        *latest["files"],
+        *listed["files"],
+    }
+    code, _, err = cli("files", "sft", "--split", "test", "--store", two_versions)
+    assert code == 2 and "error:" in err and "test" in err

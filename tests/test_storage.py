@@ -278,6 +278,54 @@ def test_files_load_exactly_one_version(two_versions: DatasetStore, tmp_path: Pa
     assert store.files("sft@1", "rejected") == []
 
 
+def test_load_one_version(two_versions: DatasetStore, tmp_path: Path) -> None:
+    """``load`` gives an HF ``Dataset`` of exactly one version's split (read from its file
+    list), and ``to_pandas`` a DataFrame; the table folder itself is the trap they avoid."""
+    store = two_versions
+    store.tag("sft@0", "golden")
+    cache = str(tmp_path / "hf")
+    golden = store.load("sft@golden", cache_dir=cache)
+    assert isinstance(golden, datasets.Dataset)
+    assert sorted(golden["id"]) == ids("a", 8) and "split" not in golden.column_names
+    assert golden.column_names == store.read("sft@0").column_names
+    assert sorted(store.load("sft", cache_dir=cache)["id"]) == ids("b", 6)
+    assert sorted(store.load("sft@0", "rejected", cache_dir=cache)["id"]) == ids("r", 2)
+    empty = store.load("sft@1", "rejected", cache_dir=cache)
+    assert len(empty) == 0 and "reject_reason" in empty.column_names
+    with pytest.raises(StoreError, match="unknown split"):
+        store.load("sft", "test")
+
+    frame = store.to_pandas("sft@golden")
+    assert isinstance(frame, pd.DataFrame) and sorted(frame["id"]) == ids("a", 8)
+    both = store.to_pandas("sft@0", split=None)
+    assert both["split"].value_counts().to_dict() == {"train": 8, "rejected": 2}
+
+    # The trap: the table folder holds every version's files and the Delta log.
+    table = store.uri("sft")
+    assert len(pd.read_parquet(table)) == 8 + 2 + 6  # both versions mixed
+    assert len(pd.read_parquet(sorted(Path(table).glob("split=train/*.parquet")))) == 8 + 6
+    with pytest.raises(pa.ArrowInvalid, match="Parquet magic bytes"):  # _delta_log/*.json
+        datasets.load_dataset("parquet", data_dir=table, cache_dir=cache)
+
+
+def test_to_polars_says_when_polars_is_missing(
+    two_versions: DatasetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "polars", None)  # as if not installed
+    with pytest.raises(ImportError, match="needs polars, which is not installed: pip install"):
+        two_versions.to_polars("sft@0")
+
+
+def test_to_polars(two_versions: DatasetStore) -> None:
+    polars = pytest.importorskip("polars")  # not a dependency: only where it is installed
+    frame = two_versions.to_polars("sft@0")
+    assert isinstance(frame, polars.DataFrame) and sorted(frame["id"]) == ids("a", 8)
+    assert two_versions.to_polars("sft@0", None)["split"].value_counts().height == 2
+    # polars' own time travel reads the same version through deltalake.
+    delta = polars.read_delta(two_versions.uri("sft"), version=0).filter(split="train")
+    assert sorted(delta["id"]) == ids("a", 8)
+
+
 def test_tags(two_versions: DatasetStore) -> None:
     store = two_versions
     assert store.tag("sft", "prod") == 1
@@ -285,6 +333,9 @@ def test_tags(two_versions: DatasetStore) -> None:
     assert store.tags("sft") == {"prod": 1, "baseline": 0}
     assert store.tag("sft@baseline", "prod") == 0  # re-tagging moves the tag
     assert store.tags("sft") == {"prod": 0, "baseline": 0}
+    assert store.set_tag("sft@1", "prod") == (0, 1)  # (where it was, where it is)
+    assert store.set_tag("sft@0", "prod") == (1, 0)
+    assert store.set_tag("sft@0", "new") == (None, 0) and store.untag("sft", "new") == 0
     assert [v.tags for v in store.versions("sft")] == [["baseline", "prod"], []]
     assert store.untag("sft", "baseline") == 0
     assert store.tags("sft") == {"prod": 0}
