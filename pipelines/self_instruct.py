@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -45,13 +44,6 @@ from transforms.synthesis.lineage import Generated, generated_tables, user_promp
 from transforms.synthesis.rouge import DEFAULT_THRESHOLD, NoveltyIndex
 
 STAGE = "self_instruct"
-DEFAULT_SEEDS = str(
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "seeds"
-    / "self_instruct_seed_tasks.jsonl"
-)
 EXTRA = (
     pa.field("self_instruct_task", pa.string()),
     pa.field("self_instruct_classification", pa.bool_()),
@@ -63,7 +55,11 @@ EXTRA = (
 class SelfInstructParams(GeneratorSettings):
     """Every published default of Self-Instruct (the code's), as parameters."""
 
-    seeds_path: str = Field(default=DEFAULT_SEEDS, description="seed tasks (JSON lines)")
+    seeds_path: str | None = Field(
+        default=None,
+        description="seed tasks (JSON lines); None: the paper's 175 seed tasks, shipped with "
+        "aligncurate (transforms/synthesis/data, Apache-2.0)",
+    )
     classification_only: bool = Field(
         default=False,
         description="prompt with the classification seeds only, under the classification "
@@ -232,7 +228,8 @@ def run_self_instruct(
         [t for t in seeds if t.is_classification] if params.classification_only else seeds
     )
     if not prompt_seeds:
-        raise si.SeedError(f"{params.seeds_path}: no classification seed tasks")
+        where = params.seeds_path or si.bundled_seeds()
+        raise si.SeedError(f"{where}: no classification seed tasks")
     rows: list[Generated] = []
     tasks = bootstrap(params, engine, prompt_seeds, rows)
     is_clf = _classify(params, engine, seeds, tasks) if tasks else []

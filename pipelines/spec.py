@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +108,23 @@ class BuildSpec(BaseModel):
         return data
 
     def spec_hash(self) -> str:
-        """SHA-256 of the canonical spec as written (before paths were resolved)."""
+        """SHA-256 of the canonical spec as written (before paths were resolved); for a
+        spec from :func:`parse_spec`, with paths inside the spec's folder written relative
+        to it, so the hash does not depend on where the folder (or the checkout) lies."""
         if self._digest is not None:
             return self._digest
         text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def map_paths(self, fn: Callable[[str], str]) -> None:
+        """Apply ``fn`` to every path: source paths, the store and the stage parameters
+        named ``model``, ``*_dir`` or ``*_path`` (nested)."""
+        for source in self.sources:
+            source.path = fn(source.path)
+        if self.store is not None:
+            self.store = fn(self.store)
+        for step in self.stages:
+            _map_params(step.params, fn)
 
 
 def _parse_stage(item: Any, index: int) -> StageSpec:
@@ -133,9 +147,14 @@ def _parse_stage(item: Any, index: int) -> StageSpec:
 
 
 def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "<root>"
-    return f"{where}: {err['msg']}"
+    return _describe(exc.errors()[0])
+
+
+def _describe(err: Any) -> str:
+    """``where: what`` of one pydantic error (without pydantic's ``Value error,`` prefix)."""
+    where = ".".join(str(p) for p in err["loc"])
+    what = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {what}" if where else what
 
 
 def parse_spec(data: Any, base_dir: Path) -> BuildSpec:
@@ -145,29 +164,23 @@ def parse_spec(data: Any, base_dir: Path) -> BuildSpec:
     try:
         spec = BuildSpec.model_validate(data)
     except ValidationError as exc:
-        errors = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
-        )
+        errors = "; ".join(_describe(e) for e in exc.errors())
         raise SpecError(f"invalid spec: {errors}") from None
-    spec._digest = spec.spec_hash()
-    for source in spec.sources:
-        source.path = _resolve(source.path, base_dir)
-    if spec.store is not None:
-        spec.store = _resolve(spec.store, base_dir)
-    for step in spec.stages:
-        _resolve_params(step.params, base_dir)
+    portable = spec.model_copy(deep=True)
+    portable.map_paths(lambda value: _relative_inside(value, base_dir))
+    spec._digest = portable.spec_hash()
+    spec.map_paths(lambda value: _resolve(value, base_dir))
     return spec
 
 
-def _resolve_params(params: BaseModel, base_dir: Path) -> None:
-    """Stage parameters named ``model``, ``*_dir`` or ``*_path`` are paths: resolve them too
-    (nested)."""
+def _map_params(params: BaseModel, fn: Callable[[str], str]) -> None:
+    """Stage parameters named ``model``, ``*_dir`` or ``*_path`` are paths (nested too)."""
     for name in type(params).model_fields:
         value = getattr(params, name)
         if isinstance(value, BaseModel):
-            _resolve_params(value, base_dir)
+            _map_params(value, fn)
         elif isinstance(value, str) and (name == "model" or name.endswith(("_dir", "_path"))):
-            setattr(params, name, _resolve(value, base_dir))
+            setattr(params, name, fn(value))
 
 
 def check_sources(spec: BuildSpec, spec_path: str | Path) -> None:
@@ -190,6 +203,17 @@ def load_spec(path: str | Path) -> BuildSpec:
         return parse_spec(data, path.resolve().parent)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
+
+
+def _relative_inside(value: str, base_dir: Path) -> str:
+    """An absolute path inside ``base_dir`` as the relative path that names the same file
+    from the spec's folder (POSIX form); any other value as written."""
+    if "://" in value or not Path(value).is_absolute():
+        return value
+    for candidate in (Path(os.path.normpath(value)), Path(value).resolve()):
+        if candidate.is_relative_to(base_dir):
+            return candidate.relative_to(base_dir).as_posix()
+    return value
 
 
 def _resolve(value: str, base_dir: Path) -> str:

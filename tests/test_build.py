@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -11,6 +13,7 @@ import pytest
 import yaml
 
 from pipelines.build import build_dataset
+from pipelines.spec import load_spec
 from storage.dataset import DatasetStore, StoreError
 from transforms.ingest import IngestError
 from transforms.schema import SCHEMA, validate
@@ -206,3 +209,74 @@ def test_deleted_shards_are_recomputed_not_reused(tmp_path: Path, shared_data: P
     assert second["reused_tasks"] == 0
     assert second["rows"] == first["rows"]
     assert store.read("gc@1", "train").num_rows == first["rows"]["train"]
+
+
+# --- the spec hash does not depend on where the spec, its data or the checkout lie ---------
+
+REPO = Path(__file__).resolve().parents[1]
+SAFETY = Path("safety") / "safety_only_data_Instructions.json"
+
+
+def spec_in(folder: Path, shared_data: Path) -> Path:
+    """A spec and its data in ``folder``: the source named by an absolute path (as a tool
+    writes it), the refusal source by a relative one, a model-backed stage on defaults."""
+    (folder / "safety").mkdir(parents=True)
+    shutil.copy(shared_data / SAFETY, folder / SAFETY)
+    rows = json.loads((shared_data / "instructions" / "gsm8k_train_alpaca.json").read_text())
+    (folder / "gsm8k.json").write_text(json.dumps(rows[:40]))
+    stages = [
+        {"normalize": {}},
+        {"exact_dedup": {}},
+        {"refusal_mix": {"n": 5, "seed": 1, "source_path": str(SAFETY)}},
+    ]
+    return write_spec(
+        folder, name="portable", sources=[{"path": str(folder / "gsm8k.json")}], stages=stages
+    )
+
+
+def test_the_same_spec_builds_with_the_same_hash_from_two_locations(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    first, second = tmp_path / "one", tmp_path / "elsewhere" / "two"
+    builds = []
+    for folder in (first, second):
+        spec = spec_in(folder, shared_data)
+        builds.append(build_dataset(str(spec), store=str(folder / "store")))
+    assert builds[0]["spec_hash"] == builds[1]["spec_hash"]
+    # Each build read its own copies, and the rows are the same.
+    assert set(builds[0]["inputs"]) == {str(first / "gsm8k.json")}
+    assert set(builds[1]["inputs"]) == {str(second / "gsm8k.json")}
+    trains = [DatasetStore(str(f / "store")).read("portable", "train") for f in (first, second)]
+    assert trains[0].column("id").equals(trains[1].column("id"))
+    assert builds[0]["counts"]["refusal_mix"]["added"] == 5
+
+
+def test_spec_hash_is_the_same_from_another_checkout(tmp_path: Path, shared_data: Path) -> None:
+    """A copy of the code elsewhere (as pip would install it) hashes a spec that uses
+    stage defaults the same: no default names a file of the checkout."""
+    spec = write_spec(
+        tmp_path,
+        name="defaults",
+        sources=[{"path": "data.json"}],
+        stages=[
+            {"self_instruct": {"model": "model"}},
+            {"match_distribution": {"target_path": "t.json", "size": 10}},
+        ],
+    )
+    checkout = tmp_path / "site-packages"
+    for package in ("pipelines", "transforms", "storage", "engines"):
+        ignore = shutil.ignore_patterns("__pycache__")
+        shutil.copytree(REPO / package, checkout / package, ignore=ignore)
+    script = (
+        "import pipelines.spec as s, transforms.synthesis.self_instruct as si;"
+        "print(s.__file__); print(len(si.load_seed_tasks()));"
+        f"print(s.load_spec({str(spec)!r}).spec_hash())"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=checkout, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    where, seeds, digest = run.stdout.split()
+    assert Path(where).is_relative_to(checkout)  # the copy ran, with its own package data
+    assert seeds == "175"
+    assert digest == load_spec(spec).spec_hash()

@@ -32,6 +32,7 @@ def build(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     60 safety rows (as files of their own); target: 400 other roleplay rows."""
     folder = tmp_path_factory.mktemp("response-build")
     data = shared_data / "instructions"
+    safety = shared_data / "safety" / "safety_only_data_Instructions.json"
     roleplay = json.loads((data / "gpteacher_roleplay.json").read_text())
     rng = random.Random(0)
     originals = [i for i, r in enumerate(roleplay[:300]) if len(r["output"].split()) > 80][:20]
@@ -39,9 +40,7 @@ def build(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     files = {
         "roleplay.json": roleplay[:300] + copies,
         "gsm8k.json": json.loads((data / "gsm8k_train_alpaca.json").read_text())[:300],
-        "safety.json": json.loads(
-            (shared_data / "safety" / "safety_only_data_Instructions.json").read_text()
-        )[:60],
+        "safety.json": json.loads(safety.read_text())[:60],
         "target.json": roleplay[2000:2400],
     }
     for name, records in files.items():
@@ -57,7 +56,7 @@ def build(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             {"near_dedup": {}},
             {"semantic_dedup": {}},
             {"match_distribution": {"target_path": "target.json", "size": 0.75}},
-            {"refusal_mix": {"n": 0.1, "seed": 3}},
+            {"refusal_mix": {"n": 0.1, "seed": 3, "source_path": str(safety)}},
         ],
     }
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -144,6 +143,8 @@ def test_example_spec_validates(shared_data: Path) -> None:
     assert names[2:] == ["rule_filter", "near_dedup", "match_distribution", "refusal_mix"]
     match = spec.stages[4].params
     assert Path(match.target_path) == shared_data / "seeds" / "self_instruct_seed_tasks.jsonl"
+    mix = spec.stages[5].params  # the CC BY-NC refusal source is named, never a default
+    assert Path(mix.source_path) == shared_data / "safety" / "safety_only_data_Instructions.json"
     assert all(Path(s.path).is_file() for s in spec.sources)
 
 

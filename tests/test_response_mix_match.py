@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from pydantic import ValidationError
 
 from transforms.ingest import read_source
 from transforms.response.match import (
@@ -20,7 +21,7 @@ from transforms.response.match import (
     texts_of,
 )
 from transforms.response.refusal_mix import (
-    DEFAULT_SOURCE,
+    SOURCE_URL,
     RefusalMixParams,
     count_to_add,
     refusal_mix,
@@ -39,16 +40,36 @@ def gsm8k(shared_data: Path) -> pa.Table:
     return rows_of(shared_data / "instructions" / "gsm8k_train_alpaca.json").slice(0, 600)
 
 
-def test_default_pool_is_the_papers_1829_of_2483(shared_data: Path) -> None:
-    assert Path(DEFAULT_SOURCE) == (shared_data / "safety" / "safety_only_data_Instructions.json")
-    assert len(json.loads(Path(DEFAULT_SOURCE).read_text())) == 2483
-    pool = refusal_pool(RefusalMixParams(n=1))
+@pytest.fixture(scope="module")
+def safety(shared_data: Path) -> str:
+    """Response Tuning's refusal source (CC BY-NC, not bundled: every spec names it)."""
+    return str(shared_data / "safety" / "safety_only_data_Instructions.json")
+
+
+def mix(safety: str, **params: float) -> RefusalMixParams:
+    return RefusalMixParams(source_path=safety, **params)
+
+
+def test_default_pool_is_the_papers_1829_of_2483(safety: str) -> None:
+    assert len(json.loads(Path(safety).read_text())) == 2483
+    pool = refusal_pool(mix(safety, n=1))
     assert pool.num_rows == 1829
     assert all(PATTERN.search(r) for r in pool.column("response").to_pylist())
 
 
-def test_refusal_mix_adds_exactly_n_matching_rows(gsm8k: pa.Table) -> None:
-    out = refusal_mix(gsm8k, RefusalMixParams(n=37, seed=1))
+@pytest.mark.parametrize("params", [{"n": 1}, {"n": 1, "source_path": None}])
+def test_source_is_required_and_the_error_says_where_to_get_it(params: dict) -> None:
+    """The safety set is CC BY-NC: not bundled, so there is no default to fall back on."""
+    with pytest.raises(ValidationError) as caught:
+        RefusalMixParams.model_validate(params)
+    message = str(caught.value)
+    assert "source_path is required" in message
+    assert SOURCE_URL in message and "safety-tuned-llamas" in message
+    assert "CC BY-NC" in message
+
+
+def test_refusal_mix_adds_exactly_n_matching_rows(gsm8k: pa.Table, safety: str) -> None:
+    out = refusal_mix(gsm8k, mix(safety, n=37, seed=1))
     assert out.counts(gsm8k.num_rows) == {"in": 600, "kept": 637, "rejected": 0, "added": 37}
     added = out.kept.filter(pa.compute.equal(out.kept.column("origin"), "refusal_mix"))
     assert added.num_rows == 37
@@ -56,22 +77,22 @@ def test_refusal_mix_adds_exactly_n_matching_rows(gsm8k: pa.Table) -> None:
     assert set(added.column("source").to_pylist()) == {"safety_only_data_Instructions"}
     assert len(set(out.kept.column("id").to_pylist())) == 637
     assert out.kept.slice(0, 600).equals(gsm8k)  # the incoming rows are untouched
-    again = refusal_mix(gsm8k, RefusalMixParams(n=37, seed=1))
-    other = refusal_mix(gsm8k, RefusalMixParams(n=37, seed=2))
+    again = refusal_mix(gsm8k, mix(safety, n=37, seed=1))
+    other = refusal_mix(gsm8k, mix(safety, n=37, seed=2))
     assert again.kept.column("id").equals(out.kept.column("id"))  # seeded
     assert not other.kept.column("id").equals(out.kept.column("id"))
 
 
-def test_refusal_mix_as_a_share_of_the_final_set(gsm8k: pa.Table) -> None:
+def test_refusal_mix_as_a_share_of_the_final_set(gsm8k: pa.Table, safety: str) -> None:
     assert count_to_add(600, 0.2) == 150
-    out = refusal_mix(gsm8k, RefusalMixParams(n=0.2))
+    out = refusal_mix(gsm8k, mix(safety, n=0.2))
     assert out.added == 150 and out.kept.num_rows == 750
     assert out.stats["share"] == pytest.approx(0.2)
 
 
-def test_refusal_mix_refuses_more_than_the_pool(gsm8k: pa.Table) -> None:
+def test_refusal_mix_refuses_more_than_the_pool(gsm8k: pa.Table, safety: str) -> None:
     with pytest.raises(ValueError, match="1829 rows matching"):
-        refusal_mix(gsm8k, RefusalMixParams(n=2000))
+        refusal_mix(gsm8k, mix(safety, n=2000))
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +139,9 @@ def test_absolute_size_and_seed(candidates_and_target) -> None:
     assert first.kept.column("id").equals(second.kept.column("id"))
 
 
-def test_empty_input(candidates_and_target) -> None:
+def test_empty_input(candidates_and_target, safety: str) -> None:
     table, target = candidates_and_target
     empty = table.slice(0, 0)
     out = match_distribution(empty, MatchParams(target_path=str(target), size=0.5))
     assert out.counts(0) == {"in": 0, "kept": 0, "rejected": 0, "added": 0}
-    assert refusal_mix(empty, RefusalMixParams(n=3)).counts(0)["kept"] == 3
+    assert refusal_mix(empty, mix(safety, n=3)).counts(0)["kept"] == 3

@@ -3,8 +3,11 @@ rejects a real example, the ROUGE-L index agrees with rouge-score, seed files fa
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
+import tomllib
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from transforms.synthesis import self_guide as sg
 from transforms.synthesis import self_instruct as si
 from transforms.synthesis.rouge import NoveltyIndex, novel_mask
 
+REPO = Path(__file__).resolve().parents[1]
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
@@ -36,6 +40,22 @@ def test_seed_file_loads_the_175_seeds(seeds: list[si.SeedTask]) -> None:
     assert len(seeds) == 175
     assert sum(t.is_classification for t in seeds) > 0
     assert seeds[0].id == "seed_task_0" and seeds[0].instances
+
+
+def test_the_175_seeds_ship_as_package_data_with_attribution(shared_data: Path) -> None:
+    """The default seed set is package data (a pip-installed copy has no ../shared), equal to
+    the authors' file, with its source and license beside it and in the wheel's package-data."""
+    bundled = si.load_seed_tasks()
+    assert bundled == si.load_seed_tasks(shared_data / "seeds" / "self_instruct_seed_tasks.jsonl")
+    assert len(bundled) == 175
+    data = resources.files("transforms.synthesis") / "data"
+    notice = (data / "NOTICE").read_text(encoding="utf-8")
+    assert "github.com/yizhongw/self-instruct" in notice and "Apache License" in notice
+    assert "Apache License" in (data / "LICENSE").read_text(encoding="utf-8")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["transforms.synthesis"]
+    for name in (si.BUNDLED_SEEDS, "NOTICE", "LICENSE"):
+        assert any(fnmatch.fnmatch(f"data/{name}", p) for p in patterns), name
 
 
 def test_malformed_seed_line_names_file_and_line(tmp_path: Path, shared_data: Path) -> None:

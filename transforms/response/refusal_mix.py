@@ -4,7 +4,9 @@ Response Tuning (An & Kim, arXiv 2410.02465) mixes refusals into the training se
 a model trained on responses learns to refuse unsafe requests. Its refusal source is the
 safety-tuned-llamas set (Bianchi et al. 2023, ``safety_only_data_Instructions.json``), of
 which it keeps only the outputs matching ``\\b(ai|sorry)\\b`` case-insensitively: 1,829 of
-the 2,483 rows. Those are this stage's defaults.
+the 2,483 rows. The pattern is this stage's default; the file is not bundled (it is
+CC BY-NC 4.0, for research use), so ``source_path`` is required: download it from
+:data:`SOURCE_URL` (or name any file ingest reads).
 
 ``n`` is absolute (an integer ≥ 1) or a share of the *final* set (a float < 1): with
 ``share`` s and ``m`` rows coming in, ``round(s·m / (1 − s))`` refusals are added, so they
@@ -15,21 +17,28 @@ seeded generator, skip rows whose id is already in the table, and get
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from transforms.schema import conform
 from transforms.stage import StageResult
 
 STAGE = "refusal_mix"
-DEFAULT_SOURCE = str(
-    Path(__file__).resolve().parents[2].parent
-    / "shared/data/safety/safety_only_data_Instructions.json"
+SOURCE_URL = (
+    "https://github.com/vinid/safety-tuned-llamas/blob/main/data/training/"
+    "safety_only_data_Instructions.json"
+)
+"""Response Tuning's refusal source: safety-tuned-llamas (Bianchi et al. 2023), CC BY-NC 4.0."""
+MISSING_SOURCE = (
+    "source_path is required: the file of refusals to mix in. Response Tuning uses "
+    "safety_only_data_Instructions.json from safety-tuned-llamas (Bianchi et al. 2023, "
+    "CC BY-NC 4.0, research use; not bundled with aligncurate): download it from "
+    f"{SOURCE_URL} and set source_path to the downloaded file (relative to the spec)"
 )
 PATTERN = r"\b(ai|sorry)\b"
 
@@ -41,10 +50,17 @@ class RefusalMixParams(BaseModel):
     n: float = Field(
         gt=0, description="rows to add: a count (>= 1) or a share of the final set (< 1)"
     )
-    source_path: str = DEFAULT_SOURCE
+    source_path: str = Field(description="the refusal source: any file ingest reads")
     source_format: str | None = None
     pattern: str = PATTERN
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("source_path") is None:
+            raise PydanticCustomError("missing_source", MISSING_SOURCE)
+        return data
 
 
 def refusal_pool(params: RefusalMixParams) -> pa.Table:

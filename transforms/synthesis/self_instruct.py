@@ -42,6 +42,8 @@ import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -118,35 +120,47 @@ class SeedTask:
     is_classification: bool
 
 
-def load_seed_tasks(path: str | Path) -> list[SeedTask]:
+BUNDLED_SEEDS = "self_instruct_seed_tasks.jsonl"
+"""The bundled seed file's name in ``transforms/synthesis/data``."""
+
+
+def bundled_seeds() -> Traversable:
+    """The paper's 175 seed tasks, shipped as package data (``transforms/synthesis/data``:
+    the authors' ``data/seed_tasks.jsonl`` from github.com/yizhongw/self-instruct, unchanged,
+    Apache-2.0; see the ``NOTICE`` next to it)."""
+    return resources.files("transforms.synthesis") / "data" / BUNDLED_SEEDS
+
+
+def load_seed_tasks(path: str | Path | None = None) -> list[SeedTask]:
     """Read a Self-Instruct seed file (JSON lines: ``id``, ``instruction``, ``instances``
-    [{input, output}], ``is_classification``). Blank lines are skipped.
+    [{input, output}], ``is_classification``); ``None``: the bundled 175 seed tasks
+    (:func:`bundled_seeds`). Blank lines are skipped.
 
     Raises:
         SeedError: unreadable file, invalid JSON or a missing/mistyped field, naming the
             file and the line — before any model is called.
     """
-    path = Path(path)
+    source: Traversable = bundled_seeds() if path is None else Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = source.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SeedError(f"{path}: cannot read seed tasks: {exc}") from None
+        raise SeedError(f"{source}: cannot read seed tasks: {exc}") from None
     tasks: list[SeedTask] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"{path}, line {number}"
+        where = f"{source}, line {number}"
         try:
             data = json.loads(line)
         except json.JSONDecodeError as exc:
             raise SeedError(f"{where}: invalid JSON: {exc.msg}") from None
         tasks.append(_seed_task(data, where, number))
     if not tasks:
-        raise SeedError(f"{path}: no seed tasks")
+        raise SeedError(f"{source}: no seed tasks")
     ids = [t.id for t in tasks]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise SeedError(f"{path}: seed id {dup!r} appears more than once")
+        raise SeedError(f"{source}: seed id {dup!r} appears more than once")
     return tasks
 
 
