@@ -359,9 +359,9 @@ LF_COLUMNS = {
     "prompt", "query", "response", "history", "messages", "system", "tools", "images",
     "videos", "audios", "chosen", "rejected", "kto_tag",
 }  # fmt: skip
-LF_TAGS = {
-    "role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
-    "system_tag",
+LF_TAGS = {  # each with its default, which our entries spell out
+    "role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+    "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system",
 }  # fmt: skip
 
 
@@ -374,7 +374,7 @@ def llamafactory_examples(entry: dict[str, Any], records: list[Any], stage: str)
         ValueError: the loader's refusal of the dataset for this stage.
     """
     assert set(entry) <= LF_ENTRY_KEYS and entry["formatting"] == "sharegpt"
-    assert set(entry["columns"]) <= LF_COLUMNS and set(entry["tags"]) <= LF_TAGS
+    assert set(entry["columns"]) <= LF_COLUMNS and set(entry["tags"]) <= set(LF_TAGS)
     ranking = entry.get("ranking", False)
     if (stage == "rm") != (ranking is True):
         raise ValueError("The dataset is not applicable in the current training stage.")
@@ -557,15 +557,7 @@ def test_llamafactory_kto(judged: DatasetStore, tmp_path: Path) -> None:
             "system": "system",
             "tools": "tools",
         },
-        "tags": {
-            "role_tag": "from",
-            "content_tag": "value",
-            "user_tag": "human",
-            "assistant_tag": "gpt",
-            "observation_tag": "observation",
-            "function_tag": "function_call",
-            "system_tag": "system",
-        },
+        "tags": LF_TAGS,
     }
     records = json.loads((out / "pref_v0.json").read_text())
     examples = llamafactory_examples(entry, records, stage="kto")
