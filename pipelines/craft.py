@@ -302,7 +302,9 @@ def run_craft(
             settings = rehearsal_params(params, table)
             rehearsed = rehearsed_model(params, pairs, cache.path.parent, settings)
         with clock("query_rehearsal"):
-            k1, stats["engine_rehearsal"] = query(rehearsed, "craft_rehearsal")
+            # The same per-row seeds as M0's query (common random numbers): where M̃ did not
+            # change, its samples are M0's, so Δμ measures the model, not sampling noise.
+            k1, stats["engine_rehearsal"] = query(rehearsed, "craft_init")
         correctness_m1, certainty_m1 = k1.correctness, k1.certainty
         flow = k1.correctness - k0.correctness
         certainty_flow = k1.certainty - k0.certainty

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -204,3 +205,28 @@ def test_rait_exports_for_trl_and_llamafactory(craft_run: dict, tmp_path: Path) 
     assert sum(v == "I don't know" for v in expected.values()) == sum(
         r["craft_label"] == "idk" for r in rows.values()
     )
+
+
+def test_an_unchanged_model_has_no_knowledge_flow(fact_world, tmp_path: Path) -> None:
+    """M̃ is queried on M0's random streams: a rehearsal that changes no weight (learning
+    rate 0) gives a checkpoint at a new path whose samples are M0's, so Δμ is exactly 0."""
+    facts = [f for f in fact_world.facts() if f["split"] == "rait"][:8]
+    source = tmp_path / "facts.jsonl"
+    source.write_text("".join(json.dumps(f) + "\n" for f in facts))
+    table = pa.concat_tables(r.kept for r in read_source(source, format="open_qa"))
+    params = CraftParams(
+        model=str(fact_world.model_dir),
+        engine="transformers",
+        static_conflict=False,
+        rehearsal={"learning_rate": 0.0, "epochs": 1},
+        rehearsal_min_correctness=0.0,
+        rehearsal_min_certainty=-1.0,
+    )
+    result = run_craft(table, params, tmp_path / "work", GenerationCache(tmp_path / "cache"))
+    assert result.stats["rehearsal_rows"] > 0
+    assert result.stats["engine_rehearsal"]["misses"] > 0  # M̃ was really asked
+    scored = pa.concat_tables(
+        [result.kept.select(["knowledge_flow"]), result.rejected.select(["knowledge_flow"])]
+    )
+    assert scored.num_rows == 8
+    assert set(scored.column("knowledge_flow").to_pylist()) == {0.0}
