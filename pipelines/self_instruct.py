@@ -12,6 +12,17 @@ of them machine-generated once there are any, drawn with a random generator seed
 stops once ``target_instructions`` are in the pool, or after ``max_rounds``. Then every new
 instruction gets the classification check and its instances.
 
+Context: with ``max_model_len`` set, every prompt is fitted to it before it is sent
+(:func:`transforms.synthesis.fit.fit_prompt`): it must leave ``min_new_tokens`` to generate,
+and its ``max_tokens`` is cut to what the context has left. A prompt that does not fit drops
+its last pool instructions (at least one stays) or its last demonstrations (down to none)
+until it does. A request that fits with nothing dropped is sent as it is; a trimmed one
+shows fewer items (its lineage names only the instructions shown); one that cannot fit even
+then is skipped — no instruction request is sent, and a task whose classification or
+instance prompt cannot fit is rejected as ``self_instruct:prompt_too_long``. The stage
+stats count requests, trimmed and skipped ones per kind (``prompt_fit``). The stage fails
+only when no request of a kind fits at all.
+
 Lineage: ``lineage_parents`` holds the pool ids of the instructions shown in the prompt that
 produced the row's instruction (seed ids as written in the seed file; ``si-<hash>`` for
 machine-made ones); ``self_instruct_task`` is the row's own task id, ``lineage_round`` the
@@ -21,15 +32,17 @@ round, ``lineage_seed`` the seed of the request that generated the row's text.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import xxhash
 from pydantic import Field
 
-from engines.base import Request, Sampling, row_seed
+from engines.base import EngineError, Request, Sampling, row_seed
 from engines.cached import CachedEngine
+from engines.prompts import encode
 from pipelines.engine_settings import close_engine, open_engine
 from pipelines.synthesis import (
     GeneratorSettings,
@@ -40,6 +53,7 @@ from storage.gencache import GenerationCache
 from transforms.registry import StageContext
 from transforms.stage import StageResult
 from transforms.synthesis import self_instruct as si
+from transforms.synthesis.fit import FittedPrompt, fit_prompt
 from transforms.synthesis.lineage import Generated, generated_tables, user_prompt
 from transforms.synthesis.rouge import DEFAULT_THRESHOLD, NoveltyIndex
 
@@ -82,7 +96,86 @@ class SelfInstructParams(GeneratorSettings):
     clf_max_tokens: int = 3
     instance_max_tokens_clf: int = 300
     instance_max_tokens_gen: int = 350
+    min_new_tokens: int = Field(
+        default=16,
+        ge=1,
+        description="a prompt fits max_model_len when it leaves this many tokens to generate "
+        "(or the request's max_tokens, if fewer)",
+    )
     seed: int = 0
+
+
+T = TypeVar("T")
+INSTRUCTIONS, CLASSIFICATION, INSTANCES = "instructions", "classification", "instances"
+"""The kinds of request, as ``prompt_fit`` counts them."""
+
+
+class ContextError(EngineError):
+    """No prompt of one kind fits ``max_model_len``; the message names the kind and sizes
+    (an engine error: the CLI prints it as one line)."""
+
+
+@dataclass
+class PromptFitter:
+    """Fits each request's prompt to ``params.max_model_len`` (counted as the engine will see
+    it) and counts, per kind, the requests, the trimmed and skipped ones, and the items
+    dropped."""
+
+    params: SelfInstructParams
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    smallest: dict[str, int] = field(default_factory=dict)
+
+    def fit(
+        self,
+        kind: str,
+        items: Sequence[T],
+        render: Callable[[Sequence[T]], str],
+        max_tokens: int,
+        min_items: int = 0,
+    ) -> FittedPrompt:
+        fitted = fit_prompt(
+            items,
+            render,
+            self.count_tokens,
+            context=self.params.max_model_len,
+            max_tokens=max_tokens,
+            min_new_tokens=self.params.min_new_tokens,
+            min_items=min_items,
+        )
+        line = self.counts.setdefault(
+            kind, {"requests": 0, "trimmed": 0, "skipped": 0, "dropped_items": 0}
+        )
+        line["requests"] += 1
+        if not fitted.fits:
+            line["skipped"] += 1
+            tokens = fitted.tokens or 0
+            self.smallest[kind] = min(self.smallest.get(kind, tokens), tokens)
+        elif fitted.dropped:
+            line["trimmed"] += 1
+            line["dropped_items"] += fitted.dropped
+        return fitted
+
+    def count_tokens(self, text: str) -> int:
+        return len(encode(self.params.model, as_prompt(self.params, text)))
+
+    def check(self, kind: str) -> None:
+        """Fail when requests of ``kind`` were made and none of them fits."""
+        line = self.counts.get(kind)
+        if line and line["skipped"] == line["requests"]:
+            raise ContextError(
+                f"self_instruct: no {kind} prompt fits max_model_len {self.params.max_model_len} "
+                f"with {self.params.min_new_tokens} tokens left to generate (the smallest "
+                f"takes {self.smallest[kind]} tokens); raise max_model_len or lower "
+                "min_new_tokens"
+            )
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "max_model_len": self.params.max_model_len,
+            "trimmed_requests": sum(line["trimmed"] for line in self.counts.values()),
+            "skipped_requests": sum(line["skipped"] for line in self.counts.values()),
+            **self.counts,
+        }
 
 
 @dataclass
@@ -99,22 +192,27 @@ def task_id(instruction: str) -> str:
     return "si-" + xxhash.xxh3_64_hexdigest(instruction.encode())
 
 
-def instruction_sampling(params: SelfInstructParams) -> Sampling:
-    """The sampling of instruction generation (the code's: 0.7, 0.5, 1024, its stops)."""
+def instruction_sampling(params: SelfInstructParams, max_tokens: int | None = None) -> Sampling:
+    """The sampling of instruction generation (the code's: 0.7, 0.5, 1024, its stops);
+    ``max_tokens`` where the context leaves less than ``params.max_tokens``."""
     return Sampling(
         temperature=params.temperature,
         top_p=params.top_p,
-        max_tokens=params.max_tokens,
+        max_tokens=params.max_tokens if max_tokens is None else max_tokens,
         stop=tuple(params.stop),
     )
 
 
 def round_requests(
-    params: SelfInstructParams, seeds: list[si.SeedTask], machine: list[_Task], rnd: int
+    params: SelfInstructParams,
+    seeds: list[si.SeedTask],
+    machine: list[_Task],
+    rnd: int,
+    fitter: PromptFitter,
 ) -> list[tuple[Request, str, list[str]]]:
-    """One round's requests, each with its prompt text and the pool ids it shows."""
+    """One round's requests that fit the context, each with its prompt text and the pool ids
+    it shows (a trimmed prompt shows its first instructions only)."""
     rng = random.Random(f"{params.seed}:{STAGE}:round:{rnd}")
-    sampling = instruction_sampling(params)
     out = []
     for i in range(params.requests_per_round):
         picked = rng.sample(machine, min(params.machine_in_prompt, len(machine)))
@@ -122,9 +220,19 @@ def round_requests(
         n_seeds = min(params.prompt_instructions - len(chosen), len(seeds))
         chosen += [(s.instruction, s.id) for s in rng.sample(seeds, n_seeds)]
         rng.shuffle(chosen)
-        text = si.instruction_prompt([c[0] for c in chosen], params.classification_only)
+        fitted = fitter.fit(
+            INSTRUCTIONS,
+            [c[0] for c in chosen],
+            lambda shown: si.instruction_prompt(shown, params.classification_only),
+            params.max_tokens,
+            min_items=1,
+        )
+        if not fitted.fits:
+            continue
+        sampling = instruction_sampling(params, fitted.max_tokens)
         seed = row_seed(f"{params.seed}:{rnd}", STAGE, i)
-        out.append((Request(as_prompt(params, text), sampling, seed), text, [c[1] for c in chosen]))
+        request = Request(as_prompt(params, fitted.text), sampling, seed)
+        out.append((request, fitted.text, [c[1] for c in chosen[: fitted.shown]]))
     return out
 
 
@@ -133,6 +241,7 @@ def bootstrap(
     engine: CachedEngine,
     seeds: list[si.SeedTask],
     rows: list[Generated],
+    fitter: PromptFitter,
 ) -> list[_Task]:
     """Instruction generation rounds; filtered candidates are appended to ``rows``."""
     pool = NoveltyIndex(params.rouge_threshold)
@@ -141,8 +250,8 @@ def bootstrap(
     for rnd in range(params.max_rounds):
         if len(machine) >= params.target_instructions:
             break
-        batch = round_requests(params, seeds, machine, rnd)
-        outputs = engine.generate([request for request, _, _ in batch])
+        batch = round_requests(params, seeds, machine, rnd, fitter)
+        outputs = engine.generate([request for request, _, _ in batch]) if batch else []
         for (request, text, parents), samples in zip(batch, outputs, strict=True):
             sample = samples[0]
             base = {"parents": parents, "round": rnd, "seed": request.seed}
@@ -168,23 +277,46 @@ def bootstrap(
                     continue
                 pool.add(candidate)
                 machine.append(_Task(task_id(candidate), candidate, rnd, parents, request.seed))
+    fitter.check(INSTRUCTIONS)
     return machine
 
 
+def _too_long(task: _Task, rows: list[Generated], extra: dict[str, Any] | None = None) -> None:
+    """The task's row, rejected: its prompt does not fit the context even without demos."""
+    base = {"parents": task.parents, "round": task.round, "seed": task.seed}
+    extra = {"self_instruct_task": task.id, **(extra or {})}
+    rows.append(
+        Generated(user_prompt(task.instruction), "", reason=si.PROMPT_TOO_LONG, extra=extra, **base)
+    )
+
+
 def _classify(
-    params: SelfInstructParams, engine: CachedEngine, seeds: list[si.SeedTask], tasks: list[_Task]
-) -> list[bool]:
+    params: SelfInstructParams,
+    engine: CachedEngine,
+    seeds: list[si.SeedTask],
+    tasks: list[_Task],
+    fitter: PromptFitter,
+) -> list[bool | None]:
+    """Each task's classification check (None: its prompt does not fit)."""
     demos = si.classification_demos(seeds, params.clf_demos_yes, params.clf_demos_no)
-    sampling = Sampling(temperature=0.0, max_tokens=params.clf_max_tokens, stop=si.CLF_STOP)
-    requests = [
-        Request(
-            as_prompt(params, si.classification_prompt(t.instruction, demos)),
-            sampling,
-            row_seed(t.id, f"{STAGE}:clf"),
+    requests: dict[int, Request] = {}
+    for i, task in enumerate(tasks):
+        fitted = fitter.fit(
+            CLASSIFICATION,
+            demos,
+            lambda shown, task=task: si.classification_prompt(task.instruction, shown),
+            params.clf_max_tokens,
         )
-        for t in tasks
+        if fitted.fits:
+            sampling = Sampling(temperature=0.0, max_tokens=fitted.max_tokens, stop=si.CLF_STOP)
+            seed = row_seed(task.id, f"{STAGE}:clf")
+            requests[i] = Request(as_prompt(params, fitted.text), sampling, seed)
+    fitter.check(CLASSIFICATION)
+    outputs = dict(zip(requests, engine.generate(list(requests.values())), strict=True))
+    return [
+        si.parse_is_classification(outputs[i][0].text) if i in outputs else None
+        for i in range(len(tasks))
     ]
-    return [si.parse_is_classification(out[0].text) for out in engine.generate(requests)]
 
 
 def _instances(
@@ -194,16 +326,27 @@ def _instances(
     tasks: list[_Task],
     is_clf: list[bool],
     rows: list[Generated],
+    fitter: PromptFitter,
 ) -> None:
     demos = {k: si.instance_demos(seeds, k, params.instance_demos) for k in (True, False)}
-    requests = []
+    sent: list[tuple[_Task, bool, Request]] = []
     for task, clf in zip(tasks, is_clf, strict=True):
         budget = params.instance_max_tokens_clf if clf else params.instance_max_tokens_gen
-        sampling = Sampling(temperature=0.0, max_tokens=budget, stop=si.INSTANCE_STOP)
-        prompt = as_prompt(params, si.instance_prompt(task.instruction, clf, demos[clf]))
-        requests.append(Request(prompt, sampling, row_seed(task.id, f"{STAGE}:instances")))
-    outputs = engine.generate(requests)
-    for task, clf, request, samples in zip(tasks, is_clf, requests, outputs, strict=True):
+        fitted = fitter.fit(
+            INSTANCES,
+            demos[clf],
+            lambda shown, task=task, clf=clf: si.instance_prompt(task.instruction, clf, shown),
+            budget,
+        )
+        if not fitted.fits:
+            _too_long(task, rows, {"self_instruct_classification": clf})
+            continue
+        sampling = Sampling(temperature=0.0, max_tokens=fitted.max_tokens, stop=si.INSTANCE_STOP)
+        seed = row_seed(task.id, f"{STAGE}:instances")
+        sent.append((task, clf, Request(as_prompt(params, fitted.text), sampling, seed)))
+    fitter.check(INSTANCES)
+    outputs = engine.generate([request for _, _, request in sent])
+    for (task, clf, request), samples in zip(sent, outputs, strict=True):
         sample = samples[0]
         extra = {"self_instruct_task": task.id, "self_instruct_classification": clf}
         base = {"parents": task.parents, "round": task.round, "seed": request.seed, "extra": extra}
@@ -231,16 +374,30 @@ def run_self_instruct(
         where = params.seeds_path or si.bundled_seeds()
         raise si.SeedError(f"{where}: no classification seed tasks")
     rows: list[Generated] = []
-    tasks = bootstrap(params, engine, prompt_seeds, rows)
-    is_clf = _classify(params, engine, seeds, tasks) if tasks else []
-    if tasks:
-        _instances(params, engine, seeds, tasks, is_clf, rows)
+    fitter = PromptFitter(params)
+    tasks = bootstrap(params, engine, prompt_seeds, rows, fitter)
+    checked = _classify(params, engine, seeds, tasks, fitter) if tasks else []
+    for task, clf in zip(tasks, checked, strict=True):
+        if clf is None:
+            _too_long(task, rows)
+    classified = [(t, c) for t, c in zip(tasks, checked, strict=True) if c is not None]
+    if classified:
+        _instances(
+            params,
+            engine,
+            seeds,
+            [t for t, _ in classified],
+            [c for _, c in classified],
+            rows,
+            fitter,
+        )
     kept, rejected = generated_tables(rows, STAGE, engine.fingerprint, EXTRA)
     stats = {
         "engine_self_instruct": engine.stats.to_dict(),
         "instructions": len(tasks),
-        "classification_tasks": sum(is_clf),
+        "classification_tasks": sum(c for _, c in classified),
         "generated_rows": len(rows),
+        "prompt_fit": fitter.stats(),
     }
     return with_generated(table, kept, rejected, stats)
 

@@ -22,7 +22,7 @@ from rouge_score import rouge_scorer
 from trl.data_utils import is_conversational, maybe_apply_chat_template
 
 from engines.cached import CachedEngine
-from engines.prompts import tokenizer
+from engines.prompts import encode, tokenizer
 from pipelines.build import build_dataset
 from pipelines.judge import JudgeParams, judge_stage, judgeable
 from pipelines.self_guide import SelfGuideParams, run_self_guide
@@ -365,8 +365,9 @@ def test_cli_export_of_a_preference_format(synth_run: dict) -> None:
     result = CliRunner().invoke(app, [*args, "--store", synth_run["store"].root, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["format"] == "trl_kto" and report["rows"] > 0
-    assert len((out / report["files"][0]).read_text().splitlines()) == report["rows"]
+    assert report["format"] == "trl_kto" and report["records_written"] > 0
+    records = (out / report["files"][0]).read_text().splitlines()
+    assert len(records) == report["records_written"]
 
 
 def test_truncated_generations_are_rejected_whole(vllm_engine, fact_world, tmp_path: Path) -> None:
@@ -395,6 +396,68 @@ def test_truncated_generations_are_rejected_whole(vllm_engine, fact_world, tmp_p
     for row in truncated:
         assert row["prompt"][0]["content"].startswith(si.CLF_INSTRUCTION_HEADER)
         assert row["response"] and set(row["lineage_parents"]) <= clf_seeds
+
+
+def test_long_prompts_are_fitted_to_the_context(vllm_engine, fact_world, tmp_path: Path) -> None:
+    """The bundled 175 seeds with the published demonstrations (12 + 19 for the
+    classification check, 8 per instance prompt) overflow the fact world's 512 tokens, which
+    failed the whole build ("prompt of 597 tokens does not fit"). Now each prompt drops its
+    last instructions or demonstrations until it leaves ``min_new_tokens`` to generate, and
+    ``prompt_fit`` counts the requests trimmed and skipped."""
+    from pipelines.self_instruct import INSTANCES, run_self_instruct
+
+    table = pa.table({"id": pa.array([], pa.string())})
+    # The build's settings, but the bundled seeds and the published demonstrations.
+    published = ("seeds_path", "clf_demos_yes", "clf_demos_no", "instance_demos")
+    settings = stage_params(fact_world.model_dir)["self_instruct"]
+    params = SelfInstructParams.model_validate(
+        {k: v for k, v in settings.items() if k not in published}
+        # room for the whole generation (160 tokens): prompts of at most 352 tokens
+        | {"min_new_tokens": 160, "max_rounds": 2, "target_instructions": 2}
+    )
+    engine = CachedEngine(vllm_engine, GenerationCache(tmp_path / "cache"))
+    result = run_self_instruct(table, params, engine)
+    fit = result.stats["prompt_fit"]
+    assert fit["max_model_len"] == 512 and fit["skipped_requests"] == 0
+    drawn = fit["instructions"]
+    assert drawn["requests"] >= params.requests_per_round
+    assert 0 < drawn["trimmed"] <= drawn["requests"] and drawn["dropped_items"] >= drawn["trimmed"]
+    assert result.stats["instructions"] >= 1  # temperature 2.0 gets some past the filters
+    tasks = result.stats["instructions"]
+    assert fit["classification"] == {
+        "requests": tasks,
+        "trimmed": tasks,  # 31 demonstrations never fit 512 tokens
+        "skipped": 0,
+        "dropped_items": fit["classification"]["dropped_items"],
+    }
+    assert fit[INSTANCES]["requests"] == tasks and fit[INSTANCES]["trimmed"] > 0
+    assert fit["trimmed_requests"] == sum(
+        fit[k]["trimmed"] for k in ("instructions", "classification", INSTANCES)
+    )
+    rows = result.kept.to_pylist() + result.rejected.to_pylist()
+    assert rows and all(1 <= len(r["lineage_parents"]) <= 8 for r in rows)
+    prompts = [
+        r["prompt"][0]["content"]
+        for r in rows
+        if r["reject_reason"] in (si.TRUNCATED, si.NO_INSTRUCTION)
+    ]
+    for prompt in prompts:  # what was sent left room for all 160 tokens
+        assert len(encode(params.model, prompt)) <= 512 - 160
+
+
+def test_nothing_fits_fails_before_any_generation(vllm_engine, fact_world, tmp_path: Path) -> None:
+    from pipelines.self_instruct import ContextError, run_self_instruct
+
+    params = SelfInstructParams(
+        model=str(fact_world.model_dir), chat_template=False, max_model_len=24, max_rounds=3
+    )
+    engine = CachedEngine(vllm_engine, GenerationCache(tmp_path / "cache"))
+    table = pa.table({"id": pa.array([], pa.string())})
+    with pytest.raises(
+        ContextError, match=r"no instructions prompt fits max_model_len 24 .* takes \d+ tokens"
+    ):
+        run_self_instruct(table, params, engine)
+    assert engine.stats.to_dict()["engine_calls"] == 0
 
 
 def test_build_with_a_malformed_seed_file_fails_clearly(

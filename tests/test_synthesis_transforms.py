@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from rouge_score import rouge_scorer
 
+from engines.prompts import encode
 from transforms.synthesis import judge as jd
 from transforms.synthesis import self_guide as sg
 from transforms.synthesis import self_instruct as si
+from transforms.synthesis.fit import fit_prompt
 from transforms.synthesis.rouge import NoveltyIndex, novel_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,6 +191,58 @@ def test_instance_filters() -> None:
     assert {d[2] for d in conflicting.dropped} == {si.CONFLICTING_INSTANCES}
     capped = si.filter_instances([(str(i), f"out {i}") for i in range(7)], cap=5)
     assert len(capped.kept) == 5 and {d[2] for d in capped.dropped} == {si.OVER_INSTANCE_CAP}
+
+
+# --- fitting a prompt into the context (the fact world's tokenizer, 512 tokens) -------------
+
+
+def test_fit_prompt_drops_instructions_until_the_prompt_fits(
+    fact_world, seeds: list[si.SeedTask]
+) -> None:
+    """Eight long seed instructions overflow 512 tokens (the issue's "prompt of 597 tokens
+    does not fit"); the fitted prompt shows as many of them as leave 16 tokens to generate."""
+    model = str(fact_world.model_dir)
+
+    def count(text: str) -> int:
+        return len(encode(model, text))
+
+    by_length = sorted((t.instruction for t in seeds), key=count)
+    long, short = by_length[-8:], by_length[:8]
+    render = si.instruction_prompt
+    assert count(render(long)) > 512
+    fitted = fit_prompt(
+        long, render, count, context=512, max_tokens=160, min_new_tokens=16, min_items=1
+    )
+    assert fitted.fits and 1 <= fitted.shown < 8 and fitted.dropped == 8 - fitted.shown
+    assert fitted.text == render(long[: fitted.shown])  # the first ones, renumbered
+    assert fitted.tokens == count(fitted.text) <= 512 - 16
+    assert count(render(long[: fitted.shown + 1])) > 512 - 16  # one more would not fit
+    assert fitted.max_tokens == min(160, 512 - fitted.tokens)
+    # A prompt that fits is left alone; its budget is cut only where the context ends.
+    same = fit_prompt(short, render, count, context=512, max_tokens=160, min_new_tokens=16)
+    assert same.fits and same.dropped == 0 and same.text == render(short)
+    assert same.max_tokens == min(160, 512 - count(render(short)))
+    # Demonstrations may all go (zero-shot); below min_items nothing fits.
+    demos = si.instance_demos(seeds, False, 8)
+    instance = si.instance_prompt(long[0], False, [])
+    zero = fit_prompt(
+        demos,
+        lambda shown: si.instance_prompt(long[0], False, shown),
+        count,
+        context=count(instance) + 3,
+        max_tokens=350,
+        min_new_tokens=3,
+    )
+    assert zero.fits and zero.shown == 0 and zero.text == instance and zero.max_tokens == 3
+    none = fit_prompt(
+        long, render, count, context=20, max_tokens=160, min_new_tokens=16, min_items=1
+    )
+    assert not none.fits and none.shown == 1 and none.tokens == count(render(long[:1]))
+    # Without a context nothing is counted and everything is shown.
+    free = fit_prompt(
+        long, render, lambda text: 1 // 0, context=None, max_tokens=9, min_new_tokens=1
+    )
+    assert free.fits and free.shown == 8 and free.tokens is None and free.max_tokens == 9
 
 
 # --- SELF-GUIDE filters -------------------------------------------------------------------

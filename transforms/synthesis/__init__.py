@@ -9,6 +9,8 @@
 - :mod:`~transforms.synthesis.judge`: CUT (Xu et al., arXiv 2312.14591) judgments: the rubric
   prompt, the verdict parser and the deterministic reference judge.
 - :mod:`~transforms.synthesis.lineage`: generated rows with their lineage columns.
+- :mod:`~transforms.synthesis.fit`: fitting a few-shot prompt into the model's context by
+  dropping its last items.
 
 Nothing here talks to a model: the stage runners in :mod:`pipelines.synthesis` do.
 """

@@ -29,7 +29,8 @@ Deviations, all documented in docs/synthesis.md:
 - The code's classification and instance templates hold hand-written demonstrations (31 and
   30 of them). We keep their headers and layout but draw the demonstrations from the seed
   tasks themselves (which carry ``is_classification`` and instances), the first ``k`` of each
-  kind in file order, so a small model's context can be respected by lowering ``k``.
+  kind in file order, so a small model's context can be respected by lowering ``k``; a
+  prompt that still does not fit is trimmed (:mod:`transforms.synthesis.fit`).
 - ``presence_penalty`` (2 for instructions, 1.5 for instances) is not part of our engine
   protocol and is not applied; greedy decoding is ``temperature=0`` (the code's ``top_p=0``
   is not a valid vLLM value and changes nothing under greedy decoding).
@@ -104,6 +105,7 @@ CONFLICTING_INSTANCES = "self_instruct:same_input_different_output"
 DUPLICATE_INSTANCE = "self_instruct:duplicate_instance"
 OVER_INSTANCE_CAP = "self_instruct:over_instance_cap"
 OVER_TARGET = "self_instruct:over_target"
+PROMPT_TOO_LONG = "self_instruct:prompt_too_long"
 
 
 class SeedError(ValueError):
