@@ -208,10 +208,11 @@ def round_requests(
     seeds: list[si.SeedTask],
     machine: list[_Task],
     rnd: int,
-    fitter: PromptFitter,
+    fitter: PromptFitter | None = None,
 ) -> list[tuple[Request, str, list[str]]]:
     """One round's requests that fit the context, each with its prompt text and the pool ids
-    it shows (a trimmed prompt shows its first instructions only)."""
+    it shows (a trimmed prompt shows its first instructions only); ``fitter`` counts them."""
+    fitter = PromptFitter(params) if fitter is None else fitter
     rng = random.Random(f"{params.seed}:{STAGE}:round:{rnd}")
     out = []
     for i in range(params.requests_per_round):
@@ -241,9 +242,10 @@ def bootstrap(
     engine: CachedEngine,
     seeds: list[si.SeedTask],
     rows: list[Generated],
-    fitter: PromptFitter,
+    fitter: PromptFitter | None = None,
 ) -> list[_Task]:
     """Instruction generation rounds; filtered candidates are appended to ``rows``."""
+    fitter = PromptFitter(params) if fitter is None else fitter
     pool = NoveltyIndex(params.rouge_threshold)
     pool.extend(s.instruction for s in seeds)
     machine: list[_Task] = []
