@@ -317,10 +317,10 @@ def test_a_changed_config_replaces_the_world_atomically(tmp_path: Path) -> None:
     tiny = {"epochs": 1, "known_repeats": 1}
     (tmp_path / ".w.tmp-killed").mkdir()  # what a killed build leaves
     first = build_fact_world(tmp_path / "w", n_facts=30, train=tiny)
-    assert first.manifest["counts"]["facts"] == 30
+    assert first.manifest["counts"]["facts"] == 30 + 6  # 6 half-known facts, 6 twins
     assert build_fact_world(tmp_path / "w", n_facts=30, train=tiny).manifest == first.manifest
     second = build_fact_world(tmp_path / "w", n_facts=40, train=tiny)
     assert second.root == first.root
     assert second.manifest["config_hash"] != first.manifest["config_hash"]
-    assert len(second.facts()) == 40
+    assert len(second.facts()) == 40 + 8
     assert [p.name for p in tmp_path.iterdir()] == ["w"]  # no temp or old dirs left
