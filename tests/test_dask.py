@@ -124,13 +124,33 @@ def test_a_dead_dask_worker_fails_the_build_with_no_version(
 
 @pytest.fixture(scope="module")
 def servers(
-    vllm_server: VLLMServer, fact_world, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, fact_world, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[VLLMServer]]:
     """Two ``vllm serve`` processes of the fact-world model: the session's (tests/conftest.py)
-    and a second one started here."""
+    and a second one, started side by side (the second in a thread while the session's
+    starts, unless it is already running)."""
     log = tmp_path_factory.mktemp("serve") / "serve-1.log"
-    with VLLMServer(fact_world.model_dir, max_model_len=512, log_path=log) as second:
-        yield [vllm_server, second]
+    second = VLLMServer(fact_world.model_dir, max_model_len=512, log_path=log)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            second.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    try:
+        try:
+            first = request.getfixturevalue("vllm_server")
+        finally:
+            thread.join()
+        if errors:
+            raise errors[0]
+        yield [first, second]
+    finally:
+        second.stop()
 
 
 def _served(server: VLLMServer) -> float:
