@@ -17,6 +17,7 @@ weights, tokenizer copied) that vLLM loads like any model, written atomically.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -37,19 +38,22 @@ class TrainParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["full", "lora"] = "full"
-    learning_rate: float = 8e-6
-    epochs: float = 3.0
-    batch_size: int = 8
-    gradient_accumulation: int = 1
-    lr_scheduler: str = "cosine"
+    learning_rate: float = Field(default=8e-6, ge=0.0)
+    epochs: float = Field(default=3.0, gt=0.0)
+    batch_size: int = Field(default=8, ge=1)
+    gradient_accumulation: int = Field(default=1, ge=1)
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+        "constant_with_warmup", "inverse_sqrt",
+    ] = "cosine"  # fmt: skip
     warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    weight_decay: float = 0.0
-    max_length: int = 1024
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.1
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    max_length: int = Field(default=1024, ge=1)
+    lora_r: int = Field(default=64, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     seed: int = 42
-    threads: int | None = None
+    threads: int | None = Field(default=None, ge=1)
     """torch threads while training (default: torch's own choice)."""
 
 
@@ -61,15 +65,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(task: str, **overrides: Any) -> TrainParams:
-    """The preset of ``task`` (``open_qa`` or ``mcq``) with ``overrides`` on top.
+    """The preset of ``task`` (``open_qa`` or ``mcq``) with ``overrides`` on top; for another
+    task (e.g. ``instruction``) the :class:`TrainParams` defaults with ``overrides``.
 
     Raises:
-        EngineError: no preset for that task.
+        EngineError: a parameter is unknown or out of range.
     """
-    if task not in PRESETS:
-        raise EngineError(f"no training preset for task {task!r}; presets: {', '.join(PRESETS)}")
     try:
-        return TrainParams(**{**PRESETS[task], **overrides})
+        return TrainParams(**{**PRESETS.get(task, {}), **overrides})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors()
@@ -98,7 +101,12 @@ def train_sft(
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _QuietProgress(ProgressCallback):  # type: ignore[misc]
+        def on_log(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
     from trl import SFTConfig, SFTTrainer
 
     if not pairs:
@@ -108,17 +116,16 @@ def train_sft(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     threads = torch.get_num_threads()
-    if params.threads:
-        torch.set_num_threads(params.threads)
     points: list[dict[str, float]] = []
 
     class _Record(TrainerCallback):  # type: ignore[misc]
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             if logs and "loss" in logs:
+                loss = float(logs["loss"])
                 point = {
                     "step": state.global_step,
                     "epoch": round(float(logs.get("epoch", state.epoch or 0)), 4),
-                    "loss": round(float(logs["loss"]), 5),
+                    "loss": round(loss, 5) if math.isfinite(loss) else None,  # JSON-clean
                     "learning_rate": float(logs.get("learning_rate", 0.0)),
                 }
                 points.append(point)
@@ -127,6 +134,8 @@ def train_sft(
 
     started = time.perf_counter()
     try:
+        if params.threads:
+            torch.set_num_threads(params.threads)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         config = SFTConfig(
             output_dir=str(work / "trainer"),
@@ -170,7 +179,12 @@ def train_sft(
             peft_config=peft_config,
             callbacks=[_Record()],
         )
-        trainer.remove_callback(PrinterCallback)  # no log dicts on stdout: _Record keeps them
+        # No log dict per step on stdout (_Record keeps them): the printer goes, and the
+        # progress bar stays without writing logs.
+        trainer.remove_callback(PrinterCallback)
+        if progress:
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(_QuietProgress())
         trainer.train()
         trained = trainer.model
         if params.method == "lora":

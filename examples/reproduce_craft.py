@@ -35,9 +35,10 @@ SIZE = 150
 20% of them refusals; fixed before any result was seen."""
 TRAIN_OVERRIDES: dict[str, Any] = {"learning_rate": 3e-4, "batch_size": 8, "threads": 1}
 """Stage-2 settings for the 3.7M-parameter fact-world model (see docs/craft.md): the open-QA
-preset (full fine-tune, 3 epochs, cosine) with a learning rate of 1e-4 instead of 8e-6, on
-one torch thread (this small model trained 8 steps in 1.6 s on one thread against 6.3 s on
-two, with the other core busy)."""
+preset (full fine-tune, 3 epochs, cosine) with a learning rate of 3e-4 instead of 8e-6
+(raised from 1e-4 after no method learned to refuse at that rate), on one torch thread (this
+small model trained 8 steps in 1.6 s on one thread against 6.3 s on two, the other core
+busy)."""
 
 
 REHEARSAL: dict[str, Any] = {"method": "full", "learning_rate": 3e-4, "batch_size": 8}
@@ -239,9 +240,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.reproduce_craft", description=__doc__)
     parser.add_argument("--out", default="reports/craft-ths", help="results and work folder")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lr", type=float, default=TRAIN_OVERRIDES["learning_rate"])
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=TRAIN_OVERRIDES["learning_rate"],
+        help="learning rate of stage 2 and of the rehearsal",
+    )
     args = parser.parse_args(argv)
     overrides = {**TRAIN_OVERRIDES, "learning_rate": args.lr}
+    REHEARSAL["learning_rate"] = args.lr  # rehearsal keeps the stage-2 recipe
     results = reproduce(Path(args.out), args.seeds, overrides)
     print(table(results["rows"]))
     print()

@@ -605,7 +605,10 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}")
-        result[key.strip()] = yaml.safe_load(value)
+        try:
+            result[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise typer.BadParameter(f"{pair!r}: the value is not valid YAML") from None
     return result
 
 
@@ -670,7 +673,7 @@ def evaluation_table(result: dict[str, Any]) -> Table:
     )  # fmt: skip
     for name, row in result["sets"].items():
         shown = (
-            ("M0 Init-Basic", row["init_basic"], 0.0),
+            ("M0 Init-Basic", row["init_basic"], row["init_basic"]["ths"]),
             ("M0 Init-Refuse", row["init_refuse"], row["init_refuse"]["ths"]),
             (Path(result["model"]).name, row, row["ths"]),
         )

@@ -153,11 +153,16 @@ CODE_OEQA_REHEARSAL = {"method": "full", "learning_rate": 2e-6, "batch_size": 16
 """The code's open-QA rehearsal (``fidelity: code``): full fine-tune at 2e-6, 16 rows a step."""
 
 
+REHEARSAL_CODE_VERSION = 2
+"""Part of the rehearsed checkpoint's key: bump it when :mod:`engines.rehearsal` changes what
+it trains (the checkpoint is shared store-wide and reused whenever it exists)."""
+
+
 def rehearsal_params(params: CraftParams, table: pa.Table) -> RehearsalParams:
     """The rehearsal settings: as given, or under ``fidelity: code`` for an open-QA table the
     code's full fine-tune (:data:`CODE_OEQA_REHEARSAL`)."""
-    tasks = set(table.column("task").to_pylist())
-    if params.fidelity == "code" and tasks == {"open_qa"}:
+    qa_tasks = set(table.column("task").to_pylist()) & {"open_qa", "mcq"}
+    if params.fidelity == "code" and qa_tasks == {"open_qa"}:
         return params.rehearsal.model_copy(update=CODE_OEQA_REHEARSAL)
     return params.rehearsal
 
@@ -188,6 +193,7 @@ def rehearsed_model(
     rows (e.g. the method variants of one corpus) shares one rehearsal."""
     key = key_of(
         "rehearsal",
+        REHEARSAL_CODE_VERSION,
         fingerprint("model", params.model),
         pairs,
         settings.model_dump(mode="json"),

@@ -37,7 +37,7 @@ from storage.gencache import GenerationCache
 from storage.names import StoreError
 from transforms.craft.evaluation import Label, basic_prompt_text, classify, rates, ths_against
 from transforms.craft.relabel import mcq_subject, question_text, rait_prompt_text
-from transforms.ingest import IngestError, read_source
+from transforms.ingest import read_source
 
 PromptKind = Literal["refuse", "basic"]
 GRADED_TASKS = ("open_qa", "mcq")
@@ -70,15 +70,22 @@ class QuestionSet:
     origin: str
     questions: tuple[Question, ...]
 
+    def digest(self) -> str:
+        """A hash of what is asked and what counts as right (names the set's content)."""
+        items = [(q.task, q.question, q.references, q.choices, q.subject) for q in self.questions]
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
 
 def _questions_of(rows: Sequence[dict[str, Any]], where: str) -> tuple[Question, ...]:
     found = []
-    for row in rows:
+    for number, row in enumerate(rows, 1):
         if row.get("task") not in GRADED_TASKS:
             continue
         question = row.get("rait_question") or question_text(row["task"], row.get("prompt"))
         if not question or not row.get("references"):
             continue
+        if row["task"] == "mcq" and len(row.get("choices") or []) != 4:
+            raise EngineError(f"{where}: row {number}: field 'choices': an MCQ needs 4 options")
         found.append(
             Question(
                 task=row["task"],
@@ -103,16 +110,10 @@ def read_question_set(spec: str, store: DatasetStore) -> QuestionSet:
     path = Path(spec)
     if path.exists():
         rows: list[dict[str, Any]] = []
-        try:
-            results = read_source(path)
-        except IngestError as exc:
-            if "unknown format" not in str(exc) and "cannot detect" not in str(exc):
-                raise
-            results = read_source(path, format="open_qa")
-        for result in results:
+        for result in read_source(path):
             rows += result.kept.to_pylist()
         stem = path.name.split(".")[0]
-        return QuestionSet(stem, str(path), _questions_of(rows, str(path)))
+        return QuestionSet(stem, str(path.resolve()), _questions_of(rows, str(path)))
     try:
         name, version = store.resolve(spec)
     except StoreError as exc:
@@ -198,7 +199,7 @@ def summarise(model: Answers, basic: Answers, refuse: Answers) -> dict[str, dict
         result[name] = {
             **mine,
             "ths": ths_against(init_basic, mine),
-            "init_basic": init_basic,
+            "init_basic": {**init_basic, "ths": ths_against(init_basic, init_basic)},
             "init_refuse": {**init_refuse, "ths": ths_against(init_basic, init_refuse)},
         }
     return result
@@ -225,8 +226,8 @@ def store_next_to_version(store: DatasetStore, result: dict[str, Any]) -> str | 
     dataset = record["dataset"]
     if Path(dataset["store"]).resolve() != Path(store.root).resolve():
         return None
-    identity = [result["fingerprint"], result["baseline_fingerprint"], result["origins"]]
-    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    identity = [result["fingerprint"], result["baseline_fingerprint"], result["questions"]]
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = save_evaluation(
         store, dataset["name"], dataset["version"], key, {**result, "dataset": dataset}
     )
@@ -266,6 +267,7 @@ def evaluate(
         "baseline": str(Path(baseline).expanduser().absolute()),
         "baseline_fingerprint": basic.fingerprint,
         "origins": {s.name: s.origin for s in sets},
+        "questions": {s.name: s.digest() for s in sets},
         "sets": summarise(mine, basic, refuse),
         "engine_calls": mine.engine_calls + basic.engine_calls,
         "seconds": round(time.perf_counter() - started, 2),

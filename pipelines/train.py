@@ -59,7 +59,7 @@ def _key(name: str, version: int, files: list[str], base: str, params: TrainPara
         "version": version,
         "files": sorted(Path(f).name for f in files),
         "base_model": base,
-        "params": params.model_dump(),
+        "params": params.model_dump(exclude={"threads"}),  # threads change speed, not weights
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -94,12 +94,15 @@ def train_version(
     out = Path(out_dir).expanduser().absolute()
     base = model_dir(model)
     name, version = store.resolve(ref)
-    pairs, task = training_pairs(store, ref, base)
+    exact = f"{name}@{version}"  # resolved once: a tag moved meanwhile cannot split data and key
+    pairs, task = training_pairs(store, exact, base)
     params = preset(task, **(overrides or {}))
-    key = _key(name, version, store.files(ref, "train"), model_hash(base), params)
+    key = _key(name, version, store.files(exact, "train"), model_hash(base), params)
     previous = read_record(out)
     if previous is not None and previous.get("key") == key and (out / "config.json").is_file():
         return {**previous, "cached": True}
+    if out.exists() and not out.is_dir():
+        raise EngineError(f"{out} is a file; --out must be a folder")
     if out.exists() and any(out.iterdir()) and previous is None:
         raise EngineError(
             f"{out} exists and is not a model trained by aligncurate; not overwriting"
@@ -111,7 +114,7 @@ def train_version(
         "dataset": {
             "name": name,
             "version": version,
-            "ref": f"{name}@{version}",
+            "ref": exact,
             "store": store.root,
         },
         "base_model": {"path": str(base), "hash": model_hash(base)},

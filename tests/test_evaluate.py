@@ -43,8 +43,11 @@ def test_open_qa_is_cut_where_the_model_repeats_the_instruction() -> None:
     assert classify("open_qa", "azure ANSWER THE FOLLOWING QUESTION crimson", ["crimson"]) == (
         "wrong"
     )
-    # the refusal check comes first, as in the code: the copied instruction holds the phrase
     assert classify("open_qa", "crimson", ["Crimson"]) == "correct"
+    # an echoed RAIT instruction holds "I don't know" but refuses nothing
+    echo = "azure Answer the following question, and if you don't know the answer, only reply"
+    assert classify("open_qa", echo + " with 'I don't know': Q", ["azure"]) == "correct"
+    assert classify("open_qa", "I don't know. " + echo, ["azure"]) == "refused"
 
 
 @pytest.mark.parametrize(
@@ -216,3 +219,12 @@ def test_train_refuses_to_overwrite_a_foreign_folder(fact_world, small_version, 
     assert proc.returncode == 2
     assert "not a model trained by aligncurate" in proc.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    for bad, says in (("lr_scheduler=foo", "lr_scheduler"), ("batch_size=0", "batch_size")):
+        proc = subprocess.run(
+            [str(exe), "train", ref, "--model", str(fact_world.model_dir), "--out",
+             str(tmp_path / "new"), "--store", str(store), "--set", bad],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: bad training parameter") and says in proc.stderr
+        assert "Traceback" not in proc.stderr

@@ -315,7 +315,7 @@ def _evaluations(data: ReportData) -> str:
         model = Path(result["model"]).name
         for name, line in result["sets"].items():
             shown = (
-                ("M0 Init-Basic", line["init_basic"], 0.0),
+                ("M0 Init-Basic", line["init_basic"], line["init_basic"]["ths"]),
                 ("M0 Init-Refuse", line["init_refuse"], line["init_refuse"]["ths"]),
                 (model, line, line["ths"]),
             )
@@ -324,8 +324,9 @@ def _evaluations(data: ReportData) -> str:
                 rows.append([name, who, rates["n"], *cells, ths, result.get("created_at")])
     head = ["question set", "model", "n", "Pc %", "Pw %", "refusal %", "THS", "evaluated"]
     note = (
-        "<p>THS is against M0 asked with the bare question (Init-Basic), as in the CRaFT "
-        "paper's Table 2; every other line is asked with the RAIT prompt.</p>"
+        "<p>THS is against M0 asked with the BASIC prompt (Init-Basic: the bare question for "
+        "open QA), as in the CRaFT paper's Table 2; every other line is asked with the RAIT "
+        "prompt.</p>"
     )
     return note + _table(head, rows, numeric=range(2, 7))
 

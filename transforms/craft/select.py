@@ -44,8 +44,9 @@ Baselines and ablations (the paper's Table 2 rows):
 differs from the above: the certainty-ordered pools are cut with pandas' ``nsmallest`` /
 ``nlargest(keep='all')``, so every row tied with the last one taken is kept too (a pool
 can exceed its quota); a pool short of its quota is refilled by sampling with replacement;
-and the random fills of Cor-RAIT and Van-Tuning draw their rows *with replacement* even from
-a large pool (``sample(n, replace=True)``). Repeats are counted in ``added``. The open-QA
+and the random fills (Cor-RAIT, CRaFT w/o Cer, and Van-Tuning with a ``size`` on an all-MCQ
+table) draw their rows *with replacement* even from a large pool (``sample(n,
+replace=True)``). Repeats are counted in ``added``. The open-QA
 code (``triviaqa_RAI.py``) samples without replacement, so open-QA selection is the same
 under both fidelities.
 
