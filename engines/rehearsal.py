@@ -13,9 +13,6 @@ which modules its adapters cover.
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engines.base import EngineError
+from engines.checkpoints import save_checkpoint
 from engines.models import model_dir
 from engines.prompts import encode, tokenizer
 
@@ -142,22 +140,4 @@ def rehearse(
             step += 1
     if params.method == "lora":
         model = model.merge_and_unload()
-    return _save(model, source, Path(out_dir))
-
-
-def _save(model: object, source: str, out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[attr-defined]
-        tokenizer(source).save_pretrained(tmp)
-        for extra in ("generation_config.json",):
-            if (Path(source) / extra).exists() and not (tmp / extra).exists():
-                shutil.copy(Path(source) / extra, tmp / extra)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return save_checkpoint(model, source, out_dir)

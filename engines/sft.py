@@ -18,7 +18,6 @@ weights, tokenizer copied) that vLLM loads like any model, written atomically.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engines.base import EngineError
+from engines.checkpoints import save_checkpoint
 from engines.models import model_dir
 from engines.prompts import tokenizer
 
@@ -189,10 +189,7 @@ def train_sft(
         trained = trainer.model
         if params.method == "lora":
             trained = trained.merge_and_unload()
-        _save(trained, source, work / "model")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(work / "model", out_dir)
+        save_checkpoint(trained, source, out_dir)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)
@@ -202,12 +199,3 @@ def train_sft(
         "examples": len(pairs),
         "seconds": round(time.perf_counter() - started, 2),
     }
-
-
-def _save(model: Any, source: str, folder: Path) -> None:
-    """The model, its tokenizer and its generation config, as a loadable folder."""
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer(source).save_pretrained(folder)
-    extra = Path(source) / "generation_config.json"
-    if extra.exists() and not (folder / extra.name).exists():
-        shutil.copy(extra, folder / extra.name)
