@@ -142,9 +142,11 @@ def test_example_spec_validates(shared_data: Path) -> None:
     names = [s.name for s in spec.stages]
     assert names[2:] == ["rule_filter", "near_dedup", "match_distribution", "refusal_mix"]
     match = spec.stages[4].params
-    assert Path(match.target_path) == shared_data / "seeds" / "self_instruct_seed_tasks.jsonl"
+    seeds = shared_data / "seeds" / "self_instruct_seed_tasks.jsonl"
+    assert Path(match.target_path).resolve() == seeds.resolve()  # ../shared may be a link
     mix = spec.stages[5].params  # the CC BY-NC refusal source is named, never a default
-    assert Path(mix.source_path) == shared_data / "safety" / "safety_only_data_Instructions.json"
+    safety = shared_data / "safety" / "safety_only_data_Instructions.json"
+    assert Path(mix.source_path).resolve() == safety.resolve()
     assert all(Path(s.path).is_file() for s in spec.sources)
 
 
