@@ -96,6 +96,8 @@ def commit_shards(
     properties = CommitProperties(custom_metadata=encode_metadata(metadata, plan.rows, commit_id))
     _ = plan.delta_schema  # fails before any write on types Delta lacks
     created = not DeltaTable.is_deltatable(target.uri, target.storage_options)
+    if not created:
+        target.open_table()  # a damaged latest version fails now, before any file is written
 
     parts = PartWriter(target.filesystem, target.path, plan.file_schema, target_file_bytes)
     try:

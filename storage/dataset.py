@@ -34,6 +34,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from storage.commit import CommitTarget, ShardSource, commit_shards
+from storage.deltalog import first_damage, first_line, list_log
 from storage.metadata import decode_metadata, decode_rows
 from storage.names import (
     Ref,
@@ -61,7 +62,7 @@ TARGET_FILE_BYTES = 128 * 1024 * 1024
 """A commit starts a new data file once the current one reaches this size. Both values are
 read on every commit and handed to the commit writer (:func:`storage.commit.commit_shards`)."""
 
-_TAGS_FILE = "_aligncurate/tags.json"
+TAGS_FILE = "_aligncurate/tags.json"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -144,6 +145,10 @@ class DatasetStore:
     def _fs(self) -> tuple[pafs.FileSystem, str]:
         return filesystem(self.root, self.storage_options)
 
+    def table_location(self, name: str) -> tuple[pafs.FileSystem, str]:
+        """The filesystem and path of dataset ``name``'s table folder (validated)."""
+        return self._fs[0], self._path(validate_name(name))
+
     def _path(self, *parts: str) -> str:
         """A path on :attr:`_fs` below the root."""
         return "/".join([self._fs[1].rstrip("/"), *parts])
@@ -177,8 +182,29 @@ class DatasetStore:
                 f"unknown dataset {name!r} in store {self.root} (known: {known})"
             ) from None
         except DeltaError as exc:
-            what = "latest version" if version is None else f"version {version}"
-            raise StoreError(f"{what} of dataset {name!r} cannot be loaded: {exc}") from exc
+            raise self._load_error(name, version, exc) from exc
+
+    def _load_error(self, name: str, version: int | None, exc: DeltaError) -> StoreError:
+        """Why ``name`` (at ``version``) cannot be loaded, naming the damaged log entry
+        when there is one (deltalake names no file, and its message ends in a backtrace)."""
+        what = "the latest version" if version is None else f"version {version}"
+        fs, table = self.table_location(name)
+        damaged = first_damage(fs, table, version)
+        if damaged is None:
+            return StoreError(
+                f"{what} of dataset {name!r} ({self.uri(name)}) cannot be loaded: {first_line(exc)}"
+            )
+        older = (
+            f"versions before it can still be read, e.g. {name}@{damaged.version - 1}"
+            if damaged.version > 0
+            else "no version can be read"
+        )
+        return StoreError(
+            f"{what} of dataset {name!r} cannot be loaded: its log entry "
+            f"{self.uri(name)}/{damaged.name} (version {damaged.version}) is unusable: "
+            f"{damaged.problem}; "
+            f"{older}; `aligncurate doctor {name}` says how to recover"
+        )
 
     @_remote_errors
     def versions(self, name: str) -> list[VersionInfo]:
@@ -207,21 +233,27 @@ class DatasetStore:
             StoreError: unknown dataset, version or tag, or bad reference syntax.
         """
         ref = parse_ref(ref)
-        latest = self._table(ref.name).version()
-        if ref.version is not None:
-            if ref.version > latest:
-                raise StoreError(
-                    f"unknown version {ref.version} of dataset {ref.name!r}; "
-                    f"versions are 0..{latest}"
-                )
-            return ref.name, ref.version
+        if ref.version is None and ref.tag is None:
+            return ref.name, self._table(ref.name).version()
+        # A version or tag opens without reading the log: a damaged latest entry leaves
+        # the older versions readable.
+        latest = self._latest_entry(ref.name)
         if ref.tag is not None:
             tags = self.tags(ref.name)
             if ref.tag not in tags:
                 known = ", ".join(sorted(tags)) or "none"
                 raise StoreError(f"unknown tag {ref.tag!r} of dataset {ref.name!r} (tags: {known})")
             return ref.name, tags[ref.tag]
-        return ref.name, latest
+        if ref.version > latest:
+            raise StoreError(
+                f"unknown version {ref.version} of dataset {ref.name!r}; versions are 0..{latest}"
+            )
+        return ref.name, ref.version
+
+    def _latest_entry(self, name: str) -> int:
+        """The newest version in ``name``'s log, from a listing of it (no entry read)."""
+        latest = list_log(*self.table_location(name)).latest
+        return self._table(name).version() if latest is None else latest  # unknown: raises
 
     def _open(self, ref: Ref | str) -> tuple[str, int, DeltaTable]:
         name, version = self.resolve(ref)
@@ -442,7 +474,7 @@ class DatasetStore:
         return version
 
     def _tags_path(self, name: str) -> str:
-        return self._path(validate_name(name), _TAGS_FILE)
+        return self._path(validate_name(name), TAGS_FILE)
 
     def _read_tags(self, name: str) -> dict[str, dict[str, Any]]:
         fs, path = self._fs[0], self._tags_path(name)
