@@ -21,6 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
+from pipelines.server_cli import server_app
+
 app = typer.Typer(
     name="aligncurate",
     help="Curate alignment fine-tuning datasets into versioned Parquet.",
@@ -30,6 +32,7 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+app.add_typer(server_app, name="server")
 
 StoreOpt = Annotated[
     str | None,
@@ -50,6 +53,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _user_errors() -> tuple[type[Exception], ...]:
     from engines.base import EngineError
     from pipelines.build import AccountingError
+    from pipelines.prefect_server import ServerError
     from pipelines.runners import RunnerError
     from pipelines.schedule import ScheduleError
     from pipelines.self_guide import SelfGuideError
@@ -70,6 +74,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         ScheduleError,
         SeedError,
         SelfGuideError,
+        ServerError,
         FileNotFoundError,
     )
 
@@ -121,6 +126,7 @@ def build(
     as_json: JsonOpt = False,
 ) -> None:
     """Build a new version of the dataset a spec describes."""
+    from pipelines.prefect_server import prefect_api
     from pipelines.progress import build_bars, wanted
     from pipelines.runners import RunnerOptions, build_flow
     from pipelines.schedule import check_server
@@ -134,7 +140,7 @@ def build(
         RunnerOptions(runner=runner, dask_address=dask_address, dask_workers=dask_workers)
     )
     check_server()  # an unreachable PREFECT_API_URL: one line and exit 2, before any work
-    with build_bars(wanted(as_json), out, loaded):
+    with prefect_api(), build_bars(wanted(as_json), out, loaded):
         summary = flow(str(spec), store=store)
     if as_json:
         cache = summary.get("cache", {})
@@ -374,6 +380,49 @@ def files(
     sys.stdout.write("".join(f"{path}\n" for path in found))  # no wrapping: paths for scripts
     if not found:
         err.print(f"{name}@{version} has no {split} rows, so no files", highlight=False)
+
+
+@app.command()
+@_friendly
+def doctor(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every log entry and every data file of a dataset; say which versions can be
+    read and how to recover the others. Exit code 1 when something is damaged."""
+    from storage.doctor import diagnose
+
+    report = diagnose(_store(store), name)
+    _print_result(report.to_dict(), report.lines(), as_json)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def gc(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    grace: Annotated[
+        str, typer.Option(help="Keep unreferenced files younger than this: 30m, 1h, 2d.")
+    ] = "1h",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List, delete nothing.")] = False,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete data files that no version references (left by interrupted commits) once
+    they are older than --grace; safe while builds run."""
+    from storage.gc import collect_garbage, parse_grace
+
+    result = collect_garbage(_store(store), name, parse_grace(grace), dry_run)
+    _print_result(result.to_dict(), result.lines(), as_json)
+
+
+def _print_result(data: dict[str, Any], lines: list[str], as_json: bool) -> None:
+    if as_json:
+        _emit_json(data)
+    else:
+        out.print(escape("\n".join(lines)), highlight=False, soft_wrap=True)
 
 
 def _loss_over_prompt(value: str | None) -> bool | str | None:
