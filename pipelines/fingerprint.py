@@ -11,21 +11,9 @@ from typing import Any
 
 import xxhash
 
-_CHUNK = 1 << 22
+from transforms.ingest.digest import file_fingerprint
 
-
-def file_fingerprint(path: str | Path) -> str:
-    """XXH3-128 of a file's bytes, or of every file under a directory (sorted by name)."""
-    path = Path(path)
-    digest = xxhash.xxh3_128()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with file.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-    return f"xxh3:{digest.hexdigest()}"
+__all__ = ["code_version", "file_fingerprint", "fresh", "key_of"]
 
 
 def key_of(*parts: Any) -> str:

@@ -85,14 +85,19 @@ def detect_format(path: str | Path, *, params: IngestParams | None = None) -> st
         IngestError: the file cannot be read, holds no record, or its columns match no format
             (the message lists the columns it saw).
     """
-    return detect(open_source(path), params or IngestParams())
-
-
-def detect(file: SourceFile, params: IngestParams) -> str:
-    """:func:`detect_format` for an opened file."""
-    found = peek_columns(file)
-    if found is None:
+    file = open_source(path)
+    format_ = detect(file, params or IngestParams())
+    if format_ is None:
         raise file.error("no records to detect the format from; give the format explicitly")
+    return format_
+
+
+def detect(file: SourceFile, params: IngestParams) -> str | None:
+    """:func:`detect_format` for an opened file; ``None`` when it holds no record (within
+    the bounds)."""
+    found = peek_columns(file, params.bounds)
+    if found is None:
+        return None
     columns, location = found
     format_ = format_of_columns(columns, params)
     if format_ is None:
@@ -112,7 +117,7 @@ def check_columns(file: SourceFile, format_: str, params: IngestParams) -> None:
     Raises:
         IngestError: naming the first missing field. A file without records passes.
     """
-    found = peek_columns(file)
+    found = peek_columns(file, params.bounds)
     if found is None:
         return
     columns, location = found

@@ -5,17 +5,19 @@ JSON lines are cut into chunks of whole lines (a few MiB each). A chunk goes thr
 path, and through ``json.loads`` line by line otherwise or when Arrow rejects the chunk
 (a wrong-typed field, a non-object line, a malformed line): that finds the exact line.
 
-A JSON array is streamed with ``ijson``. ijson cannot say where it failed, nor read past
-invalid UTF-8, so on any ijson error the file is read again with a locating scanner built
-on the standard library's ``JSONDecoder.raw_decode``: it names the line of a syntax error
-and turns invalid bytes into lone surrogates that the field checks then reject by field.
+A JSON array is cut into its elements by :mod:`~transforms.ingest.structure`'s scan (which
+knows each element's line), and each element is parsed by ``json.loads``. A syntax error
+names its line.
 
-Text is decoded with ``surrogateescape`` everywhere, so invalid UTF-8 never aborts a file.
+Records are bounded (:class:`~transforms.ingest.structure.Bounds`) before any parser sees
+them: a line or element nested too deep becomes ``RowReject("too_deep:<field>")``, one too
+large ``RowReject("too_large:record")``, and the bytes of a too-large one are skipped, never
+held. Text is decoded with ``surrogateescape`` everywhere, so invalid UTF-8 never aborts a
+file.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import re
@@ -23,11 +25,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import ijson
+import numpy as np
 import pyarrow as pa
 import pyarrow.json as pj
 
-from transforms.ingest.errors import IngestError
+from transforms.ingest.errors import IngestError, RowReject
+from transforms.ingest.structure import (
+    CLOSE_ARRAY,
+    COMMA,
+    OPEN_ARRAY,
+    SCAN_BYTES,
+    Bounds,
+    ScanState,
+    Structure,
+    deep_lines,
+    scan,
+    too_deep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +49,18 @@ CHUNK_BYTES = 16 << 20
 """JSON-lines chunk size: bounds memory, and is large enough for Arrow's threads."""
 BLOCK_BYTES = 2 << 20
 """Arrow's JSON block size; a line longer than this makes its chunk take the Python path."""
-READ_BYTES = 1 << 20
-"""Read size of the locating scanner."""
-MAX_RECORD_BYTES = 256 << 20
-"""The scanner reports a syntax error once this much text after a record's start does not
-complete it (an unterminated string would otherwise read the whole file)."""
+TOO_LARGE = "too_large:record"
 
 BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
-_WHITESPACE = re.compile(r"[ \t\r\n]*")
+_NON_BLANK = re.compile(rb"[^ \t\r\n]")
 
 OpenBytes = Callable[[], BinaryIO]
+
+
+def decode(text: bytes | memoryview) -> str:
+    """UTF-8 text, invalid bytes kept as lone surrogates (which the field checks reject)."""
+    return bytes(text).decode("utf-8", "surrogateescape")
 
 
 # --- JSON lines ----------------------------------------------------------------------------
@@ -53,7 +68,8 @@ OpenBytes = Callable[[], BinaryIO]
 
 @dataclass(frozen=True)
 class Chunk:
-    """Whole lines of a JSON-lines stream, starting ``offset`` bytes into it.
+    """Whole lines of a JSON-lines stream, starting ``offset`` bytes into it; or, when
+    ``oversized``, one line longer than the bound, whose bytes were skipped.
 
     Line numbers are not counted on the way (that would scan every byte once more); an
     error message counts them with :func:`lines_before`.
@@ -61,6 +77,7 @@ class Chunk:
 
     data: bytes | memoryview
     offset: int
+    oversized: bool = False
 
     def lines(self) -> Iterator[tuple[int, bytes]]:
         """``(index of the line in the chunk, line)`` for every non-blank line, as Arrow's
@@ -70,33 +87,42 @@ class Chunk:
                 yield index, line
 
 
-def iter_chunks(stream: BinaryIO, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+def iter_chunks(
+    stream: BinaryIO, chunk_bytes: int = CHUNK_BYTES, max_line: int = Bounds.max_record_bytes
+) -> Iterator[Chunk]:
     """Cut a byte stream into chunks of whole lines without copying the bulk of each read:
-    a line that straddles two reads becomes a chunk of its own. A UTF-8 BOM is dropped."""
+    a line that straddles two reads becomes a chunk of its own, or an ``oversized`` one (its
+    bytes dropped as they come) once it is longer than ``max_line``. A UTF-8 BOM is dropped."""
     pending: list[bytes] = []
+    size = 0  # bytes of the straddling line so far
+    skipping = False
     offset = 0
     first = True
     while block := stream.read(chunk_bytes):
         start = len(BOM) if first and block.startswith(BOM) else 0
         first, offset = False, offset + start
-        if pending:
+        if size:
             head = block.find(b"\n", start)
+            end = len(block) if head < 0 else head + 1
+            size += end - start
+            skipping = skipping or size > max_line
+            pending = [] if skipping else [*pending, block[start:end]]
             if head < 0:
-                pending.append(block[start:])
                 continue
-            line = b"".join([*pending, block[start : head + 1]])
-            pending, start = [], head + 1
-            yield Chunk(line, offset)
-            offset += len(line)
+            yield Chunk(b"".join(pending), offset, skipping)
+            offset, start = offset + size, end
+            pending, size, skipping = [], 0, False
         cut = block.rfind(b"\n", start)
         if cut >= start:
             yield Chunk(memoryview(block)[start : cut + 1], offset)
             offset += cut + 1 - start
             start = cut + 1
         if start < len(block):
-            pending.append(block[start:])
-    if pending:
-        yield Chunk(b"".join(pending), offset)
+            size = len(block) - start
+            skipping = size > max_line
+            pending = [] if skipping else [block[start:]]
+    if size:
+        yield Chunk(b"".join(pending), offset, skipping)
 
 
 def lines_before(open_bytes: OpenBytes, offset: int) -> int:
@@ -109,15 +135,43 @@ def lines_before(open_bytes: OpenBytes, offset: int) -> int:
     return count
 
 
-def parse_chunk(chunk: Chunk, open_bytes: OpenBytes, path: str) -> list[Any]:
-    """Every record of a chunk, parsed in Python."""
-    return [_parse_line(chunk, index, line, open_bytes, path) for index, line in chunk.lines()]
+def hostile_lines(chunk: Chunk, bounds: Bounds) -> dict[int, str]:
+    """The lines of a chunk past the bounds (by their index in the chunk) and the reason."""
+    found: dict[int, str] = {}
+    if len(chunk.data) > bounds.max_record_bytes:
+        code = np.frombuffer(chunk.data, np.uint8)
+        ends = np.append(np.flatnonzero(code == ord("\n")), len(code))
+        lengths = np.diff(ends, prepend=-1) - 1
+        found = dict.fromkeys(np.flatnonzero(lengths > bounds.max_record_bytes).tolist(), TOO_LARGE)
+    if not (candidates := deep_lines(chunk.data, bounds.max_depth)):
+        return found
+    lines = bytes(chunk.data).split(b"\n")
+    for index in candidates:
+        if index not in found and (field := too_deep(lines[index], bounds.max_depth)):
+            found[index] = f"too_deep:{field}"
+    return found
+
+
+def parse_chunk(
+    chunk: Chunk, open_bytes: OpenBytes, path: str, rejects: dict[int, str] | None = None
+) -> list[Any]:
+    """Every record of a chunk, parsed in Python; the lines in ``rejects`` become their
+    :class:`RowReject` unparsed."""
+    if chunk.oversized:
+        return [RowReject(TOO_LARGE)]
+    rejects = rejects or {}
+    return [
+        RowReject(rejects[index])
+        if index in rejects
+        else _parse_line(chunk, index, line, open_bytes, path)
+        for index, line in chunk.lines()
+    ]
 
 
 def _parse_line(chunk: Chunk, index: int, line: bytes, open_bytes: OpenBytes, path: str) -> Any:
     """One line's JSON value; a malformed line is an :class:`IngestError` naming its number."""
     try:
-        return json.loads(line.decode("utf-8", "surrogateescape"))
+        return json.loads(decode(line))
     except json.JSONDecodeError as exc:
         number = lines_before(open_bytes, chunk.offset) + index + 1
         raise IngestError(
@@ -141,116 +195,155 @@ def read_chunk_arrow(chunk: Chunk, schema: pa.Schema, path: str) -> pa.Table | N
         return None
 
 
-def first_line_record(open_bytes: OpenBytes, path: str) -> tuple[Any, str] | None:
-    """The first record of a JSON-lines file and its location, or ``None`` if it has none."""
-    with open_bytes() as stream:
-        for chunk in iter_chunks(stream, 64 << 10):
-            for index, line in chunk.lines():
-                value = _parse_line(chunk, index, line, open_bytes, path)
-                return value, f"line {lines_before(open_bytes, chunk.offset) + index + 1}"
-    return None
+def iter_lines(
+    stream: BinaryIO, open_bytes: OpenBytes, path: str, bounds: Bounds
+) -> Iterator[tuple[Any, str]]:
+    """Every record of a JSON-lines stream, parsed in Python, with its line; a record past
+    the bounds as its :class:`RowReject`."""
+    line = 1
+    for chunk in iter_chunks(stream, 64 << 10, bounds.max_record_bytes):
+        values = parse_chunk(chunk, open_bytes, path, hostile_lines(chunk, bounds))
+        indices = [0] if chunk.oversized else [index for index, _ in chunk.lines()]
+        for index, value in zip(indices, values, strict=True):
+            yield value, f"line {line + index}"
+        line += 1 if chunk.oversized else bytes(chunk.data).count(b"\n")
 
 
 # --- JSON arrays ---------------------------------------------------------------------------
 
 
-def iter_array(open_bytes: OpenBytes, path: str) -> Iterator[Any]:
-    """The elements of a top-level JSON array, streamed.
+@dataclass(frozen=True)
+class Element:
+    """One element of a top-level JSON array: its text and first line, or why it is not
+    parsed (past the bounds)."""
 
-    ijson reads the file; if it fails, the locating scanner reads it again from the start,
-    skips the elements already yielded, and either raises an :class:`IngestError` naming the
-    line or carries on (invalid UTF-8 is then a row-level problem).
+    line: int
+    text: bytes = b""
+    reason: str | None = None
+
+    def value(self, path: str) -> Any:
+        """The parsed element, or its :class:`RowReject`; a syntax error is an
+        :class:`IngestError` naming the line."""
+        if self.reason:
+            return RowReject(self.reason)
+        text = decode(self.text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            line = self.line + text.count("\n", 0, exc.pos)
+            raise IngestError(path, f"invalid JSON: {exc.msg}", location=f"line {line}") from exc
+
+
+def iter_array(stream: BinaryIO, path: str, bounds: Bounds) -> Iterator[Any]:
+    """The elements of a top-level JSON array, streamed: parsed values, or a
+    :class:`RowReject` for an element past the bounds."""
+    for element in ArraySplitter(path, bounds).elements(stream):
+        yield element.value(path)
+
+
+class ArraySplitter:
+    """Cuts a top-level JSON array into its elements' texts, scanning each read block once.
+
+    An element is held until it ends, and at most ``bounds.max_record_bytes`` of it: past
+    that, or past ``bounds.max_depth``, its bytes are dropped as they come and the element
+    is reported with its reason.
     """
-    done = 0
-    try:
-        with open_bytes() as stream:
-            for value in ijson.items(stream, "item", use_float=True):
-                yield value
-                done += 1
-        return
-    except ijson.JSONError as exc:
-        log.info("%s: ijson failed after %d records (%s); rescanning", path, done, exc)
-    with open_bytes() as stream:
-        for index, value in enumerate(_scan_array(stream, path)):
-            if index >= done:
-                yield value
 
-
-class _Window:
-    """A sliding window of decoded text over a byte stream, with line accounting."""
-
-    def __init__(self, stream: BinaryIO, path: str) -> None:
-        self.stream = stream
+    def __init__(self, path: str, bounds: Bounds) -> None:
         self.path = path
-        self.decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-        self.text = ""
-        self.pos = 0
-        self.lines_before = 0
-        self.eof = False
-        self.first = True
+        self.bounds = bounds
+        self.state = ScanState()
+        self.phase = "before"  # before the opening '[', inside the array, or after it
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.reason: str | None = None
+        self.count = 0
+        self.line = 1  # line of the next byte to consume
+        self.start_line = 1
 
-    def fill(self, size: int = READ_BYTES) -> None:
-        """Drop consumed text and append at least ``size`` more bytes' worth (if any)."""
-        self.lines_before += self.text.count("\n", 0, self.pos)
-        self.text, self.pos = self.text[self.pos :], 0
-        block = self.stream.read(size)
-        if self.first:
-            block, self.first = block.removeprefix(BOM), False
-        self.eof = not block
-        self.text += self.decoder.decode(block, final=self.eof)
-
-    def peek(self) -> str:
-        """The next non-whitespace character ('' at the end), without consuming it."""
-        while True:
-            self.pos = _WHITESPACE.match(self.text, self.pos).end()
-            if self.pos < len(self.text) or self.eof:
-                return self.text[self.pos : self.pos + 1]
-            self.fill()
-
-    def value(self) -> Any:
-        """Decode the JSON value at the cursor, reading more text until it is complete."""
-        decoder = json.JSONDecoder()
-        while True:
-            try:
-                value, end = decoder.raw_decode(self.text, self.pos)
-            except json.JSONDecodeError as exc:
-                if self.eof or len(self.text) - self.pos > MAX_RECORD_BYTES:
-                    raise self.error(exc.pos, f"invalid JSON: {exc.msg}") from exc
-                self.fill(max(READ_BYTES, len(self.text) - self.pos))
-                continue
-            if end < len(self.text) or self.eof:  # a number may go on in the next block
-                self.pos = end
-                return value
-            self.fill(max(READ_BYTES, len(self.text) - self.pos))
-
-    def error(self, pos: int, message: str) -> IngestError:
-        line = self.lines_before + self.text.count("\n", 0, pos) + 1
-        return IngestError(self.path, message, location=f"line {line}")
-
-
-def _scan_array(stream: BinaryIO, path: str) -> Iterator[Any]:
-    window = _Window(stream, path)
-    start = window.peek()
-    if not start:
-        return
-    if start != "[":
-        raise window.error(window.pos, "invalid JSON: expected a top-level array")
-    window.pos += 1
-    if window.peek() == "]":
-        window.pos += 1
-    else:
-        yield from _scan_elements(window)
-    if window.peek():
-        raise window.error(window.pos, "invalid JSON: extra data after the top-level array")
-
-
-def _scan_elements(window: _Window) -> Iterator[Any]:
-    while True:
-        window.peek()
-        yield window.value()
-        separator = window.peek()
-        window.pos += 1
-        if separator == "]":
+    def elements(self, stream: BinaryIO) -> Iterator[Element]:
+        """The elements of the array read from ``stream``."""
+        first = True
+        while block := stream.read(SCAN_BYTES):
+            if first:
+                block, first = block.removeprefix(BOM), False
+            yield from self._block(block)
+        if self.phase == "before":
             return
-        if separator != ",":
-            raise window.error(window.pos - 1, "invalid JSON: expected ',' or ']' after an element")
+        if self.phase == "inside":
+            raise self._error(self.start_line, "unexpected end of file inside the top-level array")
+
+    def _block(self, block: bytes) -> Iterator[Element]:
+        structure = scan(block, self.state)
+        pos = 0
+        if self.phase == "before":
+            pos = self._open(block)
+            if pos < 0:
+                return
+        if self.phase == "inside":
+            for cut in self._cuts(structure, pos):
+                element = self._take(block, structure, pos, cut)
+                pos = cut + 1
+                if block[cut] != COMMA:
+                    self.phase = "after"
+                    if element.text.strip(_BLANK) or element.reason or self.count:
+                        yield element  # else the array is empty
+                    break
+                self.count += 1
+                yield element
+            else:
+                self._hold(block, structure, pos, len(block))
+                return
+        if match := _NON_BLANK.search(block, pos):
+            line = self.line + block.count(b"\n", pos, match.start())
+            raise self._error(line, "extra data after the top-level array")
+        self.line += block.count(b"\n", pos)
+
+    def _open(self, block: bytes) -> int:
+        """Find the array's '['; the position after it, or -1 if the block is blank."""
+        match = _NON_BLANK.search(block)
+        if match is None:
+            self.line += block.count(b"\n")
+            return -1
+        self.line += block.count(b"\n", 0, match.start())
+        if block[match.start()] != OPEN_ARRAY:
+            raise self._error(self.line, "expected a top-level array")
+        self.phase, self.start_line = "inside", self.line
+        return match.start() + 1
+
+    @staticmethod
+    def _cuts(structure: Structure, pos: int) -> list[int]:
+        """Where elements end: a comma inside the array, or the close that ends it."""
+        ends = (structure.at(COMMA) & (structure.depth == 1)) | (
+            structure.closes() & (structure.depth <= 0)
+        )
+        return (np.flatnonzero(ends[pos:]) + pos).tolist()
+
+    def _take(self, block: bytes, structure: Structure, pos: int, cut: int) -> Element:
+        """The element ending at ``cut``, and reset for the next one."""
+        self._hold(block, structure, pos, cut)
+        if block[cut] not in (COMMA, CLOSE_ARRAY):
+            raise self._error(self.line, "expected ',' or ']' after an element")
+        element = Element(self.start_line, b"".join(self.parts), self.reason)
+        self.parts, self.size, self.reason = [], 0, None
+        self.line += block.count(b"\n", cut, cut + 1)
+        self.start_line = self.line
+        return element
+
+    def _hold(self, block: bytes, structure: Structure, pos: int, end: int) -> None:
+        """Add ``block[pos:end]`` to the current element, unless it is past the bounds."""
+        self.line += block.count(b"\n", pos, end)
+        if self.reason or pos >= end:
+            return
+        part = block[pos:end]
+        self.size += len(part)
+        if self.size > self.bounds.max_record_bytes:
+            self.parts, self.reason = [], TOO_LARGE
+        elif structure.depth[pos:end].max() > self.bounds.max_depth + 1:
+            field = too_deep(b"".join([*self.parts, part]), self.bounds.max_depth)
+            self.parts, self.reason = [], f"too_deep:{field or 'record'}"
+        else:
+            self.parts.append(part)
+
+    def _error(self, line: int, message: str) -> IngestError:
+        return IngestError(self.path, f"invalid JSON: {message}", location=f"line {line}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from transforms.ingest.structure import Bounds
+
 
 class ShareGPTTags(BaseModel):
     """How a ShareGPT file names its columns and roles.
@@ -32,3 +34,22 @@ class IngestParams(BaseModel):
 
     batch_rows: int = Field(65_536, ge=1, description="rows per yielded batch (kept + rejected)")
     sharegpt_tags: ShareGPTTags = ShareGPTTags()
+    max_depth: int = Field(
+        Bounds.max_depth,
+        ge=1,
+        le=500,  # json.loads recurses: stay well inside Python's recursion limit
+        description="deepest nesting of a JSON record; a deeper one is rejected as "
+        "too_deep:<field>",
+    )
+    max_record_bytes: int = Field(
+        Bounds.max_record_bytes,
+        ge=1 << 10,
+        description="largest JSON record (line or array element), in bytes, and CSV field, "
+        "in characters; a larger JSON record is rejected as too_large:record, a larger CSV "
+        "field fails the file",
+    )
+
+    @property
+    def bounds(self) -> Bounds:
+        """The depth and size bounds of one record."""
+        return Bounds(self.max_depth, self.max_record_bytes)

@@ -6,7 +6,8 @@ table, from Parquet, a ``datasets`` directory, or JSON lines parsed by Arrow).
 
 Supported inputs:
 
-- JSON: a top-level array (streamed with ijson), or JSON lines in a ``.json`` file;
+- JSON: a top-level array (cut into its elements, each parsed alone), or JSON lines in a
+  ``.json`` file;
 - JSON lines: ``.jsonl`` / ``.ndjson``;
 - CSV with a header row (every value a string);
 - any of the above compressed: ``.gz`` or ``.zst``;
@@ -14,6 +15,10 @@ Supported inputs:
 - a directory written by ``datasets``' ``save_to_disk``. For a ``DatasetDict`` directory the
   ``train`` split is read, or the only split if there is one; point at a split's folder to
   read another.
+
+Every JSON record is bounded in depth and size (:class:`Bounds`) before it is parsed, and
+so is every CSV field (in size). A streamed file's main read hashes its bytes
+(:class:`ReadDigest`), so that the build can check them against its fingerprint.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms.ingest import jsonio
+from transforms.ingest.digest import ReadDigest
 from transforms.ingest.errors import IngestError, RowReject
 from transforms.ingest.fields import invalid_utf8_rows
+from transforms.ingest.structure import Bounds
 
 JSON_ARRAY, JSON_LINES, CSV, PARQUET, HF_DISK = "json", "jsonl", "csv", "parquet", "hf_disk"
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
@@ -85,14 +92,21 @@ class SourceFile:
         """A file-level error about this file."""
         return IngestError(self.name, message, location=location, field=field)
 
-    def open_bytes(self) -> BinaryIO:
-        """The file's bytes, decompressed (read inside :meth:`reading`)."""
-        return pa.input_stream(str(self.path), compression=self.compression)
+    @property
+    def streamed(self) -> bool:
+        """Whether the file is read from start to end as one stream (JSON, JSON lines, CSV)."""
+        return self.kind in (JSON_ARRAY, JSON_LINES, CSV)
 
-    def open_text(self) -> io.TextIOWrapper:
+    def open_bytes(self, digest: ReadDigest | None = None) -> BinaryIO:
+        """The file's bytes, decompressed (read inside :meth:`reading`); the raw bytes read
+        go into ``digest`` if one is given."""
+        source = str(self.path) if digest is None else digest.open(self.path)
+        return pa.input_stream(source, compression=self.compression)
+
+    def open_text(self, digest: ReadDigest | None = None) -> io.TextIOWrapper:
         """The file as text for the CSV reader (BOM dropped, invalid UTF-8 kept as surrogates)."""
         return io.TextIOWrapper(
-            self.open_bytes(), encoding="utf-8-sig", errors="surrogateescape", newline=""
+            self.open_bytes(digest), encoding="utf-8-sig", errors="surrogateescape", newline=""
         )
 
     @contextmanager
@@ -152,9 +166,9 @@ def _first_byte(file: SourceFile) -> bytes:
 # --- the first record (format detection) ----------------------------------------------------
 
 
-def peek_columns(file: SourceFile) -> tuple[list[str], str] | None:
-    """The column names of the file's first record and where it is, or ``None`` if the file
-    holds no records.
+def peek_columns(file: SourceFile, bounds: Bounds) -> tuple[list[str], str] | None:
+    """The column names of the file's first record within ``bounds`` and where it is, or
+    ``None`` if the file holds no such record.
 
     Raises:
         IngestError: the first record cannot be read or parsed, or is not an object.
@@ -164,7 +178,7 @@ def peek_columns(file: SourceFile) -> tuple[list[str], str] | None:
     if file.kind == HF_DISK:
         return list(_hf_schema(file).names), "schema"
     with file.reading():
-        found = _csv_header(file) if file.kind == CSV else _first_json_record(file)
+        found = _csv_header(file) if file.kind == CSV else _first_json_record(file, bounds)
     if found is None:
         return None
     value, location = found
@@ -181,35 +195,44 @@ def _csv_header(file: SourceFile) -> tuple[dict[str, None], str] | None:
     return (dict.fromkeys(header), "line 1") if header else None
 
 
-def _first_json_record(file: SourceFile) -> tuple[Any, str] | None:
-    if file.kind == JSON_LINES:
-        return jsonio.first_line_record(file.open_bytes, file.name)
-    values = jsonio.iter_array(file.open_bytes, file.name)
-    try:
-        return next(((value, "record 0") for value in values), None)
-    finally:
-        values.close()
+def _first_json_record(file: SourceFile, bounds: Bounds) -> tuple[Any, str] | None:
+    with file.open_bytes() as stream:
+        if file.kind == JSON_LINES:
+            records = jsonio.iter_lines(stream, file.open_bytes, file.name, bounds)
+        else:
+            values = jsonio.iter_array(stream, file.name, bounds)
+            records = ((value, f"record {index}") for index, value in enumerate(values))
+        return next(((v, at) for v, at in records if not isinstance(v, RowReject)), None)
 
 
 # --- pieces ----------------------------------------------------------------------------------
 
 
 def iter_pieces(
-    file: SourceFile, *, batch_rows: int, arrow_schema: pa.Schema | None
+    file: SourceFile,
+    *,
+    batch_rows: int,
+    arrow_schema: pa.Schema | None,
+    bounds: Bounds,
+    digest: ReadDigest | None = None,
 ) -> Iterator[Piece]:
     """Stream ``file`` as pieces of consecutive records. Python pieces hold at most
     ``batch_rows`` records; Arrow ones (JSON-lines chunks, ``datasets`` record batches) can
     hold more, and the caller re-batches.
 
     ``arrow_schema``: the fields the format reads; given, JSON lines are parsed by Arrow.
+    ``bounds``: a JSON record past them becomes a :class:`RowReject`; a larger CSV field is
+    an :class:`IngestError`. ``digest``: hashes the raw bytes of a streamed file.
     """
     with file.reading():
         if file.kind == JSON_LINES:
-            yield from _jsonl_pieces(file, arrow_schema)
+            yield from _jsonl_pieces(file, arrow_schema, bounds, digest)
         elif file.kind == JSON_ARRAY:
-            yield from _record_pieces(jsonio.iter_array(file.open_bytes, file.name), batch_rows)
+            with file.open_bytes(digest) as stream:
+                values = jsonio.iter_array(stream, file.name, bounds)
+                yield from _record_pieces(values, batch_rows)
         elif file.kind == CSV:
-            yield from _record_pieces(_csv_records(file), batch_rows)
+            yield from _record_pieces(_csv_records(file, bounds, digest), batch_rows)
         else:
             yield from _arrow_pieces(file, batch_rows)
 
@@ -234,17 +257,20 @@ def _record_pieces(values: Iterator[Any], batch_rows: int) -> Iterator[Records]:
         yield Records(index, buffer)
 
 
-def _jsonl_pieces(file: SourceFile, arrow_schema: pa.Schema | None) -> Iterator[Piece]:
+def _jsonl_pieces(
+    file: SourceFile, arrow_schema: pa.Schema | None, bounds: Bounds, digest: ReadDigest | None
+) -> Iterator[Piece]:
     index = 0
-    with file.open_bytes() as stream:
-        for chunk in jsonio.iter_chunks(stream):
+    with file.open_bytes(digest) as stream:
+        for chunk in jsonio.iter_chunks(stream, max_line=bounds.max_record_bytes):
+            hostile = jsonio.hostile_lines(chunk, bounds)
             table = (
                 None
-                if arrow_schema is None
+                if arrow_schema is None or hostile or chunk.oversized
                 else jsonio.read_chunk_arrow(chunk, arrow_schema, file.name)
             )
             if table is None:
-                values = jsonio.parse_chunk(chunk, file.open_bytes, file.name)
+                values = jsonio.parse_chunk(chunk, file.open_bytes, file.name, hostile)
                 yield Records(index, values)
                 index += len(values)
             else:
@@ -274,10 +300,13 @@ def as_records(piece: Piece) -> Records:
 # --- CSV -------------------------------------------------------------------------------------
 
 
-def _csv_records(file: SourceFile) -> Iterator[dict[str, str]]:
-    # The csv module's default limit (128 KiB a field) is too small for long responses.
-    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
-    with file.open_text() as text:
+def _csv_records(
+    file: SourceFile, bounds: Bounds, digest: ReadDigest | None
+) -> Iterator[dict[str, str]]:
+    # The csv module's default limit (128 KiB a field) is too small for long responses; the
+    # limit is the module's, and every reader uses the same bound unless a spec changes it.
+    csv.field_size_limit(bounds.max_record_bytes)
+    with file.open_text(digest) as text:
         reader = csv.reader(text, strict=True)
         header = _csv_row(file, reader)
         if header is None:
@@ -301,7 +330,11 @@ def _csv_row(file: SourceFile, reader: Any) -> list[str] | None:
     try:
         return next(reader, None)
     except csv.Error as exc:
-        raise file.error(f"invalid CSV: {exc}", location=f"line {reader.line_num}") from exc
+        message = f"invalid CSV: {exc}"
+        if "field larger than field limit" in str(exc):
+            message = f"a field is longer than {csv.field_size_limit():,} characters"
+            message += " (ingest.max_record_bytes)"
+        raise file.error(message, location=f"line {reader.line_num}") from exc
 
 
 # --- Parquet and datasets directories --------------------------------------------------------

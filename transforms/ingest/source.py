@@ -3,7 +3,8 @@
 The file is opened, typed and its format settled (detected, or the override's columns
 checked) before the first batch is asked for, so a missing or unknown file fails at the
 call. Each yielded :class:`~transforms.stage.StageResult` holds at most
-``params.batch_rows`` rows, kept plus rejected.
+``params.batch_rows`` rows, kept plus rejected. Given the fingerprint the caller took, the
+read ends by checking that the bytes read are the bytes fingerprinted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import pyarrow as pa
 
 from transforms.ingest import alpaca
+from transforms.ingest.digest import ReadDigest, file_fingerprint
 from transforms.ingest.errors import IngestError, RowReject
 from transforms.ingest.formats import (
     FORMATS,
@@ -40,6 +42,10 @@ from transforms.stage import StageResult
 
 T = TypeVar("T")
 
+NO_RECORDS_FORMAT = "alpaca"
+"""How a file without a record to detect the format from is read: an empty file gives no
+rows, and records past the bounds are rejected with their reasons whatever the format."""
+
 
 def read_source(
     path: str | Path,
@@ -47,6 +53,7 @@ def read_source(
     format: str | None = None,
     source: str | None = None,
     params: IngestParams | None = None,
+    fingerprint: str | None = None,
 ) -> Iterator[StageResult]:
     """Stream a corpus file (or a ``datasets`` ``save_to_disk`` directory) as canonical batches.
 
@@ -54,7 +61,9 @@ def read_source(
         path: the file; see :mod:`transforms.ingest.readers` for the supported types.
         format: one of :data:`FORMATS`; detected from the first record when ``None``.
         source: the ``source`` column; by default the file name without its extensions.
-        params: batch size and ShareGPT tags.
+        params: batch size, ShareGPT tags and the bounds of a record.
+        fingerprint: the file's fingerprint (:func:`file_fingerprint`) taken by the caller;
+            given, the read fails once it is done if the bytes it read hash otherwise.
 
     Yields:
         Results whose ``kept`` follows ``transforms.schema.SCHEMA`` and whose ``rejected``
@@ -63,27 +72,35 @@ def read_source(
 
     Raises:
         IngestError: a file-level problem, at the call (missing file, unknown format,
-            required column absent) or while iterating (a malformed line or row).
+            required column absent) or while iterating (a malformed line or row, or a file
+            that changed while it was read).
     """
     params = params or IngestParams()
     file = open_source(path)
     if format is None:
-        format = detect(file, params)
+        format = detect(file, params) or NO_RECORDS_FORMAT
     elif format not in FORMATS:
         raise IngestError(
             file.name, f"unknown format {format!r}; known formats: {', '.join(FORMATS)}"
         )
     else:
         check_columns(file, format, params)
-    return _results(file, format, source or default_source(file.path), params)
+    return _results(file, format, source or default_source(file.path), params, fingerprint)
 
 
 def _results(
-    file: SourceFile, format_: str, source: str, params: IngestParams
+    file: SourceFile, format_: str, source: str, params: IngestParams, fingerprint: str | None
 ) -> Iterator[StageResult]:
     task = task_of(format_)
     schema = alpaca.JSON_SCHEMA if format_ == "alpaca" else None
-    pieces = iter_pieces(file, batch_rows=params.batch_rows, arrow_schema=schema)
+    digest = ReadDigest()
+    pieces = iter_pieces(
+        file,
+        batch_rows=params.batch_rows,
+        arrow_schema=schema,
+        bounds=params.bounds,
+        digest=digest,
+    )
     if format_ in VECTORISED:
         raws = (_raw(piece, format_) for piece in pieces)
         for raw in rebatch(raws, params.batch_rows):
@@ -92,6 +109,24 @@ def _results(
         outcomes = _outcomes(pieces, ROW_ADAPTERS[format_], params)
         for items in chunked(outcomes, params.batch_rows):
             yield build_rows(items, source, task)
+    if fingerprint is not None:
+        check_unchanged(file, fingerprint, digest)
+
+
+def check_unchanged(file: SourceFile, fingerprint: str, digest: ReadDigest) -> None:
+    """Fail if what was read is not the file that was fingerprinted: for a streamed file,
+    the bytes read (``digest``); for Parquet or a ``datasets`` folder, the file now.
+
+    Raises:
+        IngestError: the file changed while it was read.
+    """
+    read = digest.fingerprint() if file.streamed else file_fingerprint(file.path)
+    if read != fingerprint:
+        size = f", {digest.size:,} bytes read" if file.streamed else ""
+        raise file.error(
+            f"changed while it was read (fingerprint {fingerprint} before, {read} of what was "
+            f"read{size}); nothing was cached: build again once the file no longer changes"
+        )
 
 
 def _raw(piece: Piece, format_: str) -> pa.Table:
