@@ -16,6 +16,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from pipelines.failures import clear_failures, clear_task_failures, record_failure
 from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
 from pipelines.parallel import ordered_map, shard_threads
 from pipelines.report import ReportResult, publish_report
@@ -63,6 +65,14 @@ def _task_key(context: Any, parameters: dict[str, Any]) -> str:
     return parameters["key"]
 
 
+CACHED: dict[str, Any] = {
+    "cache_key_fn": _task_key,
+    "persist_result": True,
+    "on_failure": [record_failure],  # pickled failures are deleted once stale
+    "on_completion": [clear_task_failures],
+}
+
+
 def _run_id() -> str | None:
     return flow_run.id
 
@@ -75,7 +85,7 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("aligncurate")
 
 
-@task(name="ingest", cache_key_fn=_task_key, persist_result=True)
+@task(name="ingest", **CACHED)
 def ingest_source(
     key: str, source: SourceSpec, ingest: IngestParams, chain: list[ChainStep], folder: str
 ) -> SegmentOutput:
@@ -97,7 +107,7 @@ def ingest_source(
     return SegmentOutput(key, writer.train, writer.rejected, writer.counts, produced_by=_run_id())
 
 
-@task(name="prepare", cache_key_fn=_task_key, persist_result=True)
+@task(name="prepare", **CACHED)
 def prepare_shard(key: str, shard: str, step: ChainStep, folder: str) -> str:
     """An ordered stage's per-shard work (its ``prepare``) on one shard, written to
     ``folder``; returns the file's path."""
@@ -106,7 +116,7 @@ def prepare_shard(key: str, shard: str, step: ChainStep, folder: str) -> str:
     return write_prepared(folder, shard, table, step.definition.prepare(table, step.params))
 
 
-@task(name="ordered-segment", cache_key_fn=_task_key, persist_result=True)
+@task(name="ordered-segment", **CACHED)
 def run_segment(
     key: str,
     shards: list[str],
@@ -220,6 +230,7 @@ def default_task_runner() -> ThreadPoolTaskRunner:
 @flow(name="build_dataset", task_runner=default_task_runner())
 def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     """Build a new version of the dataset that the spec at ``spec_path`` describes."""
+    started = datetime.now(UTC)
     spec = load_spec(spec_path)
     check_sources(spec, spec_path)
     root = store or spec.store or default_store()
@@ -283,6 +294,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         "reused_from": sorted({str(o.produced_by) for o in outputs if o.produced_by != _run_id()}),
     }
     version = commit_version(datasets, spec.name, train, rejected, metadata)
+    clear_failures(work / "results", before=started)  # every task of this build succeeded
     summary = {
         "name": spec.name,
         "version": version,
