@@ -91,6 +91,7 @@ def diagnose(store: DatasetStore, name: str) -> DoctorReport:
     Raises:
         StoreError: ``name`` is not a dataset of the store.
     """
+    store.check()  # an unreachable or refused object store: a clear error, not OSError
     fs, table = store.table_location(name)
     listing = list_log(fs, table)
     if listing.latest is None:

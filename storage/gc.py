@@ -87,6 +87,7 @@ def collect_garbage(
     """
     if grace < timedelta(0):
         raise StoreError(f"the grace period must not be negative, got {grace}")
+    store.check()  # an unreachable or refused object store: a clear error, not OSError
     fs, table = store.table_location(name)
     # Files first, then the log: a file committed after the listing is young or unlisted.
     files = [f for f in data_files(fs, table).values() if f.path.endswith(".parquet")]

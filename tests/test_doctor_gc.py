@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,15 +25,16 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from storage import DatasetStore, StoreError
-from storage.gc import parse_grace
+from storage.doctor import diagnose
+from storage.gc import collect_garbage, parse_grace
 
 runner = CliRunner()
 LOG = "_delta_log"
 HOUR = 3600
 
 
-def cli(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args))
+def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args), env=env)
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -236,6 +238,38 @@ def test_parse_grace() -> None:
     for bad in ["", "1", "-1h", "1w", "h"]:
         with pytest.raises(StoreError, match="grace period"):
             parse_grace(bad)
+
+
+def test_doctor_and_gc_on_an_s3_store(tmp_path: Path) -> None:
+    """The same checks through ``pyarrow``'s S3 filesystem, against a real S3 server."""
+    from s3server import moto_s3
+
+    with moto_s3(tmp_path / "moto.log") as s3:
+        store = DatasetStore("s3://aligncurate/ds", storage_options=s3.env())
+        for prefix, n in (("a", 4), ("b", 5)):
+            commit_build(store, "sft", tmp_path, canonical_table(ids(prefix, n)))
+        fs, table = store.table_location("sft")
+        with fs.open_output_stream(f"{table}/split=train/part-orphan.snappy.parquet") as out:
+            out.write(b"PAR1 interrupted")
+        with fs.open_input_stream(f"{table}/{LOG}/00000000000000000001.json") as stream:
+            text = stream.read()
+        with fs.open_output_stream(f"{table}/{LOG}/00000000000000000001.json") as out:
+            out.write(text[: len(text) // 2])
+
+        assert train_ids(store, "sft@0") == ids("a", 4)
+        with pytest.raises(StoreError, match=r"00000000000000000001\.json \(version 1\)"):
+            store.read("sft")
+        code, stdout, _ = cli("doctor", "sft", "--json", "--store", store.root, env=s3.env())
+        assert code == 1 and json.loads(stdout)["readable"] == [0]
+        with pytest.raises(StoreError, match="nothing deleted"):
+            collect_garbage(store, "sft", timedelta(0))
+
+        fs.delete_file(f"{table}/{LOG}/00000000000000000001.json")  # give up version 1
+        result = collect_garbage(store, "sft", timedelta(0))
+        assert "split=train/part-orphan.snappy.parquet" in result.deleted
+        assert len(result.deleted) == 2 and result.referenced == 1  # v1's file, the orphan
+        assert train_ids(store, "sft") == ids("a", 4)
+        assert diagnose(store, "sft").ok
 
 
 # -- pickled task failures -----------------------------------------------------------------
