@@ -51,7 +51,7 @@ from pipelines.spec import BuildSpec, SourceSpec, check_sources, load_spec
 from storage.dataset import DatasetStore, default_store
 from storage.gencache import cache_dir
 from storage.uris import work_dir
-from transforms.ingest import IngestParams, read_source
+from transforms.ingest import IngestError, IngestParams, read_source
 from transforms.registry import StageContext
 from transforms.response.stats import shard_stats
 from transforms.stage import StageResult
@@ -87,9 +87,15 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 @task(name="ingest", **CACHED)
 def ingest_source(
-    key: str, source: SourceSpec, ingest: IngestParams, chain: list[ChainStep], folder: str
+    key: str,
+    source: SourceSpec,
+    ingest: IngestParams,
+    chain: list[ChainStep],
+    folder: str,
+    fingerprint: str | None = None,
 ) -> SegmentOutput:
-    """Read one source, run the leading local stages, write shards."""
+    """Read one source, run the leading local stages, write shards. ``fingerprint``: the
+    source's, as in the key; the task fails (and caches nothing) if the bytes it read differ."""
     logger = _logger()
     writer = ShardWriter(folder)
 
@@ -100,7 +106,13 @@ def ingest_source(
         kept, rejected = run_chain(result, chain, part)
         return part, writer.write_shard(index, kept, rejected)
 
-    batches = read_source(source.path, format=source.format, source=source.name, params=ingest)
+    batches = read_source(
+        source.path,
+        format=source.format,
+        source=source.name,
+        params=ingest,
+        fingerprint=fingerprint,
+    )
     with contextlib.closing(batches):  # the source file is closed on an error too
         for counts in writer.record(ordered_map(shard, enumerate(batches))):
             logger.info("%s: %d rows read", source.path, counts["ingest"]["in"])
@@ -211,6 +223,26 @@ def _rows(paths: list[str]) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
 
 
+def _check_not_empty(spec: BuildSpec, ingested: list[SegmentOutput]) -> None:
+    """Fail a build whose sources hold no rows at all, unless the spec says
+    ``allow_empty: true``: an empty version would replace ``latest``."""
+    if spec.allow_empty or any(o.counts.get("ingest", {}).get("in", 0) for o in ingested):
+        return
+    raise IngestError(
+        ", ".join(s.path for s in spec.sources),
+        "no rows to build from (no records, e.g. a CSV holding only its header, an empty "
+        "JSON-lines file or an empty array); set `allow_empty: true` in the spec to commit "
+        "an empty version",
+    )
+
+
+def _warnings(rows: dict[str, int]) -> list[str]:
+    """What the build summary warns about."""
+    if rows["train"]:
+        return []
+    return [f"0 train rows: the version holds only {rows['rejected']} rejected rows"]
+
+
 def _result_storage(work: Path) -> LocalFileSystem:
     block = LocalFileSystem(basepath=str(work / "results"))
     slug = "aligncurate-" + key_of(str(work))[:16]
@@ -255,9 +287,12 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         )
         folder = work / "shards" / key
         futures.append(
-            fresh(ingest, folder).submit(key, source, spec.ingest, segments[0], str(folder))
+            fresh(ingest, folder).submit(
+                key, source, spec.ingest, segments[0], str(folder), fingerprints[source.path]
+            )
         )
     outputs = [f.result() for f in futures]
+    _check_not_empty(spec, outputs)
 
     segment = run_segment.with_options(result_storage=storage)
     context = StageContext(work=work / "stages", cache_dir=cache_dir(datasets.root))
@@ -303,6 +338,9 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         "cache": _engine_stats(outputs),
         "stage_stats": {name: st for o in outputs for name, st in o.stats.items()},
     }
+    summary["warnings"] = _warnings(summary["rows"])
+    for warning in summary["warnings"]:
+        _logger().warning("%s", warning)
     report = _publish(spec, summary, work)
     # The report measured the train split already; without it, measure the shards.
     summary["report"] = report.path if report else None
@@ -330,6 +368,7 @@ def _publish(spec: BuildSpec, summary: dict[str, Any], work: Path) -> ReportResu
         f"train: {summary['rows']['train']}, rejected: {summary['rows']['rejected']}",
         f"- spec hash: `{summary['spec_hash'][:16]}`, code {summary['code_version']}",
         f"- tasks reused from earlier runs: {summary['reused_tasks']}",
+        *(f"- **warning**: {warning}" for warning in summary["warnings"]),
         "",
         "| stage | in | kept | rejected | added |",
         "|---|---:|---:|---:|---:|",

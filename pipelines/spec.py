@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -79,6 +80,9 @@ class BuildSpec(BaseModel):
     stages: list[StageSpec] = Field(default_factory=list)
     store: str | None = None
     ingest: IngestParams = Field(default_factory=IngestParams)
+    allow_empty: StrictBool = Field(
+        False, description="commit a version even when the sources hold no rows"
+    )
     _digest: str | None = PrivateAttr(default=None)
 
     @field_validator("name")

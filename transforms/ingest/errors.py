@@ -44,6 +44,13 @@ class IngestError(ValueError):
         return (_rebuild, (self.path, self.message, self.location, self.field))
 
 
+def unreadable(path: str, exc: OSError, line: int | None = None) -> IngestError:
+    """The error for a file whose bytes cannot be read or decompressed (a truncated ``.gz``,
+    say), at ``line`` when the reader knows where it was."""
+    location = None if line is None else f"line {line}"
+    return IngestError(path, f"cannot read: {exc.strerror or exc}", location=location)
+
+
 def _rebuild(path: str, message: str, location: str | None, field: str | None) -> IngestError:
     return IngestError(path, message, location=location, field=field)
 

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pj
 
-from transforms.ingest.errors import IngestError, RowReject
+from transforms.ingest.errors import IngestError, RowReject, unreadable
 from transforms.ingest.structure import (
     CLOSE_ARRAY,
     COMMA,
@@ -264,7 +264,7 @@ class ArraySplitter:
     def elements(self, stream: BinaryIO) -> Iterator[Element]:
         """The elements of the array read from ``stream``."""
         first = True
-        while block := stream.read(SCAN_BYTES):
+        while block := self._read(stream):
             if first:
                 block, first = block.removeprefix(BOM), False
             yield from self._block(block)
@@ -272,6 +272,12 @@ class ArraySplitter:
             return
         if self.phase == "inside":
             raise self._error(self.start_line, "unexpected end of file inside the top-level array")
+
+    def _read(self, stream: BinaryIO) -> bytes:
+        try:
+            return stream.read(SCAN_BYTES)
+        except OSError as exc:  # a truncated or corrupt compressed stream
+            raise unreadable(self.path, exc, self.line) from exc
 
     def _block(self, block: bytes) -> Iterator[Element]:
         structure = scan(block, self.state)

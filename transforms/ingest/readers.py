@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from transforms.ingest import jsonio
 from transforms.ingest.digest import ReadDigest
-from transforms.ingest.errors import IngestError, RowReject
+from transforms.ingest.errors import IngestError, RowReject, unreadable
 from transforms.ingest.fields import invalid_utf8_rows
 from transforms.ingest.structure import Bounds
 
@@ -115,7 +115,7 @@ class SourceFile:
         try:
             yield
         except OSError as exc:
-            raise self.error(f"cannot read: {exc.strerror or exc}") from exc
+            raise unreadable(self.name, exc) from exc
 
 
 # --- opening ---------------------------------------------------------------------------------
@@ -261,21 +261,26 @@ def _jsonl_pieces(
     file: SourceFile, arrow_schema: pa.Schema | None, bounds: Bounds, digest: ReadDigest | None
 ) -> Iterator[Piece]:
     index = 0
-    with file.open_bytes(digest) as stream:
-        for chunk in jsonio.iter_chunks(stream, max_line=bounds.max_record_bytes):
-            hostile = jsonio.hostile_lines(chunk, bounds)
-            table = (
-                None
-                if arrow_schema is None or hostile or chunk.oversized
-                else jsonio.read_chunk_arrow(chunk, arrow_schema, file.name)
-            )
-            if table is None:
-                values = jsonio.parse_chunk(chunk, file.open_bytes, file.name, hostile)
-                yield Records(index, values)
-                index += len(values)
-            else:
-                yield Columns(index, table)
-                index += table.num_rows
+    done = 0  # bytes of the stream in the chunks read
+    try:
+        with file.open_bytes(digest) as stream:
+            for chunk in jsonio.iter_chunks(stream, max_line=bounds.max_record_bytes):
+                hostile = jsonio.hostile_lines(chunk, bounds)
+                table = (
+                    None
+                    if arrow_schema is None or hostile or chunk.oversized
+                    else jsonio.read_chunk_arrow(chunk, arrow_schema, file.name)
+                )
+                if table is None:
+                    values = jsonio.parse_chunk(chunk, file.open_bytes, file.name, hostile)
+                    yield Records(index, values)
+                    index += len(values)
+                else:
+                    yield Columns(index, table)
+                    index += table.num_rows
+                done = chunk.offset + len(chunk.data)
+    except OSError as exc:  # a truncated or corrupt compressed stream: name the line it broke
+        raise unreadable(file.name, exc, jsonio.lines_before(file.open_bytes, done) + 1) from exc
 
 
 def as_records(piece: Piece) -> Records:
@@ -329,11 +334,13 @@ def _csv_records(
 def _csv_row(file: SourceFile, reader: Any) -> list[str] | None:
     try:
         return next(reader, None)
+    except OSError as exc:  # a truncated or corrupt compressed stream
+        raise unreadable(file.name, exc, reader.line_num + 1) from exc
     except csv.Error as exc:
         message = f"invalid CSV: {exc}"
         if "field larger than field limit" in str(exc):
-            message = f"a field is longer than {csv.field_size_limit():,} characters"
-            message += " (ingest.max_record_bytes)"
+            limit = csv.field_size_limit()
+            message = f"a field is longer than {limit:,} characters (ingest.max_record_bytes)"
         raise file.error(message, location=f"line {reader.line_num}") from exc
 
 
