@@ -21,6 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
+from pipelines.server_cli import server_app
+
 app = typer.Typer(
     name="aligncurate",
     help="Curate alignment fine-tuning datasets into versioned Parquet.",
@@ -30,6 +32,7 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
+app.add_typer(server_app, name="server")
 
 StoreOpt = Annotated[
     str | None,
@@ -50,6 +53,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _user_errors() -> tuple[type[Exception], ...]:
     from engines.base import EngineError
     from pipelines.build import AccountingError
+    from pipelines.prefect_server import ServerError
     from pipelines.runners import RunnerError
     from pipelines.schedule import ScheduleError
     from pipelines.self_guide import SelfGuideError
@@ -70,6 +74,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         ScheduleError,
         SeedError,
         SelfGuideError,
+        ServerError,
         FileNotFoundError,
     )
 
@@ -121,6 +126,7 @@ def build(
     as_json: JsonOpt = False,
 ) -> None:
     """Build a new version of the dataset a spec describes."""
+    from pipelines.prefect_server import prefect_api
     from pipelines.progress import build_bars, wanted
     from pipelines.runners import RunnerOptions, build_flow
     from pipelines.schedule import check_server
@@ -134,7 +140,7 @@ def build(
         RunnerOptions(runner=runner, dask_address=dask_address, dask_workers=dask_workers)
     )
     check_server()  # an unreachable PREFECT_API_URL: one line and exit 2, before any work
-    with build_bars(wanted(as_json), out, loaded):
+    with prefect_api(), build_bars(wanted(as_json), out, loaded):
         summary = flow(str(spec), store=store)
     if as_json:
         cache = summary.get("cache", {})

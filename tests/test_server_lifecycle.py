@@ -1,0 +1,309 @@
+"""The Prefect server behind ``aligncurate build`` (#15 item 4, #16 item 6), with real
+servers, real builds and real signals, checked by PID.
+
+- A build's temporary server is stopped on SIGTERM (the build exits 143) and does not
+  outlive a build killed with SIGKILL.
+- ``aligncurate server start|status|stop`` runs one persistent server that builds reuse
+  (they start no server of their own), or start on first use with
+  ``ALIGNCURATE_PREFECT_SERVER=start``; ``PREFECT_API_URL`` wins over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO
+from servers import prefect_server
+
+EXE = str(Path(sys.executable).with_name("aligncurate"))
+DEMO = REPO / "examples" / "demo" / "spec.yaml"
+#: What a Prefect server process runs: Prefect's own temporary server (uvicorn serving
+#: ``prefect.server.api.server``) or ours (``python -m pipelines.prefect_server``).
+SERVER_MARKS = ("prefect.server.api", "pipelines.prefect_server")
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The CLI's environment: its own Prefect home and server state, no API URL."""
+    full = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "ALIGNCURATE_STATE": str(tmp_path / "state"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    for name in ("PREFECT_API_URL", "ALIGNCURATE_PREFECT_SERVER"):
+        full.pop(name, None)
+    return full
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EXE, *args], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def _json(env: dict[str, str], *args: str, code: int = 0) -> dict:
+    proc = _cli(env, *args, "--json")
+    assert proc.returncode == code, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _servers(pid: int) -> list[psutil.Process]:
+    """The Prefect server processes under ``pid``."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if any(mark in " ".join(child.cmdline()) for mark in SERVER_MARKS):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids still alive after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (alive := [p for p in pids if not _gone(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _get(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def _running_flow_runs(url: str) -> list[dict]:
+    query = {"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}
+    request = urllib.request.Request(
+        f"{url}/flow_runs/filter",
+        data=json.dumps(query).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _api_urls(server: psutil.Process) -> list[str]:
+    try:
+        sockets = server.net_connections(kind="tcp")
+    except psutil.Error:
+        return []
+    return [
+        f"http://127.0.0.1:{s.laddr.port}/api" for s in sockets if s.status == psutil.CONN_LISTEN
+    ]
+
+
+@pytest.fixture(scope="module")
+def slow_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A spec whose build runs for seconds: 300,000 distinct rows to ingest and dedup."""
+    root = tmp_path_factory.mktemp("slow")
+    with (root / "rows.jsonl").open("w") as sink:
+        for i in range(300_000):
+            row = {"instruction": f"What is {i} plus {i}?", "output": f"{i} plus {i} is {2 * i}."}
+            sink.write(json.dumps(row) + "\n")
+    spec = root / "spec.yaml"
+    spec.write_text(
+        "name: slow\nsources:\n  - path: rows.jsonl\nstages:\n  - normalize: {}\n"
+        "  - exact_dedup: {}\n"
+    )
+    return spec
+
+
+@pytest.fixture
+def build_in_flight(
+    env: dict[str, str], slow_spec: Path, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """A build of ``slow_spec`` whose flow run is RUNNING on its server, with the pids of
+    its Prefect server processes; whatever a test leaves alive is killed at the end."""
+    args = [EXE, "build", str(slow_spec), "--store", str(tmp_path / "store"), "--json"]
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, f"the build ended early: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no flow run started"
+            servers = _servers(proc.pid)
+            pids = sorted({*pids, *(s.pid for s in servers)})
+            urls = [url for s in servers for url in _api_urls(s)]
+            try:
+                if any(_running_flow_runs(url) for url in urls):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        assert pids, "the build started no Prefect server"
+        yield proc, pids
+    finally:
+        _kill([proc.pid, *pids])
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_sigterm_stops_the_builds_server(
+    build_in_flight: tuple[subprocess.Popen, list[int]],
+) -> None:
+    proc, servers = build_in_flight
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    assert _wait_gone(servers, timeout=5) == [], "the server outlived the build"
+    assert code == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
+
+
+def test_a_server_does_not_outlive_a_build_killed_with_sigkill(
+    build_in_flight: tuple[subprocess.Popen, list[int]],
+) -> None:
+    proc, servers = build_in_flight
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert _wait_gone(servers, timeout=30) == [], "an orphaned server is still running"
+
+
+def _build(env: dict[str, str], store: Path) -> tuple[dict, list[int]]:
+    """Build the demo; its JSON summary and the pids of Prefect servers it started."""
+    args = [EXE, "build", str(DEMO), "--store", str(store), "--json"]
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    seen: set[int] = set()
+    while proc.poll() is None:
+        seen.update(s.pid for s in _servers(proc.pid))
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    return json.loads(stdout), sorted(seen)
+
+
+def test_server_start_status_stop_and_a_build_reusing_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    assert _json(env, "server", "status", code=1)["state"] == "stopped"
+    started = _json(env, "server", "start")
+    try:
+        assert started["started"] is True
+        url, pid = started["url"], started["pid"]
+        assert not _gone(pid)
+        assert _get(f"{url}/health") is True
+        state = tmp_path / "state" / "prefect-server" / "server.json"
+        assert json.loads(state.read_text())["pid"] == pid
+
+        again = _json(env, "server", "start")
+        assert (again["started"], again["pid"], again["url"]) == (False, pid, url)
+        status = _json(env, "server", "status")
+        assert (status["state"], status["pid"], status["reusable"]) == ("running", pid, True)
+
+        summary, own_servers = _build(env, tmp_path / "store")
+        assert own_servers == [], "the build started its own server beside the running one"
+        run = _get(f"{url}/flow_runs/{summary['build_id']}")
+        assert run is not None and run["state"]["type"] == "COMPLETED"
+
+        stopped = _json(env, "server", "stop")
+        assert (stopped["stopped"], stopped["pid"]) == (True, pid)
+        assert _wait_gone([pid], timeout=5) == []
+        assert not state.exists()
+        assert _json(env, "server", "status", code=1)["state"] == "stopped"
+        assert _json(env, "server", "stop")["stopped"] is False
+    finally:
+        _cli(env, "server", "stop")
+
+
+def test_prefect_api_url_wins_over_the_local_server(env: dict[str, str], tmp_path: Path) -> None:
+    local = _json(env, "server", "start")
+    (tmp_path / "explicit-home").mkdir()
+    try:
+        with prefect_server(tmp_path / "explicit-home") as explicit:
+            configured = {**env, "PREFECT_API_URL": explicit}
+            summary, own_servers = _build(configured, tmp_path / "store")
+            assert own_servers == []
+            assert _get(f"{explicit}/flow_runs/{summary['build_id']}") is not None
+            assert _get(f"{local['url']}/flow_runs/{summary['build_id']}") is None
+
+            refused = _cli(configured, "server", "start")
+            assert refused.returncode == 2
+            assert "PREFECT_API_URL is set" in refused.stderr
+    finally:
+        _cli(env, "server", "stop")
+        _kill([local["pid"]])
+
+
+def test_start_mode_starts_the_server_on_first_use_and_reuses_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    auto = {**env, "ALIGNCURATE_PREFECT_SERVER": "start"}
+    try:
+        first, _ = _build(auto, tmp_path / "store")
+        status = _json(env, "server", "status")
+        assert status["state"] == "running"
+        second, own_servers = _build(auto, tmp_path / "store")
+        assert own_servers == []
+        assert _json(env, "server", "status")["pid"] == status["pid"]
+        for summary in (first, second):
+            assert _get(f"{status['url']}/flow_runs/{summary['build_id']}") is not None
+    finally:
+        stopped = _json(env, "server", "stop")
+    assert stopped["stopped"] is True
+    assert _wait_gone([stopped["pid"]], timeout=5) == []
+
+
+def test_a_stale_state_file_reads_as_stopped(env: dict[str, str], tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder = tmp_path / "state" / "prefect-server"
+    folder.mkdir(parents=True)
+    record = {
+        "pid": dead.pid,
+        "port": 9,
+        "url": "http://127.0.0.1:9/api",
+        "prefect_home": env["PREFECT_HOME"],
+        "database": None,
+        "started_at": 0.0,
+        "log": str(folder / "server.log"),
+    }
+    (folder / "server.json").write_text(json.dumps(record))
+    assert _json(env, "server", "status", code=1)["state"] == "stopped"
+    assert not (folder / "server.json").exists()
+
+
+def test_a_bad_server_mode_is_one_error_line(env: dict[str, str], tmp_path: Path) -> None:
+    proc = _cli({**env, "ALIGNCURATE_PREFECT_SERVER": "always"}, "build", str(DEMO))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ALIGNCURATE_PREFECT_SERVER")
