@@ -18,10 +18,12 @@ in the environment wins) and never set ``AWS_S3_ALLOW_UNSAFE_RENAME``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from storage.names import StoreError
+from storage.uris import redact
 
 ENV_KEYS = (
     "AWS_ACCESS_KEY_ID",
@@ -97,10 +99,20 @@ def fsspec_options(options: Mapping[str, str] | None) -> dict[str, Any]:
     return result
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def describe(root: str, options: Mapping[str, str] | None, exc: BaseException) -> StoreError:
-    """A :class:`StoreError` for a failed S3 request, saying what to check."""
-    text = " ".join(str(exc).split())
-    endpoint = option(options, "endpoint_url") or "AWS's default endpoint"
+    """A :class:`StoreError` for a failed S3 request, saying what to check, with the
+    credentials redacted (:func:`storage.uris.redact`): an endpoint's password, the secret
+    key. Callers chain ``exc`` (``raise describe(...) from exc``), so its message is
+    redacted in place too: a traceback in the Prefect run log or under ``--verbose``
+    shows it."""
+    secrets = [option(options, "secret_access_key"), option(options, "session_token")]
+    text = redact(" ".join(_ANSI.sub("", str(exc)).split()), secrets)
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (redact(exc.args[0], secrets), *exc.args[1:])
+    endpoint = redact(option(options, "endpoint_url") or "AWS's default endpoint")
     lowered = text.lower()
     refused = ("signature", "accesskey", "access_key", "403 forbidden", "denied", "credential")
     if any(s in lowered for s in refused):
@@ -114,4 +126,4 @@ def describe(root: str, options: Mapping[str, str] | None, exc: BaseException) -
         hint = f"cannot reach the S3 endpoint {endpoint}: check AWS_ENDPOINT_URL and the network"
     else:
         hint = f"S3 request to {endpoint} failed"
-    return StoreError(f"store {root}: {hint} ({text[:400]})")
+    return StoreError(f"store {redact(root)}: {hint} ({text[:400]})")

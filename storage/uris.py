@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,24 @@ _S3_OPTIONS = {
     "endpoint_url": "endpoint_override",
 }
 _S3_SECONDS = {"connect_timeout": "connect_timeout", "timeout": "request_timeout"}
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/?#@:]*):[^\s/?#@]*@")
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+"""Variables whose values are never shown: :func:`redact` hides them wherever they appear."""
+REDACTED = "***"
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with its credentials hidden: the password of every URL
+    (``http://admin:secret@host`` → ``http://admin:***@host``), the values of the
+    :data:`SECRET_ENV` variables and ``secrets`` (e.g. a secret key passed as a storage
+    option). Use it on every message or log line that may hold an endpoint, a store root
+    or an exception from a client."""
+    text = _USERINFO.sub(rf"\g<scheme>\g<user>:{REDACTED}@", text)
+    for secret in (*(os.environ.get(key) for key in SECRET_ENV), *secrets):
+        if secret and len(secret) >= 4:  # a one-letter "secret" would blank out every such letter
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 def _seconds(value: str) -> float:
@@ -67,7 +86,7 @@ def filesystem(root: str, storage_options: Mapping[str, str] | None) -> tuple[pa
     if not storage_options:
         return pafs.FileSystem.from_uri(root)
     if not root.startswith("s3://"):
-        raise StoreError(f"storage_options are only supported for s3:// roots, not {root}")
+        raise StoreError(f"storage_options are only supported for s3:// roots, not {redact(root)}")
     kwargs: dict[str, Any] = {}
     for key, value in storage_options.items():
         name = key.lower().removeprefix("aws_")
