@@ -15,12 +15,14 @@ stages:                      # optional: the default chain is normalize, exact_d
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -41,7 +43,19 @@ from transforms.registry import DEFAULT_CHAIN
 
 
 class SpecError(ValueError):
-    """The spec file cannot be read or does not validate; the message names the key."""
+    """The spec file cannot be read or does not validate; the message names the key.
+
+    Attributes:
+        file: the spec file, when known.
+        line: the line in it (1-based), when known (YAML syntax errors).
+    """
+
+    stage = "spec"
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None):
+        super().__init__(message)
+        self.file = file
+        self.line = line
 
 
 class SourceSpec(BaseModel):
@@ -143,11 +157,50 @@ def _parse_stage(item: Any, index: int) -> StageSpec:
         definition = stage(name)
     except KeyError as exc:
         raise ValueError(f"stages[{index}]: {exc.args[0]}") from None
+    for where, value in _loose_booleans(definition.params, params or {}):
+        raise ValueError(f"stages[{index}] ({name}): {_not_boolean(where, value)}")
     try:
         validated = definition.params.model_validate(params or {})
     except ValidationError as exc:
         raise ValueError(f"stages[{index}] ({name}): {_first_error(exc)}") from None
     return StageSpec(name=name, params=validated)
+
+
+def _loose_booleans(annotation: Any, value: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """``(path, value)`` of each value in ``value`` (spec data as written) that fills a
+    ``bool`` field of ``annotation`` (a model, nested models, lists and mappings of them)
+    but is not ``true`` or ``false``: pydantic alone would take ``"yes"``, ``1`` or
+    ``"on"`` as true."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            yield where, value
+    elif origin is Annotated:
+        yield from _loose_booleans(args[0], value, where)
+    elif origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if value is not None and len(members) == 1:
+            yield from _loose_booleans(members[0], value, where)
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if isinstance(value, dict):
+            for name, info in annotation.model_fields.items():
+                key = info.alias or name
+                if key in value:
+                    yield from _loose_booleans(info.annotation, value[key], _join(where, key))
+    elif origin is list and isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _loose_booleans(args[0], item, f"{where}[{i}]")
+    elif origin is dict and isinstance(value, dict) and len(args) == 2:
+        for key, item in value.items():
+            yield from _loose_booleans(args[1], item, _join(where, str(key)))
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _not_boolean(where: str, value: Any) -> str:
+    return f"{where}: expected true or false, got {json.dumps(value, default=str)}"
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -165,6 +218,9 @@ def parse_spec(data: Any, base_dir: Path) -> BuildSpec:
     """Validate spec data and resolve its relative paths against ``base_dir``."""
     if not isinstance(data, dict):
         raise SpecError("the spec must be a mapping with at least 'name' and 'sources'")
+    loose = [_not_boolean(where, value) for where, value in _loose_booleans(BuildSpec, data)]
+    if loose:
+        raise SpecError(f"invalid spec: {'; '.join(loose)}")
     try:
         spec = BuildSpec.model_validate(data)
     except ValidationError as exc:
@@ -188,10 +244,42 @@ def _map_params(params: BaseModel, fn: Callable[[str], str]) -> None:
 
 
 def check_sources(spec: BuildSpec, spec_path: str | Path) -> None:
-    """Fail, naming the spec and its entry, when a local source does not exist."""
+    """Fail, naming the spec and its entry, when a local source cannot be read: it does
+    not exist (a broken link: its target does not), or it is a symlink loop."""
     for index, source in enumerate(spec.sources):
-        if "://" not in source.path and not Path(source.path).exists():
-            raise SpecError(f"{spec_path}: sources[{index}].path: {source.path} does not exist")
+        if "://" not in source.path and (problem := _unreadable(source.path)):
+            raise SpecError(
+                f"{spec_path}: sources[{index}].path: {source.path} {problem}", file=str(spec_path)
+            )
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` cannot be opened (``does not exist``, ``is a symlink loop`` ...), or None."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if exc.errno == errno.ENOENT:
+            return "does not exist"
+        return f"cannot be read: {exc.strerror}"
+    return None
+
+
+def spec_warnings(spec: BuildSpec) -> list[str]:
+    """What is valid but probably a mistake: a source listed more than once (its rows
+    would be read twice; under another ``name`` they would not even be deduplicated)."""
+    warnings = []
+    seen: dict[str, int] = {}
+    for index, source in enumerate(spec.sources):
+        key = source.path if "://" in source.path else os.path.realpath(source.path)
+        if key in seen:
+            warnings.append(
+                f"sources[{index}] repeats sources[{seen[key]}] ({source.path}): "
+                "its rows are read twice"
+            )
+        seen.setdefault(key, index)
+    return warnings
 
 
 def load_spec(path: str | Path) -> BuildSpec:
@@ -200,13 +288,39 @@ def load_spec(path: str | Path) -> BuildSpec:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
+        raise SpecError(f"{path}: cannot read spec: {exc.strerror}", file=str(path)) from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: invalid YAML: {exc}") from None
+        raise _yaml_error(path, exc) from None
     try:
-        return parse_spec(data, path.resolve().parent)
+        return parse_spec(data, _real(path).parent)
     except SpecError as exc:
-        raise SpecError(f"{path}: {exc}") from None
+        raise SpecError(f"{path}: {exc}", file=str(path)) from None
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> SpecError:
+    """``<spec>: line L, column C: invalid YAML: <what>``, naming the spec file, not
+    PyYAML's ``<unicode string>``."""
+    mark = getattr(exc, "problem_mark", None)
+    what = ", ".join(
+        str(part) for part in (getattr(exc, "context", None), getattr(exc, "problem", None)) if part
+    )
+    if mark is None:
+        return SpecError(f"{path}: invalid YAML: {what or exc}", file=str(path))
+    line = mark.line + 1
+    return SpecError(
+        f"{path}: line {line}, column {mark.column + 1}: invalid YAML: {what}",
+        file=str(path),
+        line=line,
+    )
+
+
+def _real(path: Path) -> Path:
+    """``path`` with its links resolved; made absolute only, when it is a symlink loop
+    (which :func:`check_sources` reports)."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # Python < 3.13 raises on a symlink loop
+        return Path(os.path.abspath(path))
 
 
 def _relative_inside(value: str, base_dir: Path) -> str:
@@ -214,7 +328,7 @@ def _relative_inside(value: str, base_dir: Path) -> str:
     from the spec's folder (POSIX form); any other value as written."""
     if "://" in value or not Path(value).is_absolute():
         return value
-    for candidate in (Path(os.path.normpath(value)), Path(value).resolve()):
+    for candidate in (Path(os.path.normpath(value)), _real(Path(value))):
         if candidate.is_relative_to(base_dir):
             return candidate.relative_to(base_dir).as_posix()
     return value
@@ -224,4 +338,4 @@ def _resolve(value: str, base_dir: Path) -> str:
     if "://" in value:
         return value
     candidate = Path(value).expanduser()
-    return str(candidate if candidate.is_absolute() else (base_dir / candidate).resolve())
+    return str(candidate if candidate.is_absolute() else _real(base_dir / candidate))
