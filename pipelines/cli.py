@@ -3,16 +3,25 @@ schedule.
 
 Every read command takes ``--json`` and then prints one JSON object on stdout.
 ``--store`` (or ``ALIGNCURATE_STORE``) chooses the store; the default is ``./datasets``.
+
+A user error is one ``error:`` line on stderr and exit code 2 (with ``--json``, also
+``{"ok": false, "error", "stage", "file", "line"}`` on stdout); ``--verbose`` adds the
+traceback. Credentials in messages are redacted (:func:`storage.uris.redact`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import sys
+import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from functools import wraps
+from inspect import Parameter, signature
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import click
 import typer
@@ -46,6 +55,9 @@ BuildStoreOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", help="On an error, print the full traceback too.")
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,23 +86,172 @@ def _user_errors() -> tuple[type[Exception], ...]:
         ScheduleError,
         SeedError,
         SelfGuideError,
+        typer.BadParameter,  # raised by a command's own checks
+        OSError,  # e.g. --out naming a file, a folder that cannot be written
+        MemoryError,
+        RecursionError,
         ServerError,
-        FileNotFoundError,
     )
 
 
 def _friendly(fn: F) -> F:
-    """Turn known user errors into one red line and exit code 2, without a traceback."""
+    """Turn known user errors into one red ``error:`` line on stderr and exit code 2, with
+    ``{"ok": false, ...}`` on stdout under ``--json`` (see :func:`_fail`).
+
+    It gives every command a ``--verbose`` option, which prints the traceback too; a
+    command that declares a ``verbose`` parameter itself receives its value."""
+    own = "verbose" in signature(fn).parameters
 
     @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, verbose: bool = False, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return fn(*args, **kwargs, **({"verbose": verbose} if own else {}))
         except _user_errors() as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _fail(exc, as_json=bool(kwargs.get("as_json")), verbose=verbose)
 
+    if not own:
+        params = signature(fn, eval_str=True)
+        option = Parameter("verbose", Parameter.KEYWORD_ONLY, default=False, annotation=VerboseOpt)
+        wrapper.__signature__ = params.replace(  # type: ignore[attr-defined]
+            parameters=[*params.parameters.values(), option]
+        )
+        wrapper.__annotations__ = {**fn.__annotations__, "verbose": VerboseOpt}
     return wrapper  # type: ignore[return-value]
+
+
+def _fail(exc: BaseException, *, as_json: bool, verbose: bool) -> NoReturn:
+    """Report a user error and exit with code 2: the traceback first under ``verbose``,
+    then ``{"ok": false, "error", "stage", "file", "line"}`` on stdout under ``as_json``
+    (fields null when unknown), then one ``error:`` line on stderr; credentials redacted."""
+    from storage.uris import redact
+
+    where = _where(exc)
+    message = redact(_message(exc, where["stage"]))
+    if verbose:
+        sys.stderr.write(redact("".join(traceback.format_exception(exc))))
+    if as_json:
+        _emit_json({"ok": False, "error": message, **where})
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2) from None
+
+
+def _message(exc: BaseException, stage: str | None) -> str:
+    """One line for ``exc``: its message, or what an error without one means."""
+    during = f" during {stage}" if stage else ""
+    if isinstance(exc, MemoryError):
+        return f"out of memory{during}: an input row or value is too large? (--verbose: where)"
+    if isinstance(exc, RecursionError):
+        return f"input nested too deeply{during} (Python's recursion limit; --verbose: where)"
+    if isinstance(exc, typer.BadParameter):
+        return exc.format_message()
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{exc.filename}{target}: {exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _where(exc: BaseException) -> dict[str, Any]:
+    """The failure's ``stage``, ``file`` and ``line``, each None when unknown: the error's
+    own attributes (:class:`~pipelines.spec.SpecError`: ``file``, ``line``;
+    :class:`~transforms.ingest.IngestError`: ``path`` and a ``line N`` location; an
+    ``OSError``'s ``filename``) and the stage that :func:`_run_console` noted."""
+    from transforms.ingest import IngestError
+
+    stage = getattr(exc, "stage", None) or ("ingest" if isinstance(exc, IngestError) else None)
+    file = getattr(exc, "file", None) or getattr(exc, "path", None)
+    if file is None and isinstance(exc, OSError):
+        file = exc.filename
+    line = getattr(exc, "line", None)
+    location = re.match(r"line (\d+)", str(getattr(exc, "location", None) or ""))
+    if line is None and location:
+        line = int(location[1])
+    return {"stage": stage, "file": None if file is None else str(file), "line": line}
+
+
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+"""Prefect's run loggers: their records go to the run log (the API) and to the console."""
+_FAILED_STATE = re.compile(r"Finished in state (Failed|Crashed)")
+
+
+class _Redact(logging.Filter):
+    """Hides credentials (:func:`storage.uris.redact`) in every record it sees, its
+    traceback included; a record with nothing to hide passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from storage.uris import redact
+
+        with suppress(Exception):  # a filter must never break logging
+            text = record.getMessage()
+            if (clean := redact(text)) != text:
+                record.msg, record.args = clean, None
+            if record.exc_info and not record.exc_text:
+                trace = logging.Formatter().formatException(record.exc_info)
+                if (clean := redact(trace)) != trace:
+                    record.exc_text = clean
+            elif record.exc_text:
+                record.exc_text = redact(record.exc_text)
+        return True
+
+
+class _RunConsole(_Redact):
+    """On Prefect's console handlers while ``build`` runs its flow: redacts, and keeps a
+    failed run's records (each traceback, ``Finished in state Failed``) off the console
+    unless ``quiet`` is off, as the CLI reports the failure in one line (the run log keeps
+    them); it notes the stage (task name) of the first task run that failed."""
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__()
+        self.quiet = quiet
+        self.stage: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        super().filter(record)
+        if not record.name.startswith(RUN_LOGGERS):
+            return True
+        failed = (
+            record.levelno >= logging.ERROR
+            or record.exc_info is not None
+            or _FAILED_STATE.match(str(record.msg)) is not None
+        )
+        run = getattr(record, "task_run_name", None)
+        if failed and run and self.stage is None:
+            self.stage = re.sub(r"-[0-9a-f]+$", "", str(run))  # Prefect's name-<hex> suffix
+        return not (failed and self.quiet)
+
+
+@contextmanager
+def _run_console(verbose: bool) -> Iterator[None]:
+    """While a flow runs: :class:`_RunConsole` on Prefect's console handlers, credentials
+    redacted in the run log, and an error raised without a ``stage`` given the stage of
+    the task run that failed."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    console, run_log = _RunConsole(quiet=not verbose), _Redact()
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
+    for handler in handlers:
+        handler.addFilter(console)
+    for logger in loggers:
+        logger.addFilter(run_log)
+    try:
+        yield
+    except Exception as exc:
+        if console.stage and getattr(exc, "stage", None) is None:
+            with suppress(AttributeError):
+                exc.stage = console.stage  # type: ignore[attr-defined]
+        raise
+    finally:
+        for handler in handlers:
+            handler.removeFilter(console)
+        for logger in loggers:
+            logger.removeFilter(run_log)
+
+
+def _out_folder(path: Path) -> Path:
+    """An ``--out`` folder: it may not exist yet, but must not be a file."""
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"--out {path} is a file; it must be a folder")
+    return path
 
 
 def _store(store: str | None) -> Any:
@@ -124,23 +285,28 @@ def build(
     ] = None,
     dask_workers: Annotated[int, typer.Option(help="dask: LocalCluster worker processes.")] = 2,
     as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Build a new version of the dataset a spec describes."""
     from pipelines.prefect_server import prefect_api
     from pipelines.progress import build_bars, wanted
     from pipelines.runners import RunnerOptions, build_flow
     from pipelines.schedule import check_server
-    from pipelines.spec import check_sources, load_spec
+    from pipelines.spec import check_sources, load_spec, spec_warnings
 
     loaded = load_spec(spec)  # fail fast on a bad spec or a missing file, before Prefect starts
     check_sources(loaded, spec)
+    for warning in spec_warnings(loaded):
+        err.print(
+            f"[yellow]warning:[/yellow] {spec}: {escape(warning)}", highlight=False, soft_wrap=True
+        )
     if runner not in ("threads", "dask"):
         raise typer.BadParameter("--runner must be threads or dask")
     flow = build_flow(
         RunnerOptions(runner=runner, dask_address=dask_address, dask_workers=dask_workers)
     )
     check_server()  # an unreachable PREFECT_API_URL: one line and exit 2, before any work
-    with prefect_api(), build_bars(wanted(as_json), out, loaded):
+    with prefect_api(), build_bars(wanted(as_json), out, loaded), _run_console(verbose):
         summary = flow(str(spec), store=store)
     if as_json:
         cache = summary.get("cache", {})
@@ -327,7 +493,7 @@ def report(
     """Write a self-contained HTML report of a version to DIR/index.html."""
     from pipelines.report import write_report
 
-    result = write_report(_store(store), ref, out_dir, sample=sample)
+    result = write_report(_store(store), ref, _out_folder(out_dir), sample=sample)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -468,7 +634,7 @@ def export(
     from storage.export import export as run_export
 
     switch = _loss_over_prompt(loss_over_prompt)
-    result = run_export(_store(store), ref, fmt, out_dir, loss_over_prompt=switch)
+    result = run_export(_store(store), ref, fmt, _out_folder(out_dir), loss_over_prompt=switch)
     data = result.to_dict() if hasattr(result, "to_dict") else vars(result)
     if as_json:
         _emit_json(data)
@@ -748,7 +914,8 @@ def fact_world(
     from examples.fact_world import build_fact_world
     from examples.fact_world.world import copy_world
 
-    world = copy_world(build_fact_world(seed=seed), out_dir)
+    folder = _out_folder(out_dir)  # before the world is built
+    world = copy_world(build_fact_world(seed=seed), folder)
     if as_json:
         _emit_json(world.manifest)
         return
