@@ -1,0 +1,131 @@
+"""Benchmark: the wall time of a small ``aligncurate build`` against its work (#16 item 6).
+
+For a small spec, rounds alternate between:
+
+- ``temporary``: the build starts a Prefect server for itself and stops it at the end
+  (``ALIGNCURATE_PREFECT_SERVER=temporary``; the default when no server runs);
+- ``reused``: the build uses the persistent server of ``aligncurate server start``, started
+  once before the rounds (its start-up is reported apart);
+- ``baseline`` (with ``--baseline-tree DIR``): the same command run from another checkout,
+  e.g. ``git archive`` of an older commit, for a before/after comparison.
+
+*Work* is the flow run's own duration (its start to its end, as the Prefect server records
+it); *wall* is the whole command, process start to exit. Every case runs as its own
+``python -m pipelines.cli build`` process with the same ``PREFECT_HOME``, so all flow runs
+land in one database, read through the persistent server at the end.
+
+Usage: ``python bench/small_build.py [--spec examples/demo/spec.yaml] [--rounds 3]
+[--baseline-tree DIR]``. Prints a JSON report and markdown rows for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _build(tree: Path, spec: Path, store: Path, env: dict[str, str]) -> tuple[float, str]:
+    """One build from ``tree``; its wall seconds and build id."""
+    command = [sys.executable, "-m", "pipelines.cli", "build", str(spec)]
+    full = {**env, "PYTHONPATH": str(tree)}
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [*command, "--store", str(store), "--json"],
+        env=full,
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"build from {tree} failed: {proc.stderr[-2000:]}")
+    return wall, json.loads(proc.stdout)["build_id"]
+
+
+def _server(args: list[str], env: dict[str, str]) -> dict:
+    command = [sys.executable, "-m", "pipelines.cli", "server", *args, "--json"]
+    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    return json.loads(proc.stdout)
+
+
+def _work(url: str, build_id: str) -> float:
+    """The flow run's duration, from its recorded start and end."""
+    with urllib.request.urlopen(f"{url}/flow_runs/{build_id}", timeout=10) as response:
+        run = json.loads(response.read())
+    start, end = (datetime.fromisoformat(run[k]) for k in ("start_time", "end_time"))
+    return (end - start).total_seconds()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", type=Path, default=REPO / "examples" / "demo" / "spec.yaml")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline-tree", type=Path, help="a checkout to time as 'baseline'")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="aligncurate-bench-small-"))
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "ALIGNCURATE_STATE": str(root / "state"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    for name in ("PREFECT_API_URL", "ALIGNCURATE_PREFECT_SERVER", "PYTHONPATH"):
+        env.pop(name, None)
+    spec = args.spec.resolve()
+    cases: dict[str, tuple[Path, dict[str, str]]] = {}
+    if args.baseline_tree:
+        cases["baseline"] = (args.baseline_tree.resolve(), env)
+    cases["temporary"] = (REPO, {**env, "ALIGNCURATE_PREFECT_SERVER": "temporary"})
+    cases["reused"] = (REPO, env)
+    # a first build creates the Prefect database: not a round
+    _build(REPO, spec, root / "warm-up", cases["temporary"][1])
+    started = time.perf_counter()
+    server = _server(["start"], env)
+    server_start = time.perf_counter() - started
+    runs: dict[str, list[tuple[float, str]]] = {name: [] for name in cases}
+    try:
+        for i in range(args.rounds):
+            for name, (tree, case_env) in cases.items():
+                runs[name].append(_build(tree, spec, root / f"{name}-{i}", case_env))
+        report = {}
+        for name, found in runs.items():
+            walls = [wall for wall, _ in found]
+            works = [_work(server["url"], build_id) for _, build_id in found]
+            report[name] = {
+                "wall_s": [round(w, 2) for w in walls],
+                "work_s": [round(w, 2) for w in works],
+                "wall_over_work": round(statistics.median(walls) / statistics.median(works), 2),
+            }
+    finally:
+        _server(["stop"], env)
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+    }
+    result = {"spec": str(spec), "server_start_s": round(server_start, 2), "machine": machine}
+    print(json.dumps({**result, "cases": report}, indent=2))
+    for name, row in report.items():
+        print(
+            f"| {name} | {statistics.median(row['wall_s']):.2f} | "
+            f"{statistics.median(row['work_s']):.2f} | {row['wall_over_work']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
