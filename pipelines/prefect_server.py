@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -135,10 +134,14 @@ def _is_our_server(pid: int) -> bool:
     return b"pipelines.prefect_server" in cmdline and alive(pid)
 
 
+#: Loopback needs no proxy: an ``http_proxy`` in the environment must not answer for it.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def healthy(url: str, timeout: float = 2.0) -> bool:
     """Whether the API at ``url`` answers its health check."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
+        with _DIRECT.open(f"{url}/health", timeout=timeout) as response:
             return response.status == 200
     except (OSError, ValueError):
         return False
