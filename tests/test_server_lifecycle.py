@@ -1,8 +1,9 @@
 """The Prefect server behind ``aligncurate build`` (#15 item 4, #16 item 6), with real
 servers, real builds and real signals, checked by PID.
 
-- A build's temporary server is stopped on SIGTERM (the build exits 143) and does not
-  outlive a build killed with SIGKILL.
+- A build's temporary server is stopped on SIGTERM or SIGHUP (the build exits 128 + the
+  signal, its flow run recorded as crashed) and does not outlive a build killed with
+  SIGKILL.
 - ``aligncurate server start|status|stop`` runs one persistent server that builds reuse
   (they start no server of their own), or start on first use with
   ``ALIGNCURATE_PREFECT_SERVER=start``; ``PREFECT_API_URL`` wins over it.
@@ -14,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -179,14 +181,20 @@ def build_in_flight(
         proc.stderr.close()
 
 
-def test_sigterm_stops_the_builds_server(
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_stops_the_builds_server(
     build_in_flight: tuple[subprocess.Popen, list[int]],
+    env: dict[str, str],
+    signum: signal.Signals,
 ) -> None:
     proc, servers = build_in_flight
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     code = proc.wait(timeout=120)
     assert _wait_gone(servers, timeout=5) == [], "the server outlived the build"
-    assert code == 128 + signal.SIGTERM, proc.stderr.read()[-3000:]
+    assert code == 128 + signum, proc.stderr.read()[-3000:]
+    # the flow run was recorded as crashed while its server still ran
+    with contextlib.closing(sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db")) as db:
+        assert db.execute("SELECT state_type FROM flow_run").fetchall() == [("CRASHED",)]
 
 
 def test_a_server_does_not_outlive_a_build_killed_with_sigkill(
