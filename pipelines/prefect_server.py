@@ -344,15 +344,17 @@ def temporary_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _using(url: str) -> Iterator[None]:
+def _using(url: str, *, ui: bool) -> Iterator[None]:
     """Point Prefect at ``url``: the settings of this context and, for threads that do not
-    inherit it and child processes (Dask workers), the environment."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    inherit it and child processes (Dask workers), the environment. Without a UI (a
+    temporary server), no "View at <url>" links are logged."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
     saved = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
+    updates: dict = {PREFECT_API_URL: url, **({} if ui else {PREFECT_UI_URL: ""})}
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates=updates):
             yield
     finally:
         if saved is None:
@@ -422,10 +424,11 @@ def prefect_api() -> Iterator[str]:
         if reused is None and chosen == "start":
             reused = start()[0].url
         with contextlib.ExitStack() as stack:
+            ui = reused is not None
             if reused is None:
                 reused = stack.enter_context(temporary_server())
                 stack.callback(_drain)  # before the server stops (the stack unwinds LIFO)
-            stack.enter_context(_using(reused))
+            stack.enter_context(_using(reused, ui=ui))
             yield reused
 
 
