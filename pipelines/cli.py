@@ -28,11 +28,27 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperCommand
+from typer._click.exceptions import UsageError
+from typer.core import TyperCommand, TyperGroup
 
 from pipelines.server_cli import server_app
 
+
+class _Commands(TyperGroup):
+    """The command group: an error in a command's arguments (a missing option, a value out
+    of range, an unknown option) is one ``error:`` line and exit code 2 as well, naming the
+    command's ``--help`` (and the ``--json`` failure object when ``--json`` was given)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        given = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            _fail(exc, as_json="--json" in given, verbose=False)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="aligncurate",
     help="Curate alignment fine-tuning datasets into versioned Parquet.",
     no_args_is_help=True,
@@ -86,7 +102,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         ScheduleError,
         SeedError,
         SelfGuideError,
-        typer.BadParameter,  # raised by a command's own checks
+        UsageError,  # typer.BadParameter, raised by a command's own checks
         OSError,  # e.g. --out naming a file, a folder that cannot be written
         MemoryError,
         RecursionError,
@@ -142,8 +158,9 @@ def _message(exc: BaseException, stage: str | None) -> str:
         return f"out of memory{during}: an input row or value is too large? (--verbose: where)"
     if isinstance(exc, RecursionError):
         return f"input nested too deeply{during} (Python's recursion limit; --verbose: where)"
-    if isinstance(exc, typer.BadParameter):
-        return exc.format_message()
+    if isinstance(exc, UsageError):
+        command = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+        return exc.format_message().rstrip(".") + command
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
         return f"{exc.filename}{target}: {exc.strerror}"

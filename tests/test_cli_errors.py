@@ -154,6 +154,26 @@ def test_an_invalid_option_value_is_one_line(tmp_path: Path, good_source: Path) 
     assert failure(out)["error"] == "Invalid value: --runner must be threads or dask"
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["export", "sft", "--out", "x"],
+            "Missing option '--format' (see aligncurate export --help)",
+        ),
+        (["versions", "sft", "--bogus"], "No such option: --bogus"),
+        (["generate", "--model", "m", "--in", "i", "--out", "o", "--n", "0"], "'--n'"),
+        (["bogus"], "No such command 'bogus' (see aligncurate --help)"),
+    ],
+)
+def test_argument_errors_are_one_line(args: list[str], message: str) -> None:
+    code, out, err = cli(*args)
+    assert code == 2 and out == ""
+    assert message in one_error_line(err)
+    code, out, err = cli(*args, "--json")
+    assert code == 2 and message in failure(out)["error"]  # type: ignore[operator]
+
+
 # -- the spec ----------------------------------------------------------------------------
 
 

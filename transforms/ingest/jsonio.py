@@ -257,9 +257,9 @@ class ArraySplitter:
         self.parts: list[bytes] = []
         self.size = 0
         self.reason: str | None = None
-        self.count = 0
-        self.line = 1  # line of the next byte to consume
-        self.start_line = 1
+        self.commas = 0
+        self.lines_before = 0  # line breaks before the current block
+        self.start_line = 1  # of the current element
 
     def elements(self, stream: BinaryIO) -> Iterator[Element]:
         """The elements of the array read from ``stream``."""
@@ -267,9 +267,9 @@ class ArraySplitter:
         while block := self._read(stream):
             if first:
                 block, first = block.removeprefix(BOM), False
-            yield from self._block(block)
-        if self.phase == "before":
-            return
+            newlines = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))
+            yield from self._block(block, newlines)
+            self.lines_before += len(newlines)
         if self.phase == "inside":
             raise self._error(self.start_line, "unexpected end of file inside the top-level array")
 
@@ -277,75 +277,69 @@ class ArraySplitter:
         try:
             return stream.read(SCAN_BYTES)
         except OSError as exc:  # a truncated or corrupt compressed stream
-            raise unreadable(self.path, exc, self.line) from exc
+            raise unreadable(self.path, exc, self.lines_before + 1) from exc
 
-    def _block(self, block: bytes) -> Iterator[Element]:
+    def _block(self, block: bytes, newlines: np.ndarray) -> Iterator[Element]:
         structure = scan(block, self.state)
         pos = 0
         if self.phase == "before":
-            pos = self._open(block)
-            if pos < 0:
+            match = _NON_BLANK.search(block)
+            if match is None:
                 return
+            pos = match.start() + 1
+            self.start_line = self.lines_before + int(np.searchsorted(newlines, pos)) + 1
+            if block[match.start()] != OPEN_ARRAY:
+                raise self._error(self.start_line, "expected a top-level array")
+            self.phase = "inside"
         if self.phase == "inside":
-            for cut in self._cuts(structure, pos):
-                element = self._take(block, structure, pos, cut)
-                pos = cut + 1
-                if block[cut] != COMMA:
-                    self.phase = "after"
-                    if element.text.strip(_BLANK) or element.reason or self.count:
-                        yield element  # else the array is empty
-                    break
-                self.count += 1
-                yield element
-            else:
-                self._hold(block, structure, pos, len(block))
-                return
-        if match := _NON_BLANK.search(block, pos):
-            line = self.line + block.count(b"\n", pos, match.start())
+            pos = yield from self._elements(block, structure, pos, newlines)
+        if self.phase == "after" and (match := _NON_BLANK.search(block, pos)):
+            line = self.lines_before + int(np.searchsorted(newlines, match.start())) + 1
             raise self._error(line, "extra data after the top-level array")
-        self.line += block.count(b"\n", pos)
 
-    def _open(self, block: bytes) -> int:
-        """Find the array's '['; the position after it, or -1 if the block is blank."""
-        match = _NON_BLANK.search(block)
-        if match is None:
-            self.line += block.count(b"\n")
-            return -1
-        self.line += block.count(b"\n", 0, match.start())
-        if block[match.start()] != OPEN_ARRAY:
-            raise self._error(self.line, "expected a top-level array")
-        self.phase, self.start_line = "inside", self.line
-        return match.start() + 1
-
-    @staticmethod
-    def _cuts(structure: Structure, pos: int) -> list[int]:
-        """Where elements end: a comma inside the array, or the close that ends it."""
-        ends = (structure.at(COMMA) & (structure.depth == 1)) | (
-            structure.closes() & (structure.depth <= 0)
+    def _elements(
+        self, block: bytes, structure: Structure, pos: int, newlines: np.ndarray
+    ) -> Iterator[Element]:
+        """The elements that end in ``block`` (from ``pos``); holds the rest. Returns the
+        position after the array's end, if it is in the block."""
+        at = structure.positions >= pos
+        ends = at & (
+            ((structure.codes == COMMA) & (structure.depth == 1))
+            | (structure.closes() & (structure.depth <= 0))
         )
-        return (np.flatnonzero(ends[pos:]) + pos).tolist()
+        cuts = structure.positions[ends]
+        starts = np.concatenate(([pos], cuts + 1))
+        deep = structure.positions[structure.depth > self.bounds.max_depth + 1]
+        is_deep = np.searchsorted(deep, starts[:-1]) < np.searchsorted(deep, cuts)
+        lines = self.lines_before + np.searchsorted(newlines, starts) + 1
+        for start, cut, too_deep_, line in zip(
+            starts[:-1].tolist(), cuts.tolist(), is_deep.tolist(), lines[1:].tolist(), strict=True
+        ):
+            self._hold(block[start:cut], too_deep_)
+            element = Element(self.start_line, b"".join(self.parts), self.reason)
+            self.parts, self.size, self.reason, self.start_line = [], 0, None, line
+            if block[cut] == COMMA:
+                self.commas += 1
+                yield element
+                continue
+            if block[cut] != CLOSE_ARRAY:
+                raise self._error(line, "expected ',' or ']' after an element")
+            self.phase = "after"
+            if element.text.strip(_BLANK) or element.reason or self.commas:
+                yield element  # else the array is empty
+            return cut + 1
+        tail = int(starts[-1])
+        self._hold(block[tail:], bool(np.searchsorted(deep, tail) < len(deep)))
+        return len(block)
 
-    def _take(self, block: bytes, structure: Structure, pos: int, cut: int) -> Element:
-        """The element ending at ``cut``, and reset for the next one."""
-        self._hold(block, structure, pos, cut)
-        if block[cut] not in (COMMA, CLOSE_ARRAY):
-            raise self._error(self.line, "expected ',' or ']' after an element")
-        element = Element(self.start_line, b"".join(self.parts), self.reason)
-        self.parts, self.size, self.reason = [], 0, None
-        self.line += block.count(b"\n", cut, cut + 1)
-        self.start_line = self.line
-        return element
-
-    def _hold(self, block: bytes, structure: Structure, pos: int, end: int) -> None:
-        """Add ``block[pos:end]`` to the current element, unless it is past the bounds."""
-        self.line += block.count(b"\n", pos, end)
-        if self.reason or pos >= end:
+    def _hold(self, part: bytes, deep: bool) -> None:
+        """Add ``part`` to the current element, unless that is past the bounds."""
+        if self.reason or not part:
             return
-        part = block[pos:end]
         self.size += len(part)
         if self.size > self.bounds.max_record_bytes:
             self.parts, self.reason = [], TOO_LARGE
-        elif structure.depth[pos:end].max() > self.bounds.max_depth + 1:
+        elif deep:
             field = too_deep(b"".join([*self.parts, part]), self.bounds.max_depth)
             self.parts, self.reason = [], f"too_deep:{field or 'record'}"
         else:

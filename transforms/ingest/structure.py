@@ -17,11 +17,26 @@ from dataclasses import dataclass
 import numpy as np
 
 SCAN_BYTES = 1 << 20
-"""Bytes scanned at a time (numpy temporaries are about 20 bytes per byte scanned)."""
+"""Bytes scanned at a time."""
 
 QUOTE, BACKSLASH, COLON, COMMA = 0x22, 0x5C, 0x3A, 0x2C
 OPEN_ARRAY, CLOSE_ARRAY, OPEN_OBJECT, CLOSE_OBJECT = 0x5B, 0x5D, 0x7B, 0x7D
+_TOKEN = np.zeros(256, bool)
+_TOKEN[[OPEN_ARRAY, CLOSE_ARRAY, OPEN_OBJECT, CLOSE_OBJECT, COMMA, COLON]] = True
+_STEP = np.zeros(256, np.int64)
+_STEP[[OPEN_ARRAY, OPEN_OBJECT]] = 1
+_STEP[[CLOSE_ARRAY, CLOSE_OBJECT]] = -1
 _NOT_OPENER_OR_NEWLINE = bytes(b for b in range(256) if b not in b"[{\n")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How deep and how large one record may be (``IngestParams.max_depth`` and
+    ``max_record_bytes``); a record past them is rejected as ``too_deep:<field>`` or
+    ``too_large:record``."""
+
+    max_depth: int = 100
+    max_record_bytes: int = 64 << 20
 
 
 @dataclass
@@ -36,51 +51,59 @@ class ScanState:
 
 @dataclass(frozen=True)
 class Structure:
-    """One scanned block: its bytes, which of them are structural (outside strings, quotes
-    excluded), and the nesting depth after each byte."""
+    """The structural bytes of one scanned block (brackets, commas and colons outside
+    strings): where they are, which they are, and the nesting depth after each."""
 
-    code: np.ndarray
-    structural: np.ndarray
+    positions: np.ndarray
+    codes: np.ndarray
     depth: np.ndarray
 
-    def at(self, byte: int) -> np.ndarray:
-        """Where ``byte`` occurs outside strings."""
-        return self.structural & (self.code == byte)
-
     def closes(self) -> np.ndarray:
-        """Where an array or object closes."""
-        return self.structural & ((self.code == CLOSE_ARRAY) | (self.code == CLOSE_OBJECT))
+        """Which of them close an array or object."""
+        return _STEP[self.codes] < 0
 
 
 def scan(data: bytes | memoryview, state: ScanState) -> Structure:
     """The structure of ``data``, continuing from ``state``, which is updated to its end.
 
-    A quote is escaped when an odd run of backslashes precedes it; bytes after an odd number
-    of unescaped quotes are inside a string. Text that is not JSON gives meaningless depths,
-    but never an error: the parser that reads it says what is wrong.
+    A quote is escaped when an odd run of backslashes precedes it; a byte after an odd
+    number of unescaped quotes is inside a string. The work is a few passes over the bytes
+    and then over the quotes and structural bytes only. Text that is not JSON gives
+    meaningless depths, but never an error: the parser that reads it says what is wrong.
     """
     code = np.frombuffer(data, np.uint8)
-    n = len(code)
-    if n == 0:
-        return Structure(code, np.zeros(0, bool), np.zeros(0, np.int64))
-    index = np.arange(n, dtype=np.int32)
-    backslash = code == BACKSLASH
-    last_other = np.maximum.accumulate(np.where(backslash, np.int32(-1), index))
-    run = index - last_other + np.where(last_other < 0, np.int32(state.escaped), np.int32(0))
-    escaped = np.empty(n, bool)
-    escaped[0] = state.escaped
-    escaped[1:] = (run[:-1] & 1).astype(bool)
-    quote = (code == QUOTE) & ~escaped
-    quotes = np.cumsum(quote, dtype=np.int32)
-    inside = ((quotes - quote + np.int32(state.in_string)) & 1).astype(bool)
-    structural = ~inside & ~quote
-    opens = structural & ((code == OPEN_ARRAY) | (code == OPEN_OBJECT))
-    closes = structural & ((code == CLOSE_ARRAY) | (code == CLOSE_OBJECT))
-    depth = np.cumsum(opens.astype(np.int64) - closes, dtype=np.int64) + state.depth
-    state.depth = int(depth[-1])
-    state.in_string = bool((int(quotes[-1]) + state.in_string) & 1)
-    state.escaped = bool(run[-1] & 1)
-    return Structure(code, structural, depth)
+    carry = int(state.escaped)
+    quotes = np.flatnonzero(code == QUOTE)
+    quotes = quotes[~_escaped(code, quotes, carry)]
+    tokens = np.flatnonzero(_TOKEN[code])
+    outside = ((np.searchsorted(quotes, tokens) + state.in_string) & 1) == 0
+    tokens = tokens[outside]
+    codes = code[tokens]
+    depth = np.cumsum(_STEP[codes]) + state.depth
+    if len(depth):
+        state.depth = int(depth[-1])
+    state.in_string = bool((len(quotes) + state.in_string) & 1)
+    trailing = 0
+    while trailing < len(code) and code[-1 - trailing] == BACKSLASH:
+        trailing += 1
+    state.escaped = bool((trailing + (carry if trailing == len(code) else 0)) & 1)
+    return Structure(tokens, codes, depth)
+
+
+def _escaped(code: np.ndarray, quotes: np.ndarray, carry: int) -> np.ndarray:
+    """Which ``quotes`` follow an odd run of backslashes (``carry``: the previous block
+    ended in an odd run), counted back one backslash at a time for all quotes at once."""
+    run = np.where(quotes == 0, carry, 0)
+    back = quotes - 1
+    active = back >= 0
+    active[active] = code[back[active]] == BACKSLASH
+    while active.any():
+        run += active
+        back -= 1
+        run[active & (back < 0)] += carry  # the run reaches back into the previous block
+        active &= back >= 0
+        active[active] = code[back[active]] == BACKSLASH
+    return (run & 1).astype(bool)
 
 
 def deep_lines(data: bytes | memoryview, max_depth: int) -> list[int]:
@@ -103,10 +126,10 @@ def too_deep(text: bytes | memoryview, max_depth: int) -> str | None:
     for start in range(0, len(text), SCAN_BYTES):
         structure = scan(text[start : start + SCAN_BYTES], state)
         past = np.flatnonzero(structure.depth > max_depth)
-        end = past[0] if len(past) else len(structure.code)
-        colons = np.flatnonzero(structure.at(COLON)[:end] & (structure.depth[:end] == 1))
-        if len(colons):
-            colon = start + int(colons[-1])
+        end = past[0] if len(past) else len(structure.codes)
+        keys = (structure.codes[:end] == COLON) & (structure.depth[:end] == 1)
+        if keys.any():
+            colon = start + int(structure.positions[:end][keys][-1])
         if len(past):
             return key_before(bytes(text[:colon]), colon) if colon >= 0 else "record"
     return None
@@ -126,13 +149,3 @@ def key_before(text: bytes, colon: int) -> str:
             except ValueError:
                 break
     return "record"
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """How deep and how large one record may be (``IngestParams.max_depth`` and
-    ``max_record_bytes``); a record past them is rejected as ``too_deep:<field>`` or
-    ``too_large:record``."""
-
-    max_depth: int = 100
-    max_record_bytes: int = 64 << 20
