@@ -1,10 +1,12 @@
 """OpenAI-compatible completions client (``vllm serve`` started by us or already running).
 
 Requests go out concurrently (bounded by ``concurrency``) over one async HTTP client.
-Connection errors, timeouts, 429 and 5xx answers are retried with exponential backoff;
-a request that still fails raises :class:`EngineError` naming the server, so a dead server
-is a clear error, not a hang. The prompt is sent as the token ids of the text we rendered
-(``prompt`` accepts a token list), so the server sees exactly what in-process vLLM sees.
+Connection errors, timeouts, 429 and 5xx answers are retried with exponential backoff and
+jitter by tenacity (``AsyncRetrying``; the openai client's own retries cannot move a retry
+to another server); a request that still fails raises :class:`EngineError` naming the
+server, so a dead server is a clear error, not a hang. The prompt is sent as the token ids
+of the text we rendered (``prompt`` accepts a token list), so the server sees exactly what
+in-process vLLM sees.
 Retries happen below the cache: a batch is stored only once all its requests succeeded,
 so a retried request is never counted or stored twice.
 
@@ -19,13 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from engines.base import EngineError, Request, Sample
 from engines.models import fingerprint, model_dir
@@ -134,32 +142,44 @@ class OpenAIEngine:
         self, clients: list[httpx.AsyncClient], index: int, body: dict[str, Any]
     ) -> dict[str, Any]:
         """Request ``index`` of a batch: server ``index mod k`` first, the next on retry."""
-        last = ""
         tried: list[str] = []
-        for attempt in range(self.retries + 1):
-            server = (index + attempt) % len(clients)
+
+        async def attempt_once() -> dict[str, Any]:
+            server = (index + len(tried)) % len(clients)
             url = self.urls[server]
             tried.append(url)
             try:
                 response = await clients[server].post("/v1/completions", json=body)
             except httpx.TransportError as exc:
-                last = f"{url}: {type(exc).__name__}: {exc}"
-            else:
-                if response.status_code == 200:
-                    self.sent[url] += 1
-                    return response.json()
-                if response.status_code not in _RETRY_STATUS:
-                    raise EngineError(
-                        f"server {url} refused the request ({response.status_code}): "
-                        f"{_message(response)}"
-                    )
-                last = f"{url}: HTTP {response.status_code}: {_message(response)}"
-            if attempt < self.retries:
-                await asyncio.sleep(self.backoff * 2**attempt * (1 + random.random() / 4))
-        servers = ", ".join(dict.fromkeys(tried))
-        raise EngineError(
-            f"server {servers} failed after {self.retries + 1} attempts (is it running?): {last}"
+                raise _Retryable(f"{url}: {type(exc).__name__}: {exc}") from exc
+            if response.status_code == 200:
+                self.sent[url] += 1
+                return response.json()
+            if response.status_code not in _RETRY_STATUS:
+                raise EngineError(
+                    f"server {url} refused the request ({response.status_code}): "
+                    f"{_message(response)}"
+                )
+            raise _Retryable(f"{url}: HTTP {response.status_code}: {_message(response)}")
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_Retryable),
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_exponential_jitter(multiplier=self.backoff, jitter=self.backoff / 4),
         )
+        try:
+            return await retrying(attempt_once)
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            servers = ", ".join(dict.fromkeys(tried))
+            raise EngineError(
+                f"server {servers} failed after {len(tried)} attempts (is it running?): {last}"
+            ) from None
+
+
+class _Retryable(Exception):
+    """A failed attempt worth another try (transport error, 408/429/5xx); its message
+    names the server and what went wrong."""
 
 
 def _urls(url: str | Sequence[str]) -> list[str]:
