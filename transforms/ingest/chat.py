@@ -52,7 +52,7 @@ def is_tool_call(content: str | None) -> bool:
     Other keys make it plain text, so an ordinary answer is not taken for a call."""
     try:
         data = json.loads(content or "")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON text nested too deep
         return False
     items = data if isinstance(data, list) else [data]
     return bool(items) and all(_is_call(item) for item in items)

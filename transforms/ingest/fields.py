@@ -93,7 +93,7 @@ def json_text(value: Any, field: str) -> str | None:
         checked = text(value, field)
         try:
             json.loads(checked)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise RowReject(f"invalid_json:{field}") from exc
         return checked
     if isinstance(value, list | dict):

@@ -50,12 +50,30 @@ CHUNK_BYTES = 16 << 20
 BLOCK_BYTES = 2 << 20
 """Arrow's JSON block size; a line longer than this makes its chunk take the Python path."""
 TOO_LARGE = "too_large:record"
+TOO_LARGE_NUMBER = "too_large:number"
+"""An integer literal longer than Python converts (``sys.get_int_max_str_digits()``)."""
 
 BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
 _NON_BLANK = re.compile(rb"[^ \t\r\n]")
 
 OpenBytes = Callable[[], BinaryIO]
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError as exc:  # more digits than sys.get_int_max_str_digits()
+        raise RowReject(TOO_LARGE_NUMBER) from exc
+
+
+def loads(text: str) -> Any:
+    """``json.loads``; a record holding an integer too long to convert is its
+    :class:`RowReject` (``too_large:number``), returned, not raised."""
+    try:
+        return json.loads(text, parse_int=_int)
+    except RowReject as reject:
+        return reject
 
 
 def decode(text: bytes | memoryview) -> str:
@@ -171,7 +189,7 @@ def parse_chunk(
 def _parse_line(chunk: Chunk, index: int, line: bytes, open_bytes: OpenBytes, path: str) -> Any:
     """One line's JSON value; a malformed line is an :class:`IngestError` naming its number."""
     try:
-        return json.loads(decode(line))
+        return loads(decode(line))
     except json.JSONDecodeError as exc:
         number = lines_before(open_bytes, chunk.offset) + index + 1
         raise IngestError(
@@ -228,7 +246,7 @@ class Element:
             return RowReject(self.reason)
         text = decode(self.text)
         try:
-            return json.loads(text)
+            return loads(text)
         except json.JSONDecodeError as exc:
             line = self.line + text.count("\n", 0, exc.pos)
             raise IngestError(path, f"invalid JSON: {exc.msg}", location=f"line {line}") from exc

@@ -66,5 +66,6 @@ def aliases_of(value: Any) -> list[str]:
 def _literal(value: str) -> Any:
     try:
         return ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
+        # TypeError: an unhashable key or member, e.g. ``{[1]: 2}``
         raise RowReject("wrong_type:answers") from exc
