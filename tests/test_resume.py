@@ -6,14 +6,17 @@ Each killed run must leave no version; each rerun must commit a train split iden
 an uninterrupted build's, and a rerun after a kill mid-scoring must not pay again for the
 generations that had completed. Timing is observed, never injected: the test polls what
 the build writes (ingest shards, rows in the SQLite generation cache, the data files of
-the commit) and kills the process group (the build and its vLLM engine processes) the
+the commit) and kills the process group (the build and any processes it started) the
 moment it sees them.
 
 Cost control: the builds share the session's Prefect test server (``PREFECT_API_URL``)
 instead of starting an ephemeral one each, and the CRaFT spec scores 300 fact-world
 questions with ``craft_wo_flow`` (CRaFT's certainty scoring, without the rehearsal
 fine-tune: rehearsal is one cached Prefect task, resumed as a unit, see test_craft.py),
-so the generation cache fills in two batches (256 + 44 requests).
+so the generation cache fills in two batches (256 + 44 requests). The CRaFT builds score
+through the session's ``vllm serve`` (``vllm_server``, engine ``openai``) rather than
+starting a vLLM engine in each child process; the in-process vLLM path of a build is
+covered by test_craft.py and test_cli_engines.py.
 """
 
 from __future__ import annotations
@@ -136,13 +139,17 @@ def corpus_spec(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def craft_spec(tmp_path_factory: pytest.TempPathFactory, fact_world) -> Path:
+def craft_spec(tmp_path_factory: pytest.TempPathFactory, fact_world, vllm_server) -> Path:
+    """CRaFT scoring through the session's ``vllm serve`` (engine ``openai``): the builds in
+    child processes start no vLLM engine of their own (each one cost 30-60 s of CPU here)."""
     folder = tmp_path_factory.mktemp("fw")
     lines = Path(fact_world.facts_path).read_text().splitlines()[:FACTS]
     (folder / "facts.jsonl").write_text("\n".join(lines) + "\n")
     spec = folder / "spec.yaml"
     craft = {
         "model": str(fact_world.model_dir),
+        "engine": "openai",
+        "url": vllm_server.url,
         "method": "craft_wo_flow",
         "static_conflict": False,
     }
@@ -197,7 +204,10 @@ def test_kill_mid_scoring_in_craft_then_rerun_pays_only_for_the_rest(
 ) -> None:
     name = "fw-resume"
     ref_store = tmp_path / "reference"
+    # The reference first, to the end: the shared server then sees the same batches (256 +
+    # 44 requests) in the reference as in the killed run and its rerun.
     reference = Build(craft_spec, ref_store, _env(tmp_path, api_url), tmp_path / "ref.log")
+    expected = reference.summary(timeout=400)
 
     store, env = tmp_path / "store", _env(tmp_path, api_url)
     cache = store / "_cache"
@@ -207,7 +217,6 @@ def test_kill_mid_scoring_in_craft_then_rerun_pays_only_for_the_rest(
     done = _rows(cache)
     assert 0 < done < FACTS  # killed between the two scoring batches
 
-    expected = reference.summary(timeout=400)
     rerun = Build(craft_spec, store, env, tmp_path / "rerun.log").summary(timeout=400)
     assert rerun["version"] == 0
     assert expected["misses"] == FACTS
