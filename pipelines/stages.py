@@ -3,8 +3,10 @@ the model-backed ones, which live in ``pipelines`` because they construct engine
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from engines.embeddings import Embedder
 from pipelines.craft import CraftParams, run_craft
 from pipelines.judge import JudgeParams, judge_stage
 from pipelines.refine import RefineParams, refine_stage
@@ -12,6 +14,7 @@ from pipelines.self_guide import SelfGuideParams, self_guide_stage
 from pipelines.self_instruct import SelfInstructParams, self_instruct_stage
 from storage.gencache import GenerationCache
 from transforms.registry import STAGES, StageContext, StageDef
+from transforms.response.semantic_dedup import SemanticDedupParams, semantic_dedup
 from transforms.stage import StageResult
 
 
@@ -20,8 +23,18 @@ def craft_stage(table: Any, params: CraftParams, context: StageContext) -> Stage
     return run_craft(table, params, context.work, GenerationCache(context.cache_dir))
 
 
+def semantic_dedup_stage(
+    table: Any, params: SemanticDedupParams, context: StageContext | None = None
+) -> StageResult:
+    """The ``semantic_dedup`` stage with the MiniLM embedder its parameters name (the
+    transform receives the engine, it never constructs one)."""
+    embedder = Embedder(params.embedding_dir, batch_size=params.batch_size)
+    return semantic_dedup(table, params, context, embedder=embedder)
+
+
 ALL_STAGES: dict[str, StageDef] = {
     **STAGES,
+    "semantic_dedup": replace(STAGES["semantic_dedup"], run=semantic_dedup_stage),
     "craft": StageDef("craft", CraftParams, craft_stage, whole=True),
     "refine": StageDef("refine", RefineParams, refine_stage, whole=True),
     "self_instruct": StageDef("self_instruct", SelfInstructParams, self_instruct_stage, whole=True),

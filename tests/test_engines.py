@@ -11,12 +11,13 @@ import pytest
 
 from engines import EngineError, Request, Sampling, row_seed
 from engines.cached import CachedEngine
-from engines.embeddings import Embedder, mean_pairwise_cosine
+from engines.embeddings import Embedder
 from engines.hf import TransformersEngine
 from engines.prompts import render
 from engines.vllm_engine import VLLMEngine
 from examples.fact_world import query_prompt
 from storage.gencache import GenerationCache
+from transforms.similarity import mean_pairwise_cosine
 
 OEQA = Sampling(n=10, temperature=1.0, max_tokens=50)  # CRaFT's open-QA query
 GREEDY = Sampling(n=1, temperature=0.0, max_tokens=20)

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from engines.embeddings import Embedder
 from transforms.ingest import read_source
 from transforms.response.lengths import with_columns
 from transforms.response.near_dedup import (
@@ -185,7 +186,7 @@ def test_semantic_dedup_catches_copies_and_keeps_distinct_rows(roleplay: pa.Tabl
         row["response"] = extra_whitespace(row["response"], random.Random(k)).replace("  ", " ")
         row["id"] = f"semantic-copy-{k}"
     table = pa.concat_tables([base, pa.Table.from_pylist(copies, schema=base.schema)])
-    out = semantic_dedup(table, SemanticDedupParams())
+    out = semantic_dedup(table, SemanticDedupParams(), embedder=Embedder())
     assert out.counts(table.num_rows) == {"in": 48, "kept": 40, "rejected": 8, "added": 0}
     assert out.kept.column("id").to_pylist() == base.column("id").to_pylist()
     first_ids = base.column("id").to_pylist()

@@ -31,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
-from engines.base import Request, Sample, Sampling, row_seed
-from engines.embeddings import mean_pairwise_cosine
+from engines.base import Request, Sample, Sampling, TextEmbedder, row_seed
+from transforms.similarity import mean_pairwise_cosine
 
 OEQA_INSTRUCTION = "Answer the following question as simple as possible."
 MCQ_HEADER = (
@@ -66,10 +66,6 @@ class Generator(Protocol):
 
 class Renderer(Protocol):
     def __call__(self, messages: Sequence[dict[str, str]]) -> str: ...
-
-
-class Embeds(Protocol):
-    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -134,7 +130,7 @@ def _dev_shots(folder: str | None, subject: str, k: int) -> list[tuple[str, list
     return [(r["question"], [r[x] for x in "ABCD"], r["target"].strip()) for r in rows]
 
 
-def _embed_unique(embedder: Embeds, groups: list[list[str]]) -> list[np.ndarray]:
+def _embed_unique(embedder: TextEmbedder, groups: list[list[str]]) -> list[np.ndarray]:
     """Each group's embeddings, from one ``embed`` call over the distinct texts of all groups
     (sampled answers repeat a lot: a certain model says the same thing ten times)."""
     unique = list(dict.fromkeys(text for group in groups for text in group))
@@ -147,7 +143,7 @@ def query_knowledge(
     table: pa.Table,
     engine: Generator,
     render: Renderer,
-    embedder: Embeds,
+    embedder: TextEmbedder,
     params: QueryParams,
     stage: str,
 ) -> Knowledge:

@@ -1,7 +1,8 @@
 """Stage ``semantic_dedup``: drop rows whose meaning repeats an earlier row.
 
 Embeddings of the prompt and response with sentence-transformers ``all-MiniLM-L6-v2``
-(the engine :class:`engines.embeddings.Embedder`, offline), neighbours within cosine
+(the engine :class:`engines.embeddings.Embedder`, offline, which the pipeline passes in
+as an :class:`engines.base.TextEmbedder`: see :mod:`pipelines.stages`), neighbours within cosine
 similarity ``threshold`` (default 0.95) found with scikit-learn ``NearestNeighbors``
 (cosine metric, radius ``1 - threshold``), then a greedy pass in row order: a row is a
 duplicate of the first earlier *kept* row within the radius, and goes to ``rejected`` with
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.base import EngineError, TextEmbedder
 from transforms.response.lengths import prompt_plain
 from transforms.schema import rejected
 from transforms.stage import StageResult, reject_table
@@ -60,18 +62,25 @@ def duplicates_by_radius(vectors: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def semantic_dedup(
-    table: pa.Table, params: SemanticDedupParams, context: Any = None
+    table: pa.Table,
+    params: SemanticDedupParams,
+    context: Any = None,
+    embedder: TextEmbedder | None = None,
 ) -> StageResult:
-    """Embed every row, then keep the first row of each group within the threshold."""
-    from engines.embeddings import Embedder
-
+    """Embed every row with ``embedder``, then keep the first row of each group within the
+    threshold. A transform never constructs an engine: without ``embedder`` this is an error
+    (builds go through :mod:`pipelines.stages`, which passes the packaged MiniLM)."""
+    if embedder is None:
+        raise EngineError(
+            "semantic_dedup needs an embedder (engines.embeddings.Embedder); "
+            "run it through pipelines.stages or pass one"
+        )
     text = pc.binary_join_element_wise(
         prompt_plain(table.column("prompt")),
         pc.fill_null(combined(table.column("response")), ""),
         "\n",
     )
     texts = pc.utf8_slice_codeunits(text, 0, params.max_chars).to_pylist()
-    embedder = Embedder(params.embedding_dir, batch_size=params.batch_size)
     vectors = embedder.embed(texts)
     owner = duplicates_by_radius(vectors, params.threshold)
     ids = table.column("id").to_pylist()
