@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -264,6 +265,20 @@ def _run_console(verbose: bool) -> Iterator[None]:
             logger.removeFilter(run_log)
 
 
+@contextmanager
+def _signals_exit() -> Iterator[None]:
+    """For a command that writes files without a flow (export, report, generate): SIGTERM
+    and SIGHUP unwind like Ctrl-C (their atomic writes remove what they started, an engine
+    stops its server), then exit 128 + signal; Ctrl-C exits 130."""
+    from pipelines.prefect_server import signals_as_exit
+
+    try:
+        with signals_as_exit():
+            yield
+    except KeyboardInterrupt:
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
 def _out_folder(path: Path) -> Path:
     """An ``--out`` folder: it may not exist yet, but must not be a file."""
     if path.exists() and not path.is_dir():
@@ -323,7 +338,7 @@ def build(
         RunnerOptions(runner=runner, dask_address=dask_address, dask_workers=dask_workers)
     )
     check_server()  # an unreachable PREFECT_API_URL: one line and exit 2, before any work
-    with prefect_api(), build_bars(wanted(as_json), out, loaded), _run_console(verbose):
+    with prefect_api(), build_bars(wanted(as_json), out), _run_console(verbose):
         summary = flow(str(spec), store=store)
     if as_json:
         cache = summary.get("cache", {})
@@ -508,9 +523,10 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a self-contained HTML report of a version to DIR/index.html."""
-    from pipelines.report import write_report
+    with _signals_exit():
+        from pipelines.report import write_report
 
-    result = write_report(_store(store), ref, _out_folder(out_dir), sample=sample)
+        result = write_report(_store(store), ref, _out_folder(out_dir), sample=sample)
     if as_json:
         _emit_json(result.to_dict())
         return
@@ -651,7 +667,8 @@ def export(
     from storage.export import export as run_export
 
     switch = _loss_over_prompt(loss_over_prompt)
-    result = run_export(_store(store), ref, fmt, _out_folder(out_dir), loss_over_prompt=switch)
+    with _signals_exit():
+        result = run_export(_store(store), ref, fmt, _out_folder(out_dir), loss_over_prompt=switch)
     data = result.to_dict() if hasattr(result, "to_dict") else vars(result)
     if as_json:
         _emit_json(data)
@@ -707,7 +724,7 @@ def generate(
         ),
     )
     cache = GenerationCache(cache_dir(store or default_store()))
-    with bars(wanted(as_json), out) as shown:
+    with _signals_exit(), bars(wanted(as_json), out) as shown:
         progress = shown.requests("generate") if shown else None
         stats = generate_file(source, target, options, cache, progress=progress)
     if as_json:

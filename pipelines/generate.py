@@ -10,7 +10,10 @@ base seed), so a rerun is free and reproducible.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,6 +122,18 @@ def open_engine(options: GenerateOptions) -> Iterator[Any]:
             close()
 
 
+def _check_target(target: Path) -> None:
+    """Fail before the engine starts when ``--out`` cannot be written: a folder, or a path
+    under a file. (A read-only folder is found when the file is created.)"""
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; --out must name a file", str(target))
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(target))
+
+
 def generate_file(
     source: Path,
     target: Path,
@@ -129,6 +144,7 @@ def generate_file(
     """Generate for every line of ``source`` into ``target``; returns the statistics.
     ``progress(done, total)`` is called as batches of requests complete."""
     records, prompts = read_prompts(source, options.model)
+    _check_target(target)
     requests = [
         Request(p, options.sampling, row_seed(f"{options.seed}\x1f{p}", "generate"))
         for p in prompts
@@ -142,12 +158,21 @@ def generate_file(
     seconds = time.perf_counter() - start
     generation = generated - ready
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as out:
-        for record, samples in zip(records, outputs, strict=True):
-            record = {**record, "samples": [_sample_line(s, options.sampling) for s in samples]}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(target)
+    # A unique temporary file beside the target, renamed onto it when whole, and removed
+    # on any failure (a full disk, Ctrl-C, SIGTERM): never a half-written file left behind.
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            for record, samples in zip(records, outputs, strict=True):
+                samples = [_sample_line(s, options.sampling) for s in samples]
+                out.write(json.dumps({**record, "samples": samples}, ensure_ascii=False) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     completions = sum(len(s) for s in outputs)
     return {
         **cached.stats.to_dict(),
