@@ -8,31 +8,22 @@ leaves a half-written model where a model is expected.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from engines.prompts import tokenizer
+from storage.atomic import atomic_dir
 
 
 def save_checkpoint(model: Any, source: str | Path, out_dir: str | Path) -> Path:
     """Save ``model`` with ``source``'s tokenizer and generation config as ``out_dir``
     (replacing what was there); returns ``out_dir``."""
     source, out_dir = Path(source), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer(str(source)).save_pretrained(tmp)
         extra = source / "generation_config.json"
         if extra.exists() and not (tmp / extra.name).exists():
             shutil.copy(extra, tmp / extra.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -23,7 +23,6 @@ accumulation: packing is not reproduced); MCQ capped at 1,000 rows by ``random.s
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +42,7 @@ from engines.prompts import render
 from engines.rehearsal import RehearsalParams, rehearse
 from pipelines.engine_settings import EngineSettings, close_engine, open_engine
 from pipelines.fingerprint import fresh, key_of
+from storage.atomic import atomic_path
 from storage.gencache import GenerationCache
 from transforms.craft.diagnostics import (
     CRSS_THRESHOLD,
@@ -235,11 +235,8 @@ def question_vectors(model: str, questions: list[str], work: Path) -> tuple[np.n
     if path.is_file():
         return np.load(path), 0
     vectors = TransformersEngine(model).hidden_states(questions)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two builds at once: own file
-    with tmp.open("wb") as handle:
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:  # two builds at once: own file
         np.save(handle, vectors)
-    tmp.replace(path)
     return vectors, len(questions)
 
 

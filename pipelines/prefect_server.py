@@ -49,6 +49,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
+from storage.atomic import write_json_atomic
+
 STATE_ENV = "ALIGNCURATE_STATE"
 MODE_ENV = "ALIGNCURATE_PREFECT_SERVER"
 Mode = Literal["reuse", "start", "temporary"]
@@ -241,9 +243,7 @@ def _recorded(folder: Path) -> ServerInfo | None:
 
 
 def _write(folder: Path, info: ServerInfo) -> None:
-    tmp = folder / f".server.json.{os.getpid()}"
-    tmp.write_text(json.dumps(info.to_dict(), indent=2) + "\n")
-    tmp.replace(folder / "server.json")
+    write_json_atomic(folder / "server.json", info.to_dict())
 
 
 def status() -> dict[str, object]:

@@ -9,8 +9,6 @@ shard and (when it rejected anything) one ``rejected`` shard.
 from __future__ import annotations
 
 import hashlib
-import os
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from pipelines.stages import stage
+from storage.atomic import atomic_path
 from transforms.registry import StageContext, StageDef
 from transforms.stage import StageResult
 
@@ -154,17 +153,12 @@ class ShardWriter:
             yield self.counts
 
     def _write(self, table: pa.Table, name: str) -> str:
+        # Two builds of one spec at once write the same files (same key, same content) into
+        # the same folder: atomic_path gives each its own temporary name.
         path = self.folder / name
-        tmp = _own_temporary(path)
-        pq.write_table(table, tmp, **_SHARD_OPTIONS)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, **_SHARD_OPTIONS)
         return str(path)
-
-
-def _own_temporary(path: Path) -> Path:
-    """A temporary name next to ``path``, of this writer's own (same suffix): two builds of
-    one spec at once write the same files (same key, same content) into the same folder."""
-    return path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
 
 
 def write_prepared(
@@ -173,10 +167,8 @@ def write_prepared(
     """Write a shard's prepared arrays as ``<folder>/<shard stem>.npz`` (atomically), with
     a digest of the rows they were computed from."""
     path = Path(folder) / f"{Path(shard).stem}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _own_temporary(path)
-    np.savez(tmp, _rows=_rows_digest(table), **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, _rows=_rows_digest(table), **arrays)
     return str(path)
 
 

@@ -484,7 +484,11 @@ class DatasetStore:
             return dict(json.loads(stream.read().decode("utf-8"))["tags"])
 
     def _write_tags(self, name: str, tags: Mapping[str, Any]) -> None:
-        """Write the tags file via a temporary file and a rename (atomic locally and on S3)."""
+        """Write the tags file via a temporary file and a rename (atomic locally and on S3).
+
+        Not :mod:`storage.atomic`: the store may be ``s3://``, so this writes and moves
+        through the store's pyarrow filesystem, which :mod:`storage.atomic`'s local paths
+        cannot address."""
         self._table(name)  # the dataset must exist
         fs, path = self._fs[0], self._tags_path(name)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)

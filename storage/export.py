@@ -52,6 +52,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.atomic import atomic_path
 from storage.dataset import DatasetStore
 from storage.names import Ref, StoreError, validate_split
 from storage.preference import (
@@ -279,10 +280,10 @@ def _convert(
 
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed onto it when the block succeeds."""
-    tmp = path.with_name(path.name + ".tmp")
-    yield tmp
-    tmp.replace(path)
+    """A temporary path next to ``path``, renamed onto it when the block succeeds
+    (:func:`storage.atomic.atomic_path`; removed when it fails)."""
+    with atomic_path(path) as tmp:
+        yield tmp
 
 
 def _write_json(records: Iterable[Row], path: Path, as_list: bool) -> int:
