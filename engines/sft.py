@@ -114,6 +114,8 @@ def train_sft(
     source = str(model_dir(model_path))
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A scratch folder for the trainer, removed at the end, not renamed into place: the
+    # model itself reaches out_dir atomically through save_checkpoint (storage.atomic).
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     threads = torch.get_num_threads()
     points: list[dict[str, float]] = []

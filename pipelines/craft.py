@@ -256,8 +256,8 @@ def diagnose(
         f"CRaFT knowledge state ({params.method})",
     )
     figure = work / "figures" / f"{key_of(png.hex())}.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    figure.write_bytes(png)
+    with atomic_path(figure) as tmp:
+        tmp.write_bytes(png)
     out: dict[str, Any] = {"figures": {"knowledge_state": str(figure)}}
     if params.static_conflict:
         rows = kept.select(["task", "prompt", LABEL_COLUMN]).to_pylist()
