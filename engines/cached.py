@@ -8,7 +8,6 @@ for the next. A rebuild or a resumed build therefore never pays twice for a gene
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,10 +16,11 @@ from engines.base import Engine, Request, Sample
 from storage.gencache import CacheStats, GenerationCache, cache_key
 
 Progress = Callable[[int, int], None]
-REQUESTS_MESSAGE = "%s: %d/%d requests"
-"""Logged (INFO, logger ``engines.cached``) after each batch when no ``progress`` callback
-is given: the CLI turns it into a progress bar (``pipelines/progress.py``)."""
-_log = logging.getLogger(__name__)
+BatchListener = Callable[[str, int, int], None]
+batch_listener: BatchListener | None = None
+"""Told ``(engine kind, done, total)`` after each batch that :meth:`CachedEngine.generate`
+runs without a ``progress`` callback (a model-backed stage in a build). The CLI sets it
+while it shows progress bars (``pipelines.progress.listening``); ``None``: nobody listens."""
 
 
 class CachedEngine:
@@ -72,8 +72,8 @@ class CachedEngine:
             done += len(batch)
             if progress is not None:
                 progress(done, len(requests))
-            else:
-                _log.info(REQUESTS_MESSAGE, self.kind, done, len(requests))
+            elif batch_listener is not None:
+                batch_listener(self.kind, done, len(requests))
         return [[Sample.from_dict(s) for s in found[key]] for key in keys]
 
     def score_options(self, prompts: Sequence[str], options: Sequence[str]) -> list[list[float]]:

@@ -33,6 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipelines.failures import clear_failures, clear_task_failures, record_failure
 from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
 from pipelines.parallel import ordered_map, shard_threads
+from pipelines.progress import emit
 from pipelines.report import ReportResult, publish_report
 from pipelines.segments import (
     ChainStep,
@@ -116,6 +117,7 @@ def ingest_source(
     with contextlib.closing(batches):  # the source file is closed on an error too
         for counts in writer.record(ordered_map(shard, enumerate(batches))):
             logger.info("%s: %d rows read", source.path, counts["ingest"]["in"])
+            emit("read", source.path, counts["ingest"]["in"])
     return SegmentOutput(key, writer.train, writer.rejected, writer.counts, produced_by=_run_id())
 
 
@@ -167,6 +169,7 @@ def run_segment(
 
     for i, _ in enumerate(writer.record(ordered_map(tail, heads())), 1):
         logger.info("%s: shard %d/%d", chain[0].definition.name, i, len(shards))
+        emit("stage", chain[0].definition.name, i, len(shards))
     return SegmentOutput(
         key, writer.train, writer.rejected, writer.counts, produced_by=_run_id(), stats=stats
     )
@@ -292,6 +295,9 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
             )
         )
     outputs = [f.result() for f in futures]
+    for source, output in zip(spec.sources, outputs, strict=True):
+        rows = output.counts.get("ingest", {}).get("in", 0)  # a cached task read nothing
+        emit("read", source.path, rows, rows)
     _check_not_empty(spec, outputs)
 
     segment = run_segment.with_options(result_storage=storage)
@@ -302,6 +308,7 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         folder = work / "shards" / key
         prepared = _prepare(chain[0], train, work, storage)
         out = fresh(segment, folder)(key, train, chain, str(folder), context, prepared)
+        emit("stage", chain[0].definition.name, len(train), len(train))
         outputs.append(out)
         train = out.train
 
@@ -328,7 +335,9 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
         "reused_tasks": sum(o.produced_by != _run_id() for o in outputs),
         "reused_from": sorted({str(o.produced_by) for o in outputs if o.produced_by != _run_id()}),
     }
+    emit("commit", spec.name, 0, 1)
     version = commit_version(datasets, spec.name, train, rejected, metadata)
+    emit("commit", spec.name, 1, 1)
     clear_failures(work / "results", before=started)  # every task of this build succeeded
     summary = {
         "name": spec.name,

@@ -1,5 +1,6 @@
-"""Progress bars of long CLI work: they follow a real build, and stay out of scripted output
-(``--json``, or stdout that is not a terminal)."""
+"""Progress bars of long CLI work: they follow a real build's progress events, share the
+terminal with Prefect's log lines without being written through, and stay out of scripted
+output (``--json``, or stdout that is not a terminal)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
@@ -19,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo" / "spec.yaml"
 EXE = str(Path(sys.executable).with_name("aligncurate"))
 CURSOR_HIDE = "\x1b[?25l"  # rich's live display hides the cursor while it draws
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+LOG_LINE = re.compile(r"\d\d:\d\d:\d\d\.\d+ \| INFO +\|")  # Prefect's console format
+BAR = re.compile(r"\d+/(\d+|\?) +(rows|shards|versions|requests)")
 
 
 def test_bars_follow_a_real_build(prefect_harness: None, tmp_path: Path) -> None:
@@ -28,7 +33,7 @@ def test_bars_follow_a_real_build(prefect_harness: None, tmp_path: Path) -> None
 
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=120)
-    with build_bars(True, console, load_spec(DEMO)) as shown:
+    with build_bars(True, console) as shown:
         assert shown is not None
         summary = build_dataset(str(DEMO), store=str(tmp_path / "store"))
     bars = {t.description: t for t in shown.progress.tasks}
@@ -50,14 +55,12 @@ def _fact_prompts(world: object, n: int) -> list[str]:
 
 
 def test_generation_inside_a_build_moves_a_requests_bar(fact_world: object, tmp_path: Path) -> None:
-    """Model-backed stages call ``CachedEngine.generate`` without a callback: its per-batch
-    log records drive a bar, and nothing else prints them."""
-    import logging
-
+    """Model-backed stages call ``CachedEngine.generate`` without a callback: its batches
+    reach the bars through ``engines.cached.batch_listener``, unset again afterwards."""
     from engines import Request, Sampling, make_engine
+    from engines import cached as cached_module
     from engines.cached import CachedEngine
-    from pipelines.progress import GENERATION_LOGGER, build_bars
-    from pipelines.spec import load_spec
+    from pipelines.progress import build_bars
     from storage.gencache import GenerationCache
 
     engine = make_engine("transformers", fact_world.model_dir)  # type: ignore[attr-defined]
@@ -66,15 +69,14 @@ def test_generation_inside_a_build_moves_a_requests_bar(fact_world: object, tmp_
     requests = [Request(p, sampling, seed=i) for i, p in enumerate(_fact_prompts(fact_world, 5))]
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=120)
-    with build_bars(True, console, load_spec(DEMO)) as shown:
+    with build_bars(True, console) as shown:
         assert shown is not None
         cached.generate(requests)
     bar = {t.description: t for t in shown.progress.tasks}["generate (transformers)"]
     assert (bar.completed, bar.total, bar.fields["unit"]) == (5, 5, "requests")
     assert cached.stats.engine_calls == 3  # batches of 2, 2 and 1
     assert "5/5" in screen.getvalue()
-    logger = logging.getLogger(GENERATION_LOGGER)
-    assert logger.propagate and not logger.handlers  # restored after the build
+    assert cached_module.batch_listener is None  # nobody listens after the build
 
 
 def test_generate_command_shows_requests_on_a_terminal(
@@ -93,11 +95,14 @@ def test_generate_command_shows_requests_on_a_terminal(
     assert len(target.read_text().splitlines()) == 3
 
 
-def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
-    """Run ``args`` with stdout on a pseudo-terminal; its stdout (``\\r\\n`` as ``\\n``)
-    and stderr."""
+def _on_a_terminal(
+    args: list[str], env: dict[str, str], stderr_too: bool = False
+) -> tuple[int, str, str]:
+    """Run ``args`` with stdout (and stderr, if ``stderr_too``) on a pseudo-terminal; what
+    the terminal got (``\\r\\n`` as ``\\n``) and stderr (empty if ``stderr_too``)."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdout=slave, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    stderr = slave if stderr_too else subprocess.PIPE
+    proc = subprocess.Popen(args, stdout=slave, stderr=stderr, env=env, cwd=REPO)
     os.close(slave)
     chunks: list[bytes] = []
     while True:
@@ -124,6 +129,38 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     environment = {**os.environ, "PREFECT_HOME": str(home), "COLUMNS": "120"}
     environment.pop("PREFECT_API_URL", None)
     return environment
+
+
+def test_log_lines_print_above_the_bars_not_through_them(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """As on a person's terminal, stdout and stderr are one pseudo-terminal: Prefect's INFO
+    lines show, the bars show, and no log line is written into a bar's line. What the
+    terminal keeps of a line is what follows its last carriage return."""
+    args = [EXE, "build", str(DEMO), "--store", str(tmp_path / "store")]
+    code, screen, _ = _on_a_terminal(args, env, stderr_too=True)
+    assert code == 0, screen[-3000:]
+    assert CURSOR_HIDE in screen and "demo-sft@0 committed" in ANSI.sub("", screen)
+    pieces = re.split(r"[\r\n]", ANSI.sub("", screen))
+    assert any(BAR.search(p) and "stage exact_dedup" in p for p in pieces)
+    assert any(LOG_LINE.search(p) for p in pieces)  # Prefect's console lines still print
+    through = [p for p in pieces if BAR.search(p) and LOG_LINE.search(p)]
+    assert not through, through[:3]
+
+
+def test_events_reach_listeners_and_never_break_the_emitter() -> None:
+    from pipelines.progress import Event, emit, listening
+
+    emit("read", "nobody-listens.jsonl", 1)  # no listener: nothing happens
+    heard: list[Event] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("a broken bar")
+
+    with listening(broken), listening(heard.append):
+        emit("stage", "exact_dedup", 1, 2)
+    emit("stage", "exact_dedup", 2, 2)  # after the block: not heard
+    assert heard == [Event("stage", "exact_dedup", 1, 2)]
 
 
 def test_json_stays_clean_json_on_a_terminal(env: dict[str, str], tmp_path: Path) -> None:
