@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ from jinja2 import TemplateError
 from engines import EngineError, Request, Sample, Sampling, make_engine, row_seed
 from engines.cached import CachedEngine, Progress
 from engines.prompts import render
+from storage.atomic import atomic_path
 from storage.gencache import GenerationCache
 
 
@@ -157,22 +156,12 @@ def generate_file(
         generated = time.perf_counter()
     seconds = time.perf_counter() - start
     generation = generated - ready
-    target.parent.mkdir(parents=True, exist_ok=True)
     # A unique temporary file beside the target, renamed onto it when whole, and removed
     # on any failure (a full disk, Ctrl-C, SIGTERM): never a half-written file left behind.
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for record, samples in zip(records, outputs, strict=True):
-                samples = [_sample_line(s, options.sampling) for s in samples]
-                out.write(json.dumps({**record, "samples": samples}, ensure_ascii=False) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp, tmp.open("w", encoding="utf-8") as out:
+        for record, samples in zip(records, outputs, strict=True):
+            samples = [_sample_line(s, options.sampling) for s in samples]
+            out.write(json.dumps({**record, "samples": samples}, ensure_ascii=False) + "\n")
     completions = sum(len(s) for s in outputs)
     return {
         **cached.stats.to_dict(),
