@@ -131,6 +131,31 @@ class Chromium:
               scripts: document.scripts.length,
               sections: [...document.querySelectorAll('section')].map(s => s.id),
               text: document.body.innerText,
+              layout: (() => {
+                const blocks = [...document.querySelectorAll(
+                  'header, nav, main, section, h1, h2, h3, p, ul, table, figure, pre, '
+                  + '.plots, .row, .row > div, .turn')];
+                const isBlock = new Set(blocks);
+                const name = e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '')
+                  + (e.className ? '.' + e.className : '');
+                const overlaps = [];
+                for (const parent of new Set(blocks.map(b => b.parentElement))) {
+                  const kids = [...parent.children].filter(k => isBlock.has(k));
+                  const rects = kids.map(k => k.getBoundingClientRect());
+                  for (let i = 0; i < kids.length; i++) for (let j = i + 1; j < kids.length; j++) {
+                    const a = rects[i], b = rects[j];
+                    const w = Math.min(a.right, b.right) - Math.max(a.left, b.left);
+                    const h = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+                    if (w > 1 && h > 1) overlaps.push([name(kids[i]), name(kids[j])]);
+                  }
+                }
+                const cut = [...document.querySelectorAll('td, th')]
+                  .filter(c => c.scrollWidth > c.clientWidth + 1)
+                  .map(c => c.textContent.slice(0, 80));
+                const wide = document.documentElement.scrollWidth
+                  > document.documentElement.clientWidth;
+                return {overlaps, cut, wide};
+              })(),
             })""",
         )
         shot = self.send(
@@ -193,11 +218,22 @@ def assert_page_ok(page: dict[str, Any]) -> None:
     for width, height in page["svgs"]:
         assert width > 0 and height > 0
     assert page["scripts"] == 0
+    assert_layout_ok(page)
     from PIL import Image
 
     pixels = np.asarray(Image.open(io.BytesIO(page["screenshot"])).convert("L"), dtype=float)
     assert pixels.shape[0] > 900  # the whole page, beyond the first screen
     assert pixels.std() > 20  # not blank
+
+
+def assert_layout_ok(page: dict[str, Any]) -> None:
+    """At 1280 px no block (panel, table, plot, heading, paragraph) overlaps a sibling
+    block, no table cell is cut (its content wider than the cell), and the page does not
+    scroll sideways."""
+    layout = page["layout"]
+    assert layout["overlaps"] == [], layout["overlaps"][:10]
+    assert layout["cut"] == [], layout["cut"][:10]
+    assert not layout["wide"]
 
 
 # -- versions ---------------------------------------------------------------------------------

@@ -37,8 +37,9 @@ margin:16px 0}
 h2{margin:4px 0 10px;font-size:18px}
 h3{font-size:15px;margin:14px 0 6px}
 table{border-collapse:collapse;margin:6px 0 10px}
-th,td{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #dee2e6;padding:3px 8px;text-align:left;vertical-align:top;
+overflow-wrap:anywhere}
+td.n{text-align:right;font-variant-numeric:tabular-nums;overflow-wrap:normal}
 th{background:#f1f3f5}
 .plots{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0}
@@ -48,7 +49,9 @@ code,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
 pre{white-space:pre-wrap;word-break:break-word;background:#f8f9fa;padding:6px 8px;
 margin:4px 0;border-radius:4px;max-height:320px;overflow:auto}
 .row{border-top:1px solid #dee2e6;padding:8px 0;display:grid;
-grid-template-columns:minmax(240px,420px) minmax(0,1fr);gap:14px}
+grid-template-columns:minmax(0,480px) minmax(0,1fr);gap:14px}
+.row>table{width:100%;table-layout:fixed;margin:0}
+.row>table th:first-child{width:36%}
 .muted{color:#868e96}
 .turn{margin:2px 0}
 .role{font-weight:600;color:#495057}
