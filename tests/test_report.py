@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -433,6 +434,43 @@ def test_row_text_is_escaped(browser: Chromium, tmp_path: Path) -> None:
         page["scripts"] == 0 and page["images"] == [] and page["requests"] == [page_path.as_uri()]
     )
     assert "<script>document.title='owned'</script>" in page["text"]
+
+
+HOSTILE = '<script>alert(1)</script>"><img src=x>'
+
+
+@pytest.mark.fast
+def test_the_templates_escape_hostile_text(tmp_path: Path) -> None:
+    """Autoescape: markup in row text (prompt, response, columns, lineage, reject reason)
+    and in the commit's metadata comes out escaped everywhere on the page; only the plots
+    are passed to the templates as Markup."""
+    table = pq.read_table(FIXTURES / "synthesis.parquet").drop_columns(["split"])
+    train = table.filter(pc.is_valid(table["lineage_method"])).slice(0, 1)
+    rejected = table.filter(pc.is_valid(table["reject_reason"])).slice(0, 1)
+    shards = []
+    for split, part in (("train", train), ("rejected", rejected)):
+        rows = part.to_pylist()
+        rows[0].update(prompt=[{"role": HOSTILE, "content": HOSTILE}], response=HOSTILE)
+        rows[0].update(source=HOSTILE, lineage_method=HOSTILE)
+        if split == "rejected":
+            rows[0]["reject_reason"] = HOSTILE
+        else:
+            rows = [{k: v for k, v in r.items() if not k.startswith("reject_")} for r in rows]
+        schema = pa.schema([f for f in table.schema if f.name in rows[0]])
+        shards.append(str(tmp_path / f"{split}.parquet"))
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), shards[-1])
+    store = DatasetStore(str(tmp_path / "store"))
+    Path(store.root).mkdir(parents=True)
+    metadata = {"spec_name": HOSTILE, "build_id": HOSTILE, "code_version": HOSTILE}
+    store.commit("hostile", [shards[0]], [shards[1]], metadata)
+    result = write_report(store, "hostile", tmp_path / "report")
+    page = Path(result.path).read_text()
+    assert "lineage" in result.sections
+    assert [p.name for p in (tmp_path / "report").iterdir()] == ["index.html"]  # no temp file
+    assert "<script" not in page and "<img" not in page
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;&#34;&gt;&lt;img src=x&gt;"
+    # in the header, both sample rows, the reasons, the lineage and the counts by source
+    assert page.count(escaped) >= 14, page.count(escaped)
 
 
 def test_the_checks_catch_a_broken_page(browser: Chromium, tmp_path: Path) -> None:

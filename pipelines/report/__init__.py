@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.atomic import write_text_atomic
 from storage.dataset import DatasetStore
 
 REPORT_FILE = "index.html"
@@ -54,12 +55,9 @@ def write_report(
 
     data = collect(store, ref, sample=sample, diff=diff)
     page = render(data)
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / REPORT_FILE
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    # a unique temporary file beside it, renamed into place: concurrent writers never share
+    # one, and a failed write leaves nothing behind
+    path = write_text_atomic(Path(out_dir) / REPORT_FILE, page)
     return ReportResult(
         name=data.name,
         version=data.version,
