@@ -107,6 +107,33 @@ def test_failed_build_prints_one_line_and_a_json_failure_not_prefect_tracebacks(
     assert verbose.stderr.splitlines()[-1].startswith(f"error: {source}: line 2")
 
 
+def test_a_damaged_save_to_disk_folder_is_one_line(tmp_path: Path, prefect_harness: None) -> None:
+    """A ``state.json`` entry without ``filename`` was a ``KeyError: 'filename'``; now the
+    one error line names the metadata file and the field, and no version is committed."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "hf"
+    datasets.Dataset.from_list([{"instruction": "a", "output": "b"}]).save_to_disk(str(folder))
+    state = folder / "state.json"
+    state.write_text(json.dumps({"_data_files": [{"name": "data-00000-of-00001.arrow"}]}))
+    spec = write_spec(tmp_path, f"name: hf\nsources: [{{path: {folder}}}]\n")
+    store = tmp_path / "store"
+    code, out, err = cli("build", str(spec), "--store", str(store), "--json")
+    assert code == 2
+    message = f"{state}: field '_data_files[0].filename': expected a file name in this folder, "
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [
+        f"error: {message}got nothing"
+    ]  # Prefect's INFO lines may share stderr (its console can be bound to the runner's)
+    assert "Traceback" not in err and "Finished in state Failed" not in err
+    assert failure(out) == {
+        "ok": False,
+        "error": f"{message}got nothing",
+        "stage": "ingest",
+        "file": str(state),
+        "line": None,
+    }
+    assert DatasetStore(str(store)).datasets() == []
+
+
 @pytest.mark.parametrize(
     ("fault", "message"),
     [(MemoryError, "out of memory during ingest"), (RecursionError, "nested too deeply")],

@@ -1,5 +1,6 @@
 """Fuzzing pass over every ingest reader (#15): hostile bytes and structured mutations of
-JSON arrays, JSON lines, CSV (MCQ too), Parquet and gzip/zstd input, in every format.
+JSON arrays, JSON lines, CSV (MCQ too), Parquet, gzip/zstd input and ``datasets``
+``save_to_disk`` folders (their ``state.json`` and ``dataset_dict.json``), in every format.
 
 The property: reading a file either yields batches (kept rows plus rejected rows, each
 rejection with a reason) or raises :class:`IngestError`, one line naming the file. Never
@@ -12,6 +13,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -71,8 +74,9 @@ HOSTILE_VALUES = st.one_of(
 )
 
 
-def _check(path: Path, format_: str | None = None) -> None:
-    """The property: rows plus reasoned rejections, or one IngestError naming the file."""
+def _check(path: Path, format_: str | None = None) -> IngestError | None:
+    """The property: rows plus reasoned rejections, or one IngestError naming the file
+    (returned)."""
     try:
         for result in read_source(path, format=format_, params=PARAMS):
             reasons = result.rejected.column("reject_reason").to_pylist()
@@ -82,6 +86,8 @@ def _check(path: Path, format_: str | None = None) -> None:
         message = str(exc)
         assert "\n" not in message.strip(), message
         assert path.name in message, message
+        return exc
+    return None
 
 
 def _write(tmp: Path, name: str, data: bytes) -> Path:
@@ -248,6 +254,194 @@ def test_structured_parquet(tmp_path: Path, format_: str, data: st.DataObject) -
     # The same file truncated: a damaged footer is a file-level error.
     raw = path.read_bytes()
     _check(_write(tmp_path, "cut.parquet", raw[: data.draw(st.integers(0, len(raw) - 1))]))
+
+
+# --- datasets save_to_disk folders --------------------------------------------------------
+
+DATA_FILE = "data-00000-of-00001.arrow"
+
+
+@pytest.fixture(scope="module")
+def hf_seed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real ``DatasetDict.save_to_disk`` folder (train and test splits), the seed the
+    metadata mutations start from."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path_factory.mktemp("hf") / "dd"
+    split = datasets.Dataset.from_list([SEEDS["alpaca"], SEEDS["alpaca"]])
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(folder))
+    assert json.loads((folder / "dataset_dict.json").read_text()) == {"splits": ["train", "test"]}
+    assert json.loads((folder / "train" / "state.json").read_text())["_data_files"] == [
+        {"filename": DATA_FILE}
+    ]
+    return folder
+
+
+def _hf_copy(seed: Path, tmp: Path) -> Path:
+    """A fresh copy of the seed folder, named ``dd`` (one per example)."""
+    return Path(shutil.copytree(seed, Path(tempfile.mkdtemp(dir=tmp)) / "dd"))
+
+
+HOSTILE_NAMES = st.one_of(
+    HOSTILE_VALUES,
+    st.sampled_from(
+        [
+            "",
+            ".",
+            "..",
+            "train",
+            "test",
+            "valid",
+            DATA_FILE,
+            "../test/" + DATA_FILE,
+            "../../etc/passwd",
+            "/etc/passwd",
+            "state.json",
+            "dataset_info.json",
+            "gone.arrow",
+            "a\x00b",
+            "\ud800",
+            "x" * 5000,
+        ]
+    ),
+)
+JSON_VALUES = st.recursive(
+    st.one_of(HOSTILE_NAMES, st.floats(allow_nan=False)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=12), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@st.composite
+def dataset_dicts(draw: st.DrawFn) -> Any:
+    """``dataset_dict.json`` documents: the real one with ``splits`` dropped or retyped, or
+    its names hostile, or any JSON value."""
+    kind = draw(st.sampled_from(["names", "splits", "any"]))
+    if kind == "names":
+        return {"splits": draw(st.lists(HOSTILE_NAMES, max_size=3))}
+    if kind == "splits":
+        return draw(st.one_of(st.just({}), st.builds(lambda v: {"splits": v}, JSON_VALUES)))
+    return draw(JSON_VALUES)
+
+
+@st.composite
+def states(draw: st.DrawFn) -> Any:
+    """``state.json`` documents: ``_data_files`` dropped or retyped, its entries without
+    ``filename`` or with hostile names, or any JSON value."""
+    kind = draw(st.sampled_from(["names", "entries", "files", "any"]))
+    if kind == "names":
+        names = draw(st.lists(HOSTILE_NAMES, max_size=3))
+        files: Any = [{"filename": name} for name in names]
+    elif kind == "entries":
+        files = draw(st.lists(st.one_of(JSON_VALUES, st.just({"filename": DATA_FILE}))))
+    elif kind == "files":
+        files = draw(JSON_VALUES)
+    else:
+        return draw(JSON_VALUES)
+    state = {"_data_files": files, "_fingerprint": "f", "_split": None}
+    if draw(st.booleans()):
+        del state["_data_files"]
+    return state
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, allow_nan=True).encode("utf-8", "surrogatepass")
+
+
+@FUZZ
+@given(
+    top=st.one_of(st.none(), dataset_dicts().map(_json_bytes), BYTE_NOISE, TOKENS),
+    state=st.one_of(st.none(), states().map(_json_bytes), BYTE_NOISE, TOKENS),
+    split_folder=st.booleans(),
+)
+@example(top=b'["train"]', state=None, split_folder=False)
+@example(top=b'{"splits": "train"}', state=None, split_folder=False)
+@example(top=b'{"splits": [["train"]]}', state=None, split_folder=False)
+@example(top=None, state=b'{"_data_files": [{}]}', split_folder=False)
+@example(top=None, state=b'{"_data_files": {"filename": "x"}}', split_folder=False)
+@example(top=None, state=b'{"_data_files": [{"filename": "../../etc/passwd"}]}', split_folder=True)
+def test_hostile_save_to_disk(
+    tmp_path: Path, hf_seed: Path, top: bytes | None, state: bytes | None, split_folder: bool
+) -> None:
+    """A real ``save_to_disk`` folder whose ``dataset_dict.json`` and ``train/state.json``
+    are replaced (``None``: left as written), read from the folder or from its split."""
+    folder = _hf_copy(hf_seed, tmp_path)
+    if top is not None:
+        (folder / "dataset_dict.json").write_bytes(top)
+    if state is not None:
+        (folder / "train" / "state.json").write_bytes(state)
+    _check(folder / "train" if split_folder else folder)
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "field", "message"),
+    [
+        ("dataset_dict.json", "{splits: [train]}", None, "cannot read: Expecting property name"),
+        ("dataset_dict.json", '["train"]', None, "expected a JSON object, got a list"),
+        ("dataset_dict.json", "{}", "splits", "expected a list of split names, got nothing"),
+        ("dataset_dict.json", '{"splits": "train"}', "splits", "got a string"),
+        ("dataset_dict.json", '{"splits": {"train": 1}}', "splits", "got an object"),
+        ("dataset_dict.json", '{"splits": []}', "splits", "got an empty list"),
+        ("dataset_dict.json", '{"splits": [1]}', "splits[0]", "got a number"),
+        ("dataset_dict.json", '{"splits": ["../test"]}', "splits[0]", "got '../test'"),
+        ("dataset_dict.json", '{"splits": ["valid"]}', "splits", "'valid' is listed but has no"),
+        ("train/state.json", b"\xff\xfe{", None, "cannot read: 'utf-8' codec can't decode"),
+        ("train/state.json", "null", None, "expected a JSON object, got null"),
+        ("train/state.json", '{"_split": null}', "_data_files", "got nothing"),
+        ("train/state.json", '{"_data_files": "x.arrow"}', "_data_files", "got a string"),
+        ("train/state.json", '{"_data_files": []}', "_data_files", "got an empty list"),
+        ("train/state.json", '{"_data_files": ["x"]}', "_data_files[0]", "got a string"),
+        (
+            "train/state.json",
+            '{"_data_files": [{"name": "x.arrow"}]}',
+            "_data_files[0].filename",
+            "expected a file name in this folder, got nothing",
+        ),
+        (
+            "train/state.json",
+            '{"_data_files": [{"filename": ["x"]}]}',
+            "_data_files[0].filename",
+            "got a list",
+        ),
+        (
+            "train/state.json",
+            f'{{"_data_files": [{{"filename": "../test/{DATA_FILE}"}}]}}',
+            "_data_files[0].filename",
+            f"got '../test/{DATA_FILE}'",
+        ),
+        (
+            "train/state.json",
+            '{"_data_files": [{"filename": "/etc/passwd"}]}',
+            "_data_files[0].filename",
+            "got '/etc/passwd'",
+        ),
+        (
+            "train/state.json",
+            f'{{"_data_files": [{{"filename": "{DATA_FILE}"}}, {{"filename": "gone.arrow"}}]}}',
+            "_data_files[1].filename",
+            "data file 'gone.arrow' is listed but missing",
+        ),
+        (
+            "train/state.json",
+            '{"_data_files": [{"filename": "x\\u0000.arrow"}]}',
+            "_data_files[0].filename",
+            "got 'x\\x00.arrow'",
+        ),
+    ],
+)
+def test_damaged_save_to_disk_metadata(
+    tmp_path: Path, hf_seed: Path, file: str, text: str | bytes, field: str | None, message: str
+) -> None:
+    """Each was a ``KeyError``, ``TypeError`` or ``AttributeError`` traceback, a read outside
+    the folder, or an error that named neither the metadata file nor the field."""
+    folder = _hf_copy(hf_seed, tmp_path)
+    target = folder / file
+    target.write_bytes(text if isinstance(text, bytes) else text.encode())
+    error = _check(folder)
+    assert error is not None
+    assert (error.path, error.field) == (str(target), field)
+    assert message in error.message, error.message
 
 
 # --- regressions the fuzzing found -----------------------------------------------------------

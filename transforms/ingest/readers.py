@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from transforms.ingest.structure import Bounds
 JSON_ARRAY, JSON_LINES, CSV, PARQUET, HF_DISK = "json", "jsonl", "csv", "parquet", "hf_disk"
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 """File suffix → Arrow codec (decompression runs in Arrow's C++ streams)."""
+HF_METADATA_BYTES = 16 << 20
+"""The largest ``state.json`` or ``dataset_dict.json`` read (``datasets`` writes a few KiB)."""
 EXTENSIONS = {
     ".json": JSON_ARRAY,
     ".jsonl": JSON_LINES,
@@ -363,24 +366,44 @@ def _parquet_batches(file: SourceFile, batch_rows: int) -> Iterator[pa.RecordBat
 
 
 def hf_arrow_files(file: SourceFile) -> list[Path]:
-    """The Arrow files of a ``save_to_disk`` directory (see the module docstring for splits)."""
+    """The Arrow files of a ``save_to_disk`` directory (see the module docstring for splits).
+
+    Raises:
+        IngestError: a ``dataset_dict.json`` or ``state.json`` that is not JSON, not of the
+            shape ``datasets`` writes, or names a split folder or data file that is missing
+            or outside the directory; the error names that file and the field.
+    """
     folder = file.path
     splits_file = folder / "dataset_dict.json"
-    if splits_file.is_file():
-        folder = folder / _pick_split(file, _read_json(file, splits_file).get("splits", []))
+    if os.path.isfile(splits_file):
+        split = _pick_split(file, splits_file, _read_json(splits_file).get("splits"))
+        folder = folder / split
+        if not os.path.isdir(folder):
+            raise IngestError(
+                str(splits_file), f"split {split!r} is listed but has no folder", field="splits"
+            )
     state_file = folder / "state.json"
-    if state_file.is_file():
-        files = [
-            folder / entry["filename"] for entry in _read_json(file, state_file)["_data_files"]
-        ]
-    else:
-        files = sorted(folder.glob("*.arrow"))
+    files = (
+        _state_files(state_file) if os.path.isfile(state_file) else sorted(folder.glob("*.arrow"))
+    )
     if not files:
         raise file.error("not a datasets save_to_disk directory (no state.json, no .arrow files)")
     return files
 
 
-def _pick_split(file: SourceFile, splits: list[str]) -> str:
+def _pick_split(file: SourceFile, splits_file: Path, splits: Any) -> str:
+    if not isinstance(splits, list) or not splits:
+        got = "nothing" if splits is None else _json_type(splits)
+        raise IngestError(
+            str(splits_file), f"expected a list of split names, got {got}", field="splits"
+        )
+    for index, split in enumerate(splits):
+        if not _plain_name(split):
+            raise IngestError(
+                str(splits_file),
+                f"expected a split name (a folder in this directory), got {_shown(split)}",
+                field=f"splits[{index}]",
+            )
     if "train" in splits:
         return "train"
     if len(splits) == 1:
@@ -391,11 +414,82 @@ def _pick_split(file: SourceFile, splits: list[str]) -> str:
     )
 
 
-def _read_json(file: SourceFile, path: Path) -> dict[str, Any]:
+def _state_files(state_file: Path) -> list[Path]:
+    """The data files that ``state.json`` lists, each checked to be a file in its folder."""
+    entries = _read_json(state_file).get("_data_files")
+    if not isinstance(entries, list) or not entries:
+        got = "nothing" if entries is None else _json_type(entries)
+        raise IngestError(
+            str(state_file),
+            f'expected a list of {{"filename": ...}} objects, got {got}',
+            field="_data_files",
+        )
+    files = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise IngestError(
+                str(state_file),
+                f"expected an object with a filename, got {_json_type(entry)}",
+                field=f"_data_files[{index}]",
+            )
+        field = f"_data_files[{index}].filename"
+        name = entry.get("filename")
+        if not _plain_name(name):
+            got = "nothing" if name is None else _shown(name)
+            raise IngestError(
+                str(state_file), f"expected a file name in this folder, got {got}", field=field
+            )
+        path = state_file.parent / name
+        if not os.path.isfile(path):
+            raise IngestError(
+                str(state_file), f"data file {_shown(name)} is listed but missing", field=field
+            )
+        files.append(path)
+    return files
+
+
+def _plain_name(name: Any) -> bool:
+    """Whether ``name`` names an entry of a folder: one printable path component, not
+    ``.`` or ``..``."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and name.isprintable()
+        and "/" not in name
+        and "\\" not in name
+    )
+
+
+def _shown(value: Any) -> str:
+    """A JSON value in a message: a string quoted and cut short, else its JSON type."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    return _json_type(value)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if value in ([], {}, ""):
+        return f"an empty {names[type(value)].removeprefix('a ').removeprefix('an ')}"
+    return names.get(type(value), "a number" if isinstance(value, int | float) else "a value")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A ``datasets`` metadata file: a JSON object, or an :class:`IngestError` naming it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise file.error(f"cannot read {path.name}: {exc}") from exc
+        with path.open("rb") as stream:
+            raw = stream.read(HF_METADATA_BYTES + 1)
+        value = None if len(raw) > HF_METADATA_BYTES else json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise IngestError(str(path), f"cannot read: {reason}") from exc
+    if len(raw) > HF_METADATA_BYTES:
+        raise IngestError(str(path), f"larger than {HF_METADATA_BYTES >> 20} MiB")
+    if not isinstance(value, dict):
+        raise IngestError(str(path), f"expected a JSON object, got {_json_type(value)}")
+    return value
 
 
 def _open_arrow(file: SourceFile, path: Path) -> pa.RecordBatchStreamReader:
