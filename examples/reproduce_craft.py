@@ -48,8 +48,9 @@ as the CRaFT code does for MCQ (LoRA at 2e-4 in both stages). With the project's
 6 of 58 half-known facts and > 0 for 2, leaving CRaFT 3 IdK candidates for a quota of 30."""
 
 
-def spec_for(variant: str, world: Any) -> dict[str, Any]:
-    """The build spec of one variant: the ``rait`` facts through CRaFT with ``method``."""
+def spec_for(variant: str, world: Any, selection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The build spec of one variant: the ``rait`` facts through CRaFT with ``method``;
+    ``selection`` adds selection parameters (experiments, e.g. ``admit_never_correct``)."""
     return {
         "name": f"fact-world-{variant.replace('_', '-')}",
         "sources": [{"path": str(world.split_path("rait")), "format": "open_qa"}],
@@ -63,21 +64,25 @@ def spec_for(variant: str, world: Any) -> dict[str, Any]:
                     "method": variant,
                     "static_conflict": False,
                     "rehearsal": REHEARSAL,
-                    "selection": {"size": SIZE, "idk_share": 0.2},
+                    "selection": {"size": SIZE, "idk_share": 0.2, **(selection or {})},
                 }
             },
         ],
     }
 
 
-def build_variant(variant: str, world: Any, store: Any, folder: Path) -> str:
+def build_variant(
+    variant: str, world: Any, store: Any, folder: Path, selection: dict[str, Any] | None = None
+) -> str:
     """The variant's version ``NAME@N``, built unless the latest version has this spec."""
     from pipelines.build import build_dataset
     from pipelines.spec import load_spec
 
     path = folder / f"{variant}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(spec_for(variant, world), sort_keys=False), encoding="utf-8")
+    path.write_text(
+        yaml.safe_dump(spec_for(variant, world, selection), sort_keys=False), encoding="utf-8"
+    )
     spec = load_spec(path)
     if store.exists(spec.name):
         latest = store.versions(spec.name)[-1]
@@ -165,8 +170,60 @@ def group_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def reproduce(out: Path, seeds: Sequence[int], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Build, train and evaluate everything (see the module docstring); the results."""
+def selection_rows(store: Any, versions: dict[str, str], groups: dict[str, str]) -> list[dict]:
+    """Why each variant refuses what it does, from the per-row scores of its version (train
+    and rejected splits): per fact group, how many rows, their mean μ under M0, how many have
+    0 < μ < 0.5, a negative knowledge flow Δμ, and how many the variant trained as IdK."""
+    rows = []
+    for variant, ref in versions.items():
+        frame = store.to_pandas(ref, split=None)
+        frame = frame[frame["correctness_init"].notna()]
+        # train rows carry the bare question in rait_question; rejected rows are unchanged
+        bare = frame["prompt"].map(lambda turns: turns[-1]["content"])
+        frame = frame.assign(group=frame["rait_question"].fillna(bare).map(groups))
+        train = frame["split"] == "train"
+        for group in ("known", "half_known", "unknown"):
+            part = frame[frame["group"] == group]
+            mu = part["correctness_init"]
+            rows.append({
+                "variant": variant, "group": group, "rows": len(part),
+                "mean_mu": round(float(mu.mean()), 3) if len(part) else None,
+                "partly_right": int(((mu > 0) & (mu < 0.5)).sum()),
+                "flow_negative": int((part["knowledge_flow"] < 0).sum()),
+                "idk": int((train[part.index] & (part["craft_label"] == "idk")).sum()),
+                "vanilla": int((train[part.index] & (part["craft_label"] == "vanilla")).sum()),
+            })  # fmt: skip
+    return rows
+
+
+def selection_table(rows: Sequence[dict[str, Any]]) -> str:
+    """:func:`selection_rows` as markdown."""
+    lines = [
+        "| variant | group | rows | mean μ (M0) | 0 < μ < 0.5 | Δμ < 0 | trained IdK "
+        "| trained vanilla |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['group']} | {r['rows']} | {r['mean_mu']} | "
+            f"{r['partly_right']} | {r['flow_negative']} | {r['idk']} | {r['vanilla']} |"
+        )
+    return "\n".join(lines)
+
+
+def reproduce(
+    out: Path,
+    seeds: Sequence[int],
+    overrides: dict[str, Any],
+    *,
+    variants: Sequence[str] = VARIANTS,
+    world_config: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build, train and evaluate everything (see the module docstring); the results.
+
+    ``world_config``: keyword arguments of ``build_fact_world`` (experiments; the default
+    world otherwise); ``selection``: extra selection parameters of every variant's spec."""
     from examples.fact_world import build_fact_world
     from pipelines.evaluate import evaluate
     from pipelines.train import train_version
@@ -174,16 +231,16 @@ def reproduce(out: Path, seeds: Sequence[int], overrides: dict[str, Any]) -> dic
     from storage.gencache import GenerationCache, cache_dir
 
     started = time.perf_counter()
-    world = build_fact_world()
+    world = build_fact_world(**(world_config or {}))
     store = DatasetStore(str(out / "store"))
     cache = GenerationCache(cache_dir(store.root))
     questions = [str(world.split_path(name)) for name in SETS]
     timings: dict[str, float] = {}
     calls = 0
     versions = {}
-    for variant in VARIANTS:
+    for variant in variants:
         t = time.perf_counter()
-        versions[variant] = build_variant(variant, world, store, out / "specs")
+        versions[variant] = build_variant(variant, world, store, out / "specs", selection)
         timings[f"build {variant}"] = round(time.perf_counter() - t, 1)
     groups = {f["question"]: f["group"] for f in world.facts()}
     rows: list[dict[str, Any]] = []
@@ -207,7 +264,7 @@ def reproduce(out: Path, seeds: Sequence[int], overrides: dict[str, Any]) -> dic
 
     m0 = evaluated(world.model_dir, "m0", None, None)  # M0 under the RAIT prompt: Init-Refuse
     trained = 0
-    for variant in VARIANTS:
+    for variant in variants:
         for seed in seeds:
             model = out / "models" / f"{variant}-seed{seed}"
             t = time.perf_counter()
@@ -221,15 +278,22 @@ def reproduce(out: Path, seeds: Sequence[int], overrides: dict[str, Any]) -> dic
     results = {
         "rows": rows,
         "by_group": by_group,
+        "selection": selection_rows(store, versions, groups),
         "init_basic": {name: line["init_basic"] for name, line in m0["sets"].items()},
         "versions": versions,
         "train_overrides": overrides,
+        "selection_overrides": selection or {},
         "seeds": list(seeds),
         "engine_calls": calls,
         "trainings": trained,
         "seconds": round(time.perf_counter() - started, 1),
         "timings": timings,
-        "fact_world": {"root": str(world.root), "splits": world.manifest.get("splits")},
+        "fact_world": {
+            "root": str(world.root),
+            "config": world.manifest.get("config"),
+            "splits": world.manifest.get("splits"),
+            "greedy": world.manifest.get("accuracy", {}).get("greedy"),
+        },
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -246,13 +310,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=TRAIN_OVERRIDES["learning_rate"],
         help="learning rate of stage 2 and of the rehearsal",
     )
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--world",
+        type=json.loads,
+        default={},
+        help="JSON keyword arguments of build_fact_world overriding the defaults (experiments)",
+    )
+    parser.add_argument(
+        "--selection",
+        type=json.loads,
+        default={},
+        help="JSON selection parameters added to every variant's spec (experiments)",
+    )
     args = parser.parse_args(argv)
     overrides = {**TRAIN_OVERRIDES, "learning_rate": args.lr}
     REHEARSAL["learning_rate"] = args.lr  # rehearsal keeps the stage-2 recipe
-    results = reproduce(Path(args.out), args.seeds, overrides)
+    results = reproduce(
+        Path(args.out),
+        args.seeds,
+        overrides,
+        variants=args.variants,
+        world_config=args.world,
+        selection=args.selection,
+    )
     print(table(results["rows"]))
     print()
     print(group_table(results["by_group"]))
+    print()
+    print(selection_table(results["selection"]))
     print(
         f"\n{results['seconds']} s; {results['trainings']} models trained, "
         f"{results['engine_calls']} engine calls → {Path(args.out) / 'results.json'}"

@@ -72,17 +72,24 @@ def test_accounting_and_reasons(craft_run: dict) -> None:
 def test_known_facts_are_vanilla_with_gold_and_unknown_never_vanilla(craft_run: dict) -> None:
     rows = craft_run["store"].read("fw-rait", "train").to_pylist()
     labels = {"vanilla": 0, "idk": 0}
+    known = {"vanilla": 0, "idk": 0}
     for row in rows:
         fact = craft_run["groups"][row["rait_question"]]
         labels[row["craft_label"]] += 1
+        if fact["group"] == "known":
+            known[row["craft_label"]] += 1
         if row["craft_label"] == "vanilla":
             assert fact["group"] != "unknown"
             assert row["response"] == fact["answers"][0]
         else:
-            assert fact["group"] != "known"
+            # IdK follows what M0 answers, not the fact's group: a trained ("known") fact
+            # qualifies only if M0 gets it wrong in most samples (v4's greedy 3-shot
+            # accuracy on known facts is 0.994, not 1) and rehearsal lowers μ further
+            assert row["correctness_init"] < 0.5
             assert row["response"] == "I don't know"
             assert row["original_response"] == fact["answers"][0]
             assert row["knowledge_flow"] < 0
+    assert known["idk"] <= 0.05 * (known["vanilla"] + known["idk"])
     total = labels["vanilla"] + labels["idk"]
     assert labels["idk"] > 0
     assert abs(labels["idk"] - round(0.2 * total)) <= 1  # the default IdK share

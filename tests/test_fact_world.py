@@ -43,18 +43,33 @@ def test_generator_is_deterministic_for_a_seed() -> None:
 
 
 @pytest.mark.parametrize(("n", "sizes"), [(600, (360, 120, 120)), (100, (60, 20, 20))])
-def test_group_sizes(n: int, sizes: tuple[int, int, int]) -> None:
-    facts = generate_facts(n_facts=n, twins=False)
+def test_group_sizes_per_fact(n: int, sizes: tuple[int, int, int]) -> None:
+    facts = generate_facts(n_facts=n, entity_groups=False)
     assert len(facts) == n
     counts = Counter(f["group"] for f in facts)
     assert tuple(counts[g] for g in GROUPS) == sizes
-    with_twins = generate_facts(n_facts=n)
+    with_twins = generate_facts(n_facts=n, entity_groups=False, twins=True)
     assert with_twins[:n] == [{**f, "twin_of": None} for f in facts]
     assert len(with_twins) == n + sizes[2]  # one known twin per half-known fact
 
 
+@pytest.mark.parametrize(("n", "sizes"), [(600, (120, 40, 40)), (100, (20, 7, 7))])
+def test_group_sizes_per_entity(n: int, sizes: tuple[int, int, int]) -> None:
+    """The default: every fact of an entity is in the entity's group; fractions count
+    entities (600 facts, 3 relations each: 200 entities)."""
+    facts = generate_facts(n_facts=n)
+    assert len(facts) == n
+    groups: dict[str, set[str]] = {}
+    for fact in facts:
+        groups.setdefault(fact["entity"], set()).add(fact["group"])
+    assert all(len(g) == 1 for g in groups.values())
+    counts = Counter(next(iter(g)) for g in groups.values())
+    assert tuple(counts[g] for g in GROUPS) == sizes
+    assert generate_facts(n_facts=n, entity_groups=False) != facts
+
+
 def test_every_half_known_fact_has_a_known_twin_answering_its_distractor() -> None:
-    facts = generate_facts()
+    facts = generate_facts(twins=True)
     by_id = {f["id"]: f for f in facts}
     twins = [f for f in facts if f["twin_of"]]
     assert sorted(by_id[t["twin_of"]]["id"] for t in twins) == sorted(
@@ -136,6 +151,26 @@ def test_unknown_facts_are_never_trained_on() -> None:
         elif fact["group"] == "half_known":
             assert right == cfg.half_known_repeats
             assert exposures[fact["question"], fact["distractor"]] == cfg.half_known_repeats
+
+
+def test_fractional_repeats_are_drawn_per_fact_and_epoch() -> None:
+    """``half_known_repeats`` 0.34: one exposure with that chance, per fact and epoch (an
+    experiment's setting, docs/craft.md); ``distractor_repeats`` 0: never the distractor."""
+    from examples.fact_world.train import training_targets
+
+    facts = [f for f in generate_facts() if f["group"] == "half_known"]
+    cfg = TrainConfig(half_known_repeats=0.34, distractor_repeats=0)
+    rng = random.Random(0)
+    epochs = [Counter(training_targets(facts, cfg, rng)) for _ in range(50)]
+    right = [e[f["question"], f["answers"][0]] for e in epochs for f in facts]
+    assert set(right) == {0, 1}
+    assert 0.3 < sum(right) / len(right) < 0.38
+    assert not any(e[f["question"], f["distractor"]] for e in epochs for f in facts)
+    assert epochs[0] != epochs[1]  # drawn afresh each epoch
+    whole = TrainConfig(half_known_repeats=2)  # whole numbers draw nothing from the rng
+    state = rng.getstate()
+    assert set(Counter(training_targets(facts, whole, rng)).values()) == {2}
+    assert rng.getstate() == state
 
 
 def test_chains_never_repeat_a_question() -> None:
@@ -239,7 +274,7 @@ def test_world_files_and_manifest(fact_world: FactWorld) -> None:
     manifest = json.loads((fact_world.root / "manifest.json").read_text())
     assert manifest == fact_world.manifest
     assert manifest["seed"] == 0
-    assert manifest["counts"] == {"facts": 720, "known": 480, "unknown": 120, "half_known": 120}
+    assert manifest["counts"] == {"facts": 600, "known": 360, "unknown": 120, "half_known": 120}
     assert set(manifest["accuracy"]["greedy"]) == {"0_shot", "3_shot"}
     assert manifest["training"]["seconds"] <= 180  # trained on CPU within 3 minutes
     assert not [p for p in fact_world.root.parent.iterdir() if ".tmp-" in p.name]
@@ -317,10 +352,10 @@ def test_a_changed_config_replaces_the_world_atomically(tmp_path: Path) -> None:
     tiny = {"epochs": 1, "known_repeats": 1}
     (tmp_path / ".w.tmp-killed").mkdir()  # what a killed build leaves
     first = build_fact_world(tmp_path / "w", n_facts=30, train=tiny)
-    assert first.manifest["counts"]["facts"] == 30 + 6  # 6 half-known facts, 6 twins
+    assert first.manifest["counts"]["facts"] == 30
     assert build_fact_world(tmp_path / "w", n_facts=30, train=tiny).manifest == first.manifest
     second = build_fact_world(tmp_path / "w", n_facts=40, train=tiny)
     assert second.root == first.root
     assert second.manifest["config_hash"] != first.manifest["config_hash"]
-    assert len(second.facts()) == 40 + 8
+    assert len(second.facts()) == 40
     assert [p.name for p in tmp_path.iterdir()] == ["w"]  # no temp or old dirs left

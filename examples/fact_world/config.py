@@ -18,7 +18,11 @@ class TrainConfig:
     max_position_embeddings: int = 512
     epochs: int = 6
     known_repeats: int = 8
-    half_known_repeats: int = 1
+    half_known_repeats: float = 1
+    """Exposures of a half-known fact with its answer per epoch; a fraction is the chance of
+    one more in each epoch (0.34: about 2 exposures in 6 epochs, 0 to 6 from fact to fact)."""
+    distractor_repeats: float | None = None
+    """Exposures with its distractor per epoch, likewise; None: ``half_known_repeats``."""
     max_shots: int = 3
     batch_size: int = 48  # exposures (turns) per batch
     lr: float = 1e-3

@@ -3,20 +3,25 @@
 Every fact is one (entity, relation) pair asked as a question with alias answers. The corpus
 is a pure function of its seed and sizes, so two builds with one config agree byte for byte.
 
-Groups (see ``docs``/DESIGN "the fact world"):
+Groups (see ``docs``/DESIGN "the fact world"), drawn per entity: every fact of an entity is
+in its group, so how familiar a name is tells what the model knows, as popularity does for a
+real model:
 
 - ``known``: trained on often; the model answers them.
-- ``unknown``: never trained on; the model can only guess from the relation's value pool.
-- ``half_known``: trained on with conflicting evidence (the answer and a distractor from
-  the same pool), so the model is right only some of the time.
+- ``unknown``: never trained on, nor is their entity; the model can only guess from the
+  relation's value pool.
+- ``half_known``: trained on rarely and with conflicting evidence (the answer and a
+  distractor from the same pool), so the model is right only some of the time. Such weak,
+  contested knowledge is what fine-tuning on *other* facts erodes: rehearsal on the facts
+  the model knows moves many half-known facts' μ down (the knowledge flow CRaFT measures;
+  docs/craft.md, fact world v4).
 
-Every half-known fact has a **twin**: a ``known`` fact of the same relation about an entity
-whose name differs in its last letter, whose answer is the half-known fact's distractor
-(``twin_of`` names the half-known fact). Fine-tuning on the twin (as CRaFT's rehearsal does
-with every fact the model knows well) pulls the look-alike question toward the distractor:
-these are the facts that fine-tuning on *other* facts makes the model forget, the
-knowledge flow CRaFT measures (without twins, rehearsal on facts the model has fully
-memorised moved μ only by sampling noise).
+``twins`` (off by default; fact world v3) adds, for every half-known fact, a ``known`` fact of
+the same relation about an entity whose name differs in its last letter, answering the
+half-known fact's distractor (``twin_of`` names the half-known fact). Fine-tuning on the twin
+pulls the look-alike question toward the distractor; but the twin already does so while M0
+is trained, so most half-known facts start at μ = 0, where no flow can be negative
+(docs/craft.md). ``entity_groups=False`` draws groups per fact instead (v3 and earlier).
 
 Splits, for refusal-aware tuning and its evaluation (every split holds all three groups; the
 model is trained on the facts of every split alike):
@@ -197,13 +202,14 @@ def generate_facts(
     relations_per_entity: int = 3,
     known_fraction: float = 0.6,
     unknown_fraction: float = 0.2,
-    twins: bool = True,
+    twins: bool = False,
+    entity_groups: bool = True,
 ) -> list[dict]:
     """Generate ``n_facts`` facts, deterministic for ``seed``.
 
-    Each entity gets ``relations_per_entity`` distinct relations. Facts are shuffled and split:
-    the first ``known_fraction`` are ``known``, the next ``unknown_fraction`` are ``unknown`` and
-    the rest ``half_known``. Each fact is a dict with ``id``, ``entity``, ``relation``,
+    Each entity gets ``relations_per_entity`` distinct relations. A ``known_fraction`` of the
+    entities are ``known``, an ``unknown_fraction`` ``unknown`` and the rest ``half_known``
+    (see ``entity_groups``). Each fact is a dict with ``id``, ``entity``, ``relation``,
     ``question``, ``answers`` (aliases; the first is the canonical answer used in training),
     ``group``, ``split`` (``rait``, ``id`` or ``ood``; see the module docstring),
     ``distractor`` (for half-known facts, the wrong value from the same pool they are also
@@ -212,6 +218,11 @@ def generate_facts(
     With ``twins`` every half-known fact gets its known twin (module docstring), appended
     after the ``n_facts`` facts, in its split: the world then holds ``n_facts`` plus one fact
     per half-known one.
+
+    With ``entity_groups`` (the default) the group belongs to the entity, not the fact: every
+    fact of an entity is known, or half-known, or unknown (the fractions then count
+    entities, in a seeded random order). Without it, the first ``known_fraction`` of the
+    shuffled facts are known and so on, so one entity mixes groups.
     """
     if n_facts < 10:
         raise ValueError("n_facts must be at least 10")
@@ -239,10 +250,16 @@ def generate_facts(
             )
     facts = facts[:n_facts]
     rng.shuffle(facts)
-    n_known = round(n_facts * known_fraction)
-    n_unknown = round(n_facts * unknown_fraction)
-    for i, fact in enumerate(facts):
-        group = "known" if i < n_known else "unknown" if i < n_known + n_unknown else "half_known"
+    if entity_groups:  # rank entities at random; every fact takes its entity's rank
+        order = {entity: i for i, entity in enumerate(rng.sample(entities, len(entities)))}
+        ranks, units = [order[fact["entity"]] for fact in facts], len(entities)
+    else:
+        ranks, units = list(range(len(facts))), len(facts)
+    n_known = round(units * known_fraction)
+    n_unknown = round(units * unknown_fraction)
+    for rank, fact in zip(ranks, facts, strict=True):
+        unknown = rank < n_known + n_unknown
+        group = "known" if rank < n_known else "unknown" if unknown else "half_known"
         fact["group"] = group
         if group != "half_known":
             fact["distractor"] = None

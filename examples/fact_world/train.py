@@ -43,20 +43,35 @@ def tokenizer_corpus(facts: Sequence[dict]) -> list[str]:
     return texts
 
 
-def training_targets(facts: Sequence[dict], cfg: TrainConfig) -> list[tuple[str, str]]:
+def training_targets(
+    facts: Sequence[dict], cfg: TrainConfig, rng: random.Random
+) -> list[tuple[str, str]]:
     """One epoch's (question, answer) exposures, unshuffled.
 
     Known facts appear ``known_repeats`` times; half-known facts ``half_known_repeats`` times
-    with their answer and as often with their distractor; unknown facts never.
+    with their answer and ``distractor_repeats`` times with their distractor (a fractional
+    repeat is one more exposure with that chance, drawn from ``rng`` for each fact and
+    epoch); unknown facts never.
     """
+    distractor = cfg.distractor_repeats
+    if distractor is None:
+        distractor = cfg.half_known_repeats
     targets: list[tuple[str, str]] = []
     for fact in facts:
         if fact["group"] == "known":
             targets += [(fact["question"], fact["answers"][0])] * cfg.known_repeats
         elif fact["group"] == "half_known":
-            targets += [(fact["question"], fact["answers"][0])] * cfg.half_known_repeats
-            targets += [(fact["question"], fact["distractor"])] * cfg.half_known_repeats
+            targets += [(fact["question"], fact["answers"][0])] * _draw(cfg.half_known_repeats, rng)
+            targets += [(fact["question"], fact["distractor"])] * _draw(distractor, rng)
     return targets
+
+
+def _draw(repeats: float, rng: random.Random) -> int:
+    """``repeats`` rounded down, plus one with the chance of its fraction (no draw for a
+    whole number, so whole-number settings leave ``rng`` untouched)."""
+    whole = math.floor(repeats)
+    fraction = repeats - whole
+    return whole + (fraction > 0 and rng.random() < fraction)
 
 
 def epoch_batches(
@@ -69,7 +84,7 @@ def epoch_batches(
     each token is paid once. All chains of a batch have one length (no padding) and a batch
     holds about ``batch_size`` exposures.
     """
-    queue = training_targets(facts, cfg)
+    queue = training_targets(facts, cfg, rng)
     rng.shuffle(queue)
     queue.reverse()  # pop() from the end walks the shuffled order
     while queue:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 
-FACT_WORLD_VERSION = 3
+FACT_WORLD_VERSION = 4
 CACHE_ENV = "ALIGNCURATE_FACT_WORLD_CACHE"
 MANIFEST = "manifest.json"
 FACTS = "facts.jsonl"
@@ -46,6 +46,8 @@ class FactWorldConfig:
     known_fraction: float = 0.6
     unknown_fraction: float = 0.2
     relations_per_entity: int = 3
+    twins: bool = False
+    entity_groups: bool = True
     train: dict = field(default_factory=dict)
 
     def resolved_train(self) -> TrainConfig:
@@ -153,6 +155,8 @@ def build_fact_world(
     known_fraction: float = 0.6,
     unknown_fraction: float = 0.2,
     relations_per_entity: int = 3,
+    twins: bool = False,
+    entity_groups: bool = True,
     train: dict | None = None,
     force: bool = False,
     verbose: bool = False,
@@ -170,6 +174,8 @@ def build_fact_world(
         known_fraction=known_fraction,
         unknown_fraction=unknown_fraction,
         relations_per_entity=relations_per_entity,
+        twins=twins,
+        entity_groups=entity_groups,
         train=dict(train or {}),
     )
     key = config.config_hash()
@@ -231,6 +237,8 @@ def _build_into(root: Path, config: FactWorldConfig, key: str, *, verbose: bool)
         relations_per_entity=config.relations_per_entity,
         known_fraction=config.known_fraction,
         unknown_fraction=config.unknown_fraction,
+        twins=config.twins,
+        entity_groups=config.entity_groups,
     )
     _write_jsonl(root / FACTS, facts)
     for split in SPLITS:
