@@ -38,7 +38,7 @@ def test_lora_rehearsal_changes_answers_and_loads_in_vllm(fact_world, tmp_path: 
         (render(fact_world.model_dir, query_prompt(f["question"])), f["answers"][0]) for f in half
     ]
     # A learning rate that flips greedy answers on this small set (the default LoRA at 2e-4
-    # moves the fact world's half-known facts too little: their twins hold them).
+    # moved fact world v3's half-known facts too little to flip them).
     params = RehearsalParams(learning_rate=2e-3)
     out = rehearse(fact_world.model_dir, pairs, tmp_path / "rehearsed", params)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
