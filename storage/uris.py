@@ -29,7 +29,9 @@ _S3_OPTIONS = {
 }
 _S3_SECONDS = {"connect_timeout": "connect_timeout", "timeout": "request_timeout"}
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/?#@:]*):[^\s/?#@]*@")
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*:/+)(?P<user>[^\s/?#@:]*):[^\s/?#@]*@")
+"""A URL's ``user:password@``; ``scheme:/`` too, as a path made of a URL reads
+(``Path("http://u:p@h/x")`` is ``http:/u:p@h/x``)."""
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 """Variables whose values are never shown: :func:`redact` hides them wherever they appear."""
 REDACTED = "***"
@@ -37,7 +39,8 @@ REDACTED = "***"
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     """``text`` with its credentials hidden: the password of every URL
-    (``http://admin:secret@host`` → ``http://admin:***@host``), the values of the
+    (``http://admin:secret@host`` → ``http://admin:***@host``, and in a URL that became a
+    path, ``http:/admin:secret@host``), the values of the
     :data:`SECRET_ENV` variables and ``secrets`` (e.g. a secret key passed as a storage
     option). Use it on every message or log line that may hold an endpoint, a store root
     or an exception from a client."""

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -107,9 +108,10 @@ def test_failed_build_prints_one_line_and_a_json_failure_not_prefect_tracebacks(
     assert verbose.stderr.splitlines()[-1].startswith(f"error: {source}: line 2")
 
 
-def test_a_damaged_save_to_disk_folder_is_one_line(tmp_path: Path, prefect_harness: None) -> None:
-    """A ``state.json`` entry without ``filename`` was a ``KeyError: 'filename'``; now the
-    one error line names the metadata file and the field, and no version is committed."""
+def test_a_damaged_save_to_disk_folder_is_one_line(tmp_path: Path, api_env: dict[str, str]) -> None:
+    """A ``state.json`` entry without ``filename`` was a ``KeyError: 'filename'`` traceback
+    and exit 1; now the console script prints one error line naming the metadata file and
+    the field, exits 2 and commits no version."""
     datasets = pytest.importorskip("datasets")
     folder = tmp_path / "hf"
     datasets.Dataset.from_list([{"instruction": "a", "output": "b"}]).save_to_disk(str(folder))
@@ -117,14 +119,19 @@ def test_a_damaged_save_to_disk_folder_is_one_line(tmp_path: Path, prefect_harne
     state.write_text(json.dumps({"_data_files": [{"name": "data-00000-of-00001.arrow"}]}))
     spec = write_spec(tmp_path, f"name: hf\nsources: [{{path: {folder}}}]\n")
     store = tmp_path / "store"
-    code, out, err = cli("build", str(spec), "--store", str(store), "--json")
-    assert code == 2
+    proc = subprocess.run(
+        [str(EXE), "build", str(spec), "--store", str(store), "--json"],
+        capture_output=True,
+        text=True,
+        env=api_env,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Finished in state Failed" not in proc.stderr
     message = f"{state}: field '_data_files[0].filename': expected a file name in this folder, "
-    assert [line for line in err.splitlines() if "error" in line.lower()] == [
-        f"error: {message}got nothing"
-    ]  # Prefect's INFO lines may share stderr (its console can be bound to the runner's)
-    assert "Traceback" not in err and "Finished in state Failed" not in err
-    assert failure(out) == {
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"error: {message}got nothing"]
+    assert failure(proc.stdout) == {
         "ok": False,
         "error": f"{message}got nothing",
         "stage": "ingest",
@@ -340,6 +347,44 @@ def test_an_endpoint_password_is_redacted_everywhere(tmp_path: Path) -> None:
     assert "admin:***@" in failure(out)["error"]  # type: ignore[operator]
 
 
+def test_run_logs_are_redacted_on_the_console_and_in_the_run_log(
+    tmp_path: Path, api_env: dict[str, str]
+) -> None:
+    """A build whose source is a URL with a password, in a file named as the secret key:
+    the flow fails, and Prefect's records of it (tracebacks included) pass the filters the
+    CLI installs on the way to the console (``--verbose`` shows them) and to the run log on
+    the API. As a path, the URL reads ``http:/admin:<password>@...``: redacted too."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
+
+    password, secret = "pw-of-the-source", "s3cr3t-key-of-the-run"
+    source = f"http://admin:{password}@127.0.0.1:{free_port()}/{secret}.jsonl"
+    spec = write_spec(tmp_path, f"name: leak\nsources: [{{path: '{source}'}}]\n")
+    env = {**api_env, "AWS_SECRET_ACCESS_KEY": secret}
+    start = datetime.now(UTC)
+    proc = subprocess.run(
+        [str(EXE), "build", str(spec), "--store", str(tmp_path / "store"), "--verbose"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+
+    async def run_log() -> list[str]:
+        async with get_client() as client:
+            logs = await client.read_logs(LogFilter(timestamp=LogFilterTimestamp(after_=start)))
+        return [log.message for log in logs]
+
+    logged = "\n".join(anyio.run(run_log))
+    for text in (proc.stderr, logged):  # the failure's records reached both, redacted
+        assert "Finished in state Failed" in text and "Traceback" in text, text[-3000:]
+        assert "admin:***@127.0.0.1" in text and "/***.jsonl" in text, text[-3000:]
+    for text in (proc.stdout, proc.stderr, logged):
+        assert password not in text and secret not in text
+
+
 def test_redact_hides_url_passwords_and_secret_values(monkeypatch: pytest.MonkeyPatch) -> None:
     from storage.uris import redact
 
@@ -348,3 +393,4 @@ def test_redact_hides_url_passwords_and_secret_values(monkeypatch: pytest.Monkey
     assert redact(text, ["tok"]) == (
         "GET http://admin:***@h:9/b, s3://bucket/x, https://user@h/, key ***, tok"
     )  # a secret shorter than 4 characters is not hunted for
+    assert redact(str(Path("http://admin:pw@h:9/x"))) == "http:/admin:***@h:9/x"  # as a path

@@ -9,8 +9,11 @@ size) is a row-level problem: the build commits, with the row in the ``rejected`
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import logging
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -185,9 +188,27 @@ def write_case(folder: Path, case: Case) -> Path:
     return path
 
 
+@contextmanager
+def console_into(buffer: io.StringIO) -> Iterator[None]:
+    """Prefect's console handlers write to ``buffer`` (they hold the stderr of the session's
+    start, which the runner does not capture)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    with ExitStack() as stack:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                stack.callback(setattr, handler.console, "file", handler.console.file)
+                handler.console.file = buffer
+        yield
+
+
 def build(spec: Path, store: Path) -> tuple[int, str, str]:
-    result = runner.invoke(app, ["build", str(spec), "--store", str(store), "--json"])
-    return result.exit_code, result.stdout, result.stderr
+    """The build's exit code, stdout, and stderr: the CLI's, then what Prefect's console
+    handlers printed during the build."""
+    console = io.StringIO()
+    with console_into(console):
+        result = runner.invoke(app, ["build", str(spec), "--store", str(store), "--json"])
+    return result.exit_code, result.stdout, result.stderr + console.getvalue()
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -195,9 +216,11 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def assert_fails(code: int, stderr: str, files: list[str], text: str, line: int | None) -> str:
-    """Exit code 2 and one ``error:`` line that names a file of ``files`` and holds ``text``
-    (and ``line N``, or some line when the case names none but a line is expected)."""
+    """Exit code 2, no traceback, and one ``error:`` line that names a file of ``files`` and
+    holds ``text`` (and ``line N``, or some line when the case names none but a line is
+    expected)."""
     assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
     (message,) = error_lines(stderr)
     assert any(name in message for name in files), message
     assert text in message, message
