@@ -87,8 +87,10 @@ test-fast: setup
 reproduce-craft: setup
 	$(BIN)/python -m examples.reproduce_craft --out reports/craft-ths
 
+# bench/ingest_hostile.py exits non-zero if a hostile input's peak RSS reaches 500 MiB.
 bench: setup
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/ingest_hostile.py
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/craft.py
 	$(BIN)/python bench/synthesis.py
