@@ -37,12 +37,25 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 
 
+def _start(command: list[str]) -> subprocess.Popen[str]:
+    """``command`` with Ctrl-C at its default disposition. A shell's background job (``cmd
+    &``, as a CI runner may start the suite) inherits SIGINT ignored, and a process that
+    starts with it ignored rightly keeps ignoring it: the test is of the command, not of
+    how the suite was launched."""
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 def _signal_mid_run(command: list[str], started: Path, sig: int) -> tuple[int, str, set[int]]:
     """Start ``command``; once ``started`` exists (it began writing), send ``sig``. The exit
     code, stderr, and the PIDs of its children seen while it ran."""
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
-    )
+    proc = _start(command)
     children: set[int] = set()
     deadline = time.monotonic() + 120
     while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -103,13 +116,7 @@ def test_report_signalled_mid_run_leaves_no_output(
     tmp_path: Path, big_store: str, report_seconds: float, sig: int, code: int
 ) -> None:
     out = tmp_path / "report"
-    proc = subprocess.Popen(
-        [str(EXE), "report", "sft", "--out", str(out), "--store", big_store],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-    )
+    proc = _start([str(EXE), "report", "sft", "--out", str(out), "--store", big_store])
     time.sleep(report_seconds * 0.7)
     children = {c.pid for c in _children(proc.pid)}
     assert proc.poll() is None, "it ended before the signal"
