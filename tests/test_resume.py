@@ -240,11 +240,26 @@ def test_two_builds_at_once_both_commit_and_the_table_stays_readable(
     assert {v.metadata["build_id"] for v in infos} == {s["build_id"] for s in summaries}
     for info in infos:
         train = datasets.read(f"{name}@{info.version}").sort_by("id")
-        assert train.equals(corpus_reference["train"])
+        assert train.equals(corpus_reference["train"]), _difference(
+            train, corpus_reference["train"], [b.tail() for b in builds]
+        )
         assert (
             datasets.read(f"{name}@{info.version}", split="rejected").num_rows
             == (corpus_reference["summary"]["rows"]["rejected"])
         )
+
+
+def _difference(got: pa.Table, want: pa.Table, logs: list[str]) -> str:
+    """What differs between two tables (for a failure message): rows, schema, columns."""
+    if got.num_rows != want.num_rows:
+        return f"{got.num_rows} rows against {want.num_rows}; logs: {logs}"
+    if got.schema != want.schema:
+        return f"schema {got.schema} against {want.schema}"
+    columns = [c for c in want.column_names if not got.column(c).equals(want.column(c))]
+    first = columns[0] if columns else None
+    at = next((i for i in range(got.num_rows) if first and got[first][i] != want[first][i]), None)
+    example = f"; row {at}: {got[first][at]} against {want[first][at]}" if at is not None else ""
+    return f"columns {columns} differ{example}; logs: {logs}"
 
 
 def _rows(cache: Path) -> int:
