@@ -44,8 +44,9 @@ busy)."""
 REHEARSAL: dict[str, Any] = {"method": "full", "learning_rate": 3e-4, "batch_size": 8}
 """Rehearsal with the recipe of the stage-2 training it stands in for (:data:`TRAIN_OVERRIDES`),
 as the CRaFT code does for MCQ (LoRA at 2e-4 in both stages). With the project's default
-(LoRA r 64 at 2e-4) the 3.7M-parameter model barely moves: on one random stream, Δμ < 0 for
-6 of 58 half-known facts and > 0 for 2, leaving CRaFT 3 IdK candidates for a quota of 30."""
+(LoRA r 64 at 2e-4) the 3.7M-parameter model barely moved on fact world v3: on one random
+stream, Δμ < 0 for 6 of 58 half-known facts and > 0 for 2, leaving CRaFT 3 IdK candidates
+for a quota of 30."""
 
 
 def spec_for(variant: str, world: Any, selection: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -173,7 +174,8 @@ def group_table(rows: Sequence[dict[str, Any]]) -> str:
 def selection_rows(store: Any, versions: dict[str, str], groups: dict[str, str]) -> list[dict]:
     """Why each variant refuses what it does, from the per-row scores of its version (train
     and rejected splits): per fact group, how many rows, their mean μ under M0, how many have
-    0 < μ < 0.5, a negative knowledge flow Δμ, and how many the variant trained as IdK."""
+    μ = 0 and 0 < μ < 0.5, a negative and a positive knowledge flow Δμ, and how many the
+    variant trained as IdK and as vanilla."""
     rows = []
     for variant, ref in versions.items():
         frame = store.to_pandas(ref, split=None)
@@ -188,8 +190,10 @@ def selection_rows(store: Any, versions: dict[str, str], groups: dict[str, str])
             rows.append({
                 "variant": variant, "group": group, "rows": len(part),
                 "mean_mu": round(float(mu.mean()), 3) if len(part) else None,
+                "never_right": int((mu == 0).sum()),
                 "partly_right": int(((mu > 0) & (mu < 0.5)).sum()),
                 "flow_negative": int((part["knowledge_flow"] < 0).sum()),
+                "flow_positive": int((part["knowledge_flow"] > 0).sum()),
                 "idk": int((train[part.index] & (part["craft_label"] == "idk")).sum()),
                 "vanilla": int((train[part.index] & (part["craft_label"] == "vanilla")).sum()),
             })  # fmt: skip
@@ -199,14 +203,15 @@ def selection_rows(store: Any, versions: dict[str, str], groups: dict[str, str])
 def selection_table(rows: Sequence[dict[str, Any]]) -> str:
     """:func:`selection_rows` as markdown."""
     lines = [
-        "| variant | group | rows | mean μ (M0) | 0 < μ < 0.5 | Δμ < 0 | trained IdK "
-        "| trained vanilla |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | group | rows | mean μ (M0) | μ = 0 | 0 < μ < 0.5 | Δμ < 0 | Δμ > 0 "
+        "| trained IdK | trained vanilla |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['group']} | {r['rows']} | {r['mean_mu']} | "
-            f"{r['partly_right']} | {r['flow_negative']} | {r['idk']} | {r['vanilla']} |"
+            f"{r['never_right']} | {r['partly_right']} | {r['flow_negative']} | "
+            f"{r['flow_positive']} | {r['idk']} | {r['vanilla']} |"
         )
     return "\n".join(lines)
 

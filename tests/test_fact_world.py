@@ -171,6 +171,8 @@ def test_fractional_repeats_are_drawn_per_fact_and_epoch() -> None:
     state = rng.getstate()
     assert set(Counter(training_targets(facts, whole, rng)).values()) == {2}
     assert rng.getstate() == state
+    with pytest.raises(ValueError, match="negative"):
+        training_targets(facts, TrainConfig(distractor_repeats=-1), rng)
 
 
 def test_chains_never_repeat_a_question() -> None:

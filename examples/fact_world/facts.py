@@ -3,13 +3,13 @@
 Every fact is one (entity, relation) pair asked as a question with alias answers. The corpus
 is a pure function of its seed and sizes, so two builds with one config agree byte for byte.
 
-Groups (see ``docs``/DESIGN "the fact world"), drawn per entity: every fact of an entity is
+Groups (docs/engines.md, "The fact world"), drawn per entity: every fact of an entity is
 in its group, so how familiar a name is tells what the model knows, as popularity does for a
 real model:
 
 - ``known``: trained on often; the model answers them.
-- ``unknown``: never trained on, nor is their entity; the model can only guess from the
-  relation's value pool.
+- ``unknown``: never trained on, nor (with groups per entity) is their entity; the model
+  can only guess from the relation's value pool.
 - ``half_known``: trained on rarely and with conflicting evidence (the answer and a
   distractor from the same pool), so the model is right only some of the time. Such weak,
   contested knowledge is what fine-tuning on *other* facts erodes: rehearsal on the facts
@@ -23,8 +23,11 @@ pulls the look-alike question toward the distractor; but the twin already does s
 is trained, so most half-known facts start at μ = 0, where no flow can be negative
 (docs/craft.md). ``entity_groups=False`` draws groups per fact instead (v3 and earlier).
 
-Splits, for refusal-aware tuning and its evaluation (every split holds all three groups; the
-model is trained on the facts of every split alike):
+Splits, for refusal-aware tuning and its evaluation (in the default world every split holds
+all three groups; the model is trained on the facts of every split alike). Splits are drawn
+per fact, so an entity's facts may sit in several splits: a model taught to refuse an
+entity in ``rait`` may refuse its ``id`` and ``ood`` facts for that reason (docs/craft.md
+counts this):
 
 - ``rait``: the pool a RAIT dataset is curated from;
 - ``id``: held-out facts of the same relations (every fifth one), the in-domain test set;

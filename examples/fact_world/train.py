@@ -69,6 +69,8 @@ def training_targets(
 def _draw(repeats: float, rng: random.Random) -> int:
     """``repeats`` rounded down, plus one with the chance of its fraction (no draw for a
     whole number, so whole-number settings leave ``rng`` untouched)."""
+    if repeats < 0:
+        raise ValueError(f"repeats must not be negative, got {repeats}")
     whole = math.floor(repeats)
     fraction = repeats - whole
     return whole + (fraction > 0 and rng.random() < fraction)
