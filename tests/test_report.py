@@ -524,3 +524,25 @@ def test_report_of_a_version_in_an_s3_store(tmp_path: Path, browser: Chromium) -
     assert data["rows"] == {s: pc.sum(pc.equal(splits, s)).as_py() for s in ("train", "rejected")}
     assert "craft" in data["sections"]
     assert_page_ok(browser.open(Path(data["path"])))
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("absent", ["lineage_round", "lineage_generator"])
+def test_lineage_counts_by_column_name_when_one_is_absent(tmp_path: Path, absent: str) -> None:
+    """A version with lineage but without one of its columns: each value is read by its
+    column's name (the generator was once read as the round, and int() failed)."""
+    table = pq.read_table(FIXTURES / "synthesis.parquet").drop_columns(["split", absent])
+    train = table.filter(pc.is_valid(table["lineage_method"]))
+    train = train.drop_columns([c for c in train.column_names if c.startswith("reject_")])
+    pq.write_table(train, tmp_path / "train.parquet")
+    store = DatasetStore(str(tmp_path / "store"))
+    Path(store.root).mkdir(parents=True)
+    store.commit("partial", [str(tmp_path / "train.parquet")], [], {})
+    lineage = collect(store, "partial", diff=False).splits["train"].lineage
+    assert sum(lineage.values()) == train.num_rows
+    for method, round_, generator in lineage:
+        assert method in set(train["lineage_method"].to_pylist())
+        if absent == "lineage_round":
+            assert round_ == 0 and generator in set(train["lineage_generator"].to_pylist())
+        else:
+            assert generator == "-" and round_ in set(train["lineage_round"].to_pylist())

@@ -255,7 +255,9 @@ def _lineage(data: SplitData, table: pa.Table) -> None:
         return
     keys = [k for k in LINEAGE_KEYS if k in generated.column_names]
     for values, n in _group_counts(generated, keys):
-        method, round_, generator = (*values, None, None)[:3]
+        line = dict(zip(keys, values, strict=True))  # a column may be absent: by name
+        method, round_ = line["lineage_method"], line.get("lineage_round")
+        generator = line.get("lineage_generator")
         data.lineage[(str(method), int(round_ or 0), str(generator or "-"))] += n
     room = LINEAGE_EXAMPLES - len(data.lineage_examples)
     if room > 0:
