@@ -34,6 +34,14 @@ def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def build_process(
+    spec: Path, store: Path, env: dict[str, str], *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``aligncurate build SPEC --store STORE [extra]`` through the console script."""
+    command = [str(EXE), "build", str(spec), "--store", str(store), *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
 def one_error_line(err: str) -> str:
     """The stderr of a failed command: exactly one line, the ``error:`` line."""
     lines = err.splitlines()
@@ -84,10 +92,7 @@ def test_failed_build_prints_one_line_and_a_json_failure_not_prefect_tracebacks(
     source.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     spec = write_spec(tmp_path, f"name: broken\nsources: [{{path: {source}}}]\n")
     store = tmp_path / "store"
-    command = [str(EXE), "build", str(spec), "--store", str(store)]
-    proc = subprocess.run(
-        [*command, "--json"], capture_output=True, text=True, env=api_env, timeout=300
-    )
+    proc = build_process(spec, store, api_env, "--json")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "Finished in state Failed" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
@@ -100,9 +105,7 @@ def test_failed_build_prints_one_line_and_a_json_failure_not_prefect_tracebacks(
         "line": 2,
     }
     assert DatasetStore(str(store)).datasets() == []
-    verbose = subprocess.run(
-        [*command, "--verbose"], capture_output=True, text=True, env=api_env, timeout=300
-    )
+    verbose = build_process(spec, store, api_env, "--verbose")
     assert verbose.returncode == 2 and verbose.stdout == ""
     assert "Traceback" in verbose.stderr and "JSONDecodeError" in verbose.stderr
     assert verbose.stderr.splitlines()[-1].startswith(f"error: {source}: line 2")
@@ -119,13 +122,7 @@ def test_a_damaged_save_to_disk_folder_is_one_line(tmp_path: Path, api_env: dict
     state.write_text(json.dumps({"_data_files": [{"name": "data-00000-of-00001.arrow"}]}))
     spec = write_spec(tmp_path, f"name: hf\nsources: [{{path: {folder}}}]\n")
     store = tmp_path / "store"
-    proc = subprocess.run(
-        [str(EXE), "build", str(spec), "--store", str(store), "--json"],
-        capture_output=True,
-        text=True,
-        env=api_env,
-        timeout=300,
-    )
+    proc = build_process(spec, store, api_env, "--json")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Finished in state Failed" not in proc.stderr
     message = f"{state}: field '_data_files[0].filename': expected a file name in this folder, "
@@ -363,13 +360,7 @@ def test_run_logs_are_redacted_on_the_console_and_in_the_run_log(
     spec = write_spec(tmp_path, f"name: leak\nsources: [{{path: '{source}'}}]\n")
     env = {**api_env, "AWS_SECRET_ACCESS_KEY": secret}
     start = datetime.now(UTC)
-    proc = subprocess.run(
-        [str(EXE), "build", str(spec), "--store", str(tmp_path / "store"), "--verbose"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    proc = build_process(spec, tmp_path / "store", env, "--verbose")
     assert proc.returncode == 2, proc.stderr[-3000:]
 
     async def run_log() -> list[str]:

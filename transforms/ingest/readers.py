@@ -481,12 +481,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as stream:
             raw = stream.read(HF_METADATA_BYTES + 1)
-        value = None if len(raw) > HF_METADATA_BYTES else json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise IngestError(str(path), f"cannot read: {reason}") from exc
+    except OSError as exc:
+        raise IngestError(str(path), f"cannot read: {exc.strerror or exc}") from exc
     if len(raw) > HF_METADATA_BYTES:
         raise IngestError(str(path), f"larger than {HF_METADATA_BYTES >> 20} MiB")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise IngestError(str(path), f"cannot read: {exc}") from exc
     if not isinstance(value, dict):
         raise IngestError(str(path), f"expected a JSON object, got {_json_type(value)}")
     return value
