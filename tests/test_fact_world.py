@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -331,9 +330,7 @@ def test_half_known_facts_spread_under_sampling(fact_world: FactWorld, loaded) -
 
 
 def test_second_call_hits_the_cache(fact_world: FactWorld) -> None:
-    started = time.perf_counter()
-    again = build_fact_world()
-    assert time.perf_counter() - started < 5
+    again = build_fact_world()  # not rebuilt: the manifest keeps its created_at
     assert again.root == fact_world.root
     assert again.manifest == fact_world.manifest
 
