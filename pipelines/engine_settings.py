@@ -18,7 +18,8 @@ from storage.gencache import GenerationCache
 
 
 class EngineSettings(BaseModel):
-    """The model, the engine that runs it, the server (``openai``) and the context length."""
+    """The model, the engine that runs it, the server (``openai``), the context length and
+    the generation cache's batch size."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="a local HF model folder (the tokenizer, for every engine)")
@@ -27,6 +28,13 @@ class EngineSettings(BaseModel):
         default=None, description="the server(s), for engine: openai (comma-separated)"
     )
     max_model_len: int | None = 512
+    cache_batch: int = Field(
+        default=256,
+        ge=1,
+        description="requests per generation-cache batch: each completed batch is stored "
+        "before the next is sent, so a killed build loses at most one (smaller: finer resume; "
+        "larger: bigger engine calls)",
+    )
 
 
 def open_engine(
@@ -47,7 +55,8 @@ def open_engine(
         if not settings.url:
             raise EngineError("engine 'openai' needs a url (a running vllm serve)")
         options["url"] = settings.url
-    return CachedEngine(make_engine(settings.engine, path, **options), cache)
+    engine = make_engine(settings.engine, path, **options)
+    return CachedEngine(engine, cache, batch_size=settings.cache_batch)
 
 
 def close_engine(engine: CachedEngine) -> None:

@@ -96,7 +96,11 @@ def run_refine(
     """
     requests = requests_for(table, params)
     todo = [i for i, r in enumerate(requests) if r is not None]
-    cached = CachedEngine(engine, cache) if engine is not None else open_engine(params, cache)
+    cached = (
+        CachedEngine(engine, cache, batch_size=params.cache_batch)
+        if engine is not None
+        else open_engine(params, cache)
+    )
     try:
         samples = cached.generate([requests[i] for i in todo]) if todo else []
     finally:

@@ -12,8 +12,9 @@ moment it sees them.
 Cost control: the builds share the session's Prefect test server (``PREFECT_API_URL``)
 instead of starting an ephemeral one each, and the CRaFT spec scores 300 fact-world
 questions with ``craft_wo_flow`` (CRaFT's certainty scoring, without the rehearsal
-fine-tune: rehearsal is one cached Prefect task, resumed as a unit, see test_craft.py),
-so the generation cache fills in two batches (256 + 44 requests). The CRaFT builds score
+fine-tune: rehearsal is one cached Prefect task, resumed as a unit, see test_craft.py), on
+60 fact-world questions with ``cache_batch: 32``, so the generation cache fills in two
+batches (32 + 28 requests). The CRaFT builds score
 through the session's ``vllm serve`` (``vllm_server``, engine ``openai``) rather than
 starting a vLLM engine in each child process; the in-process vLLM path of a build is
 covered by test_craft.py and test_cli_engines.py.
@@ -39,7 +40,8 @@ from corpora import enlarged_gsm8k
 from storage.dataset import DatasetStore
 
 EXE = Path(sys.executable).with_name("aligncurate")
-FACTS = 300  # two cache batches of CachedEngine's 256 requests
+FACTS = 60  # two generation-cache batches of CACHE_BATCH requests
+CACHE_BATCH = 32
 CORPUS_ROWS = 90_000  # ingest and commit take seconds, not milliseconds
 
 
@@ -152,6 +154,7 @@ def craft_spec(tmp_path_factory: pytest.TempPathFactory, fact_world, vllm_server
         "url": vllm_server.url,
         "method": "craft_wo_flow",
         "static_conflict": False,
+        "cache_batch": CACHE_BATCH,
     }
     spec.write_text(
         yaml.safe_dump(
@@ -204,8 +207,8 @@ def test_kill_mid_scoring_in_craft_then_rerun_pays_only_for_the_rest(
 ) -> None:
     name = "fw-resume"
     ref_store = tmp_path / "reference"
-    # The reference first, to the end: the shared server then sees the same batches (256 +
-    # 44 requests) in the reference as in the killed run and its rerun.
+    # The reference first, to the end: the shared server then sees the same batches (32 +
+    # 28 requests) in the reference as in the killed run and its rerun.
     reference = Build(craft_spec, ref_store, _env(tmp_path, api_url), tmp_path / "ref.log")
     expected = reference.summary(timeout=400)
 
@@ -215,7 +218,7 @@ def test_kill_mid_scoring_in_craft_then_rerun_pays_only_for_the_rest(
     killed.kill_when(lambda: _rows(cache) > 0, timeout=400)
     assert not _has_version(store, name)
     done = _rows(cache)
-    assert 0 < done < FACTS  # killed between the two scoring batches
+    assert done == CACHE_BATCH  # killed between the two scoring batches
 
     rerun = Build(craft_spec, store, env, tmp_path / "rerun.log").summary(timeout=400)
     assert rerun["version"] == 0
