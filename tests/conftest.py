@@ -8,7 +8,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-# Prefect reads its settings at import: isolate it before anything imports prefect.
+# Prefect reads its settings at import: isolate it before anything imports prefect. Under
+# pytest-xdist (`make test` runs two workers) each worker gets its own PREFECT_HOME, so the
+# builds' temporary servers never share a SQLite database across workers.
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"aligncurate-prefect-{worker}-")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="aligncurate-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
