@@ -959,7 +959,16 @@ def fact_world(
         out.print_json(json.dumps(accuracy, default=str))
 
 
-def main() -> None:  # pragma: no cover - console entry point
+def _exit_on_signal(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    """The console script. Until a command installs its own unwinding (``_signals_exit``, a
+    build's server handling), SIGTERM and SIGHUP end it quietly with 128 + signal, as they do
+    later: nothing has been written yet (tests/test_command_signals.py)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     app()
 
 
