@@ -34,10 +34,8 @@ RECORD = "aligncurate-train.json"
 TRAIN_CODE_VERSION = 1
 
 
-def training_pairs(
-    store: DatasetStore, ref: str, model: str | Path
-) -> tuple[list[tuple[str, str]], str]:
-    """The version's (rendered prompt, response) pairs and its task (the most common one).
+def training_rows(store: DatasetStore, ref: str) -> tuple[list[str], list[str], str]:
+    """The version's prompts, responses and task (the most common one).
 
     Raises:
         EngineError: the version's train split is empty.
@@ -45,11 +43,8 @@ def training_pairs(
     table = store.read(ref, "train", columns=["prompt", "response", "task"])
     if table.num_rows == 0:
         raise EngineError(f"{ref}: the train split is empty; nothing to train on")
-    prompts = table.column("prompt").to_pylist()
-    responses = table.column("response").to_pylist()
-    pairs = [(render(model, p), r) for p, r in zip(prompts, responses, strict=True)]
     task = Counter(table.column("task").to_pylist()).most_common(1)[0][0]
-    return pairs, task
+    return table.column("prompt").to_pylist(), table.column("response").to_pylist(), task
 
 
 def _key(name: str, version: int, files: list[str], base: str, params: TrainParams) -> str:
@@ -91,22 +86,24 @@ def train_version(
             the train split is empty, or the base model is missing.
         StoreError: unknown dataset, version or tag.
     """
+    # Every check before the tokenizer loads (seconds): a bad --out or --set fails at once.
     out = Path(out_dir).expanduser().absolute()
     base = model_dir(model)
-    name, version = store.resolve(ref)
-    exact = f"{name}@{version}"  # resolved once: a tag moved meanwhile cannot split data and key
-    pairs, task = training_pairs(store, exact, base)
-    params = preset(task, **(overrides or {}))
-    key = _key(name, version, store.files(exact, "train"), model_hash(base), params)
-    previous = read_record(out)
-    if previous is not None and previous.get("key") == key and (out / "config.json").is_file():
-        return {**previous, "cached": True}
     if out.exists() and not out.is_dir():
         raise EngineError(f"{out} is a file; --out must be a folder")
+    previous = read_record(out)
     if out.exists() and any(out.iterdir()) and previous is None:
         raise EngineError(
             f"{out} exists and is not a model trained by aligncurate; not overwriting"
         )
+    name, version = store.resolve(ref)
+    exact = f"{name}@{version}"  # resolved once: a tag moved meanwhile cannot split data and key
+    prompts, responses, task = training_rows(store, exact)
+    params = preset(task, **(overrides or {}))
+    key = _key(name, version, store.files(exact, "train"), model_hash(base), params)
+    if previous is not None and previous.get("key") == key and (out / "config.json").is_file():
+        return {**previous, "cached": True}
+    pairs = [(render(base, p), r) for p, r in zip(prompts, responses, strict=True)]
     started = time.perf_counter()
     run = train_sft(base, pairs, out, params, progress=progress, on_log=on_log)
     record = {
