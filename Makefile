@@ -75,11 +75,12 @@ system-deps:
 	fi
 
 # The suite runs on TEST_WORKERS pytest-xdist workers, a test file per worker at a time (so a
-# module's fixtures are built once); TEST_WORKERS=0 runs it in one process. More pytest
+# module's fixtures are built once), in the order tests/conftest.py gives the files;
+# TEST_WORKERS=0 runs it in one process. More pytest
 # options: make test PYTEST_ARGS="--durations=20 -x"
 TEST_WORKERS ?= 2
 test: setup system-deps
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Pure transforms and storage (no model, no Prefect server, no browser): about a minute.
 test-fast: setup

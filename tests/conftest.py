@@ -47,10 +47,45 @@ FAST_MODULES = frozenset(
 HEAVY_FIXTURES = frozenset({"fact_world", "vllm_engine", "prefect_harness"})
 
 
+#: The modules that cost most (model engines started, models trained), slowest first, from
+#: `pytest --durations` (docs/performance.md). Only the order of the run depends on it.
+SLOWEST = (
+    "test_craft.py",
+    "test_openai_engine.py",
+    "test_synthesis.py",
+    "test_cli_engines.py",
+    "test_resume.py",
+    "test_evaluate.py",
+    "test_dask.py",
+    "test_rehearsal.py",
+    "test_server_lifecycle.py",
+    "test_response_build.py",
+)
+
+
+def _start_order(module: str, needs_world: bool) -> tuple[int, int]:
+    """When a module starts. `make test` hands whole files to two workers in this order
+    (pytest-xdist ``--dist loadfile --no-loadscope-reorder``): the fact world's own tests
+    first (their fixture trains the world, about 1.5 min on one core) while the other worker
+    runs modules that need no model; then the slowest modules, so that none starts last; the
+    quick pure ones last, to even out the end."""
+    if module == "test_fact_world.py":
+        return (0, 0)
+    if module in FAST_MODULES:
+        return (4, 0)
+    if module in SLOWEST:
+        return (2 if needs_world else 1, SLOWEST.index(module))
+    return (3 if needs_world else 1, len(SLOWEST))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    needs_world: set[str] = set()
     for item in items:
         if item.path.name in FAST_MODULES and not HEAVY_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.fast)
+        if "fact_world" in item.fixturenames:
+            needs_world.add(item.path.name)
+    items.sort(key=lambda i: _start_order(i.path.name, i.path.name in needs_world))
 
 
 @pytest.fixture(scope="session")
