@@ -63,29 +63,20 @@ SLOWEST = (
 )
 
 
-def _start_order(module: str, needs_world: bool) -> tuple[int, int]:
+def _start_order(module: str) -> tuple[int, int]:
     """When a module starts. `make test` hands whole files to two workers in this order
-    (pytest-xdist ``--dist loadfile --no-loadscope-reorder``): the fact world's own tests
-    first (their fixture trains the world, about 1.5 min on one core) while the other worker
-    runs modules that need no model; then the slowest modules, so that none starts last; the
-    quick pure ones last, to even out the end."""
-    if module == "test_fact_world.py":
-        return (0, 0)
-    if module in FAST_MODULES:
-        return (4, 0)
+    (pytest-xdist ``--dist loadfile --no-loadscope-reorder``): the slowest first, so that
+    none starts last, the quick pure ones last, to even out the end."""
     if module in SLOWEST:
-        return (2 if needs_world else 1, SLOWEST.index(module))
-    return (3 if needs_world else 1, len(SLOWEST))
+        return (0, SLOWEST.index(module))
+    return (2 if module in FAST_MODULES else 1, 0)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    needs_world: set[str] = set()
     for item in items:
         if item.path.name in FAST_MODULES and not HEAVY_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.fast)
-        if "fact_world" in item.fixturenames:
-            needs_world.add(item.path.name)
-    items.sort(key=lambda i: _start_order(i.path.name, i.path.name in needs_world))
+    items.sort(key=lambda i: _start_order(i.path.name))
 
 
 @pytest.fixture(scope="session")
