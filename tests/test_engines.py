@@ -14,7 +14,7 @@ from engines.cached import CachedEngine
 from engines.embeddings import Embedder
 from engines.hf import TransformersEngine
 from engines.prompts import render
-from engines.vllm_engine import VLLMEngine
+from engines.vllm_engine import VLLMEngine, in_process, on_cpu
 from examples.fact_world import query_prompt
 from storage.gencache import GenerationCache
 from transforms.similarity import mean_pairwise_cosine
@@ -55,6 +55,27 @@ def test_n_samples_per_row_seeds_in_one_call(vllm_engine: VLLMEngine, fact_world
         for s in out
     ]
     assert np.mean(known) >= 0.9
+
+
+def test_a_second_engine_in_one_process_leaves_the_first_working(
+    vllm_engine: VLLMEngine, fact_world
+) -> None:
+    """On CPU the first open engine runs its engine core in this process; a second one opened
+    beside it gets a process of its own, and closing it leaves the first one working (an
+    in-process second engine tore down vLLM's parallel state on close, and the first then
+    failed with 'pipeline model parallel group is not initialized')."""
+    requests = [
+        Request(p, OEQA, row_seed(f["id"], "two")) for p, f in prompts_of(fact_world, "known", 6)
+    ]
+    first = vllm_engine.generate(requests)
+    assert in_process(vllm_engine) == on_cpu()
+    second = VLLMEngine(fact_world.model_dir, max_model_len=512)
+    try:
+        assert second.generate(requests) == first
+        assert not in_process(second)
+    finally:
+        second.close()
+    assert vllm_engine.generate(requests) == first
 
 
 def test_logprobs_are_returned_per_token(vllm_engine: VLLMEngine, fact_world) -> None:
