@@ -102,7 +102,7 @@ class VLLMServer:
         self.port = self.port or free_port()
         self._log = self.log_path.open("ab") if self.log_path else None
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        if self._platform_args() == CPU_FLAGS:  # one process on CPU, as VLLMEngine: 31 s → 23 s
+        if self._platform_args() == CPU_FLAGS:  # no worker process beside the core: 31 s → 23 s
             env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         repo = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))

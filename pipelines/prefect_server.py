@@ -398,7 +398,12 @@ def signals_as_exit() -> Iterator[None]:
             received.append(signum)
             raise Terminated(signum)
 
-    saved = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+    # A signal ignored when the command started (SIGHUP under nohup) stays ignored.
+    saved = {
+        sig: signal.signal(sig, handler)
+        for sig in SIGNALS
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
     try:
         yield
     except Terminated as exc:

@@ -73,10 +73,17 @@ def _signal_mid_run(command: list[str], started: Path, sig: int) -> tuple[int, s
 def _wait_for(seen: Callable[[], bool], proc: subprocess.Popen[str]) -> None:
     """Poll until ``seen()`` holds while ``proc`` runs (it must still run then)."""
     deadline = time.monotonic() + 120
-    while proc.poll() is None and not seen():
+    while proc.poll() is None and not _holds(seen):
         assert time.monotonic() < deadline, "not seen in 120 s"
         time.sleep(0.002)
     assert proc.poll() is None, f"it ended first: {proc.returncode} {proc.stderr.read()}"
+
+
+def _holds(seen: Callable[[], bool]) -> bool:
+    try:
+        return seen()
+    except FileNotFoundError:  # /proc/PID is gone: the process has just ended
+        return False
 
 
 def _catches(pid: int, sig: int) -> bool:
@@ -114,8 +121,7 @@ def test_export_signalled_mid_run_leaves_no_output(
 
 @pytest.fixture(scope="module")
 def report_seconds(tmp_path_factory: pytest.TempPathFactory, big_store: str) -> float:
-    """How long an unsignalled report of the big version takes (it writes its folder only
-    at the end, so the signal is timed instead)."""
+    """How long an unsignalled report of the big version takes (and that it works)."""
     out = tmp_path_factory.mktemp("report") / "whole"
     started = time.monotonic()
     subprocess.run(
@@ -134,12 +140,12 @@ def test_report_signalled_mid_run_leaves_no_output(
     tmp_path: Path, big_store: str, report_seconds: float, sig: int, code: int
 ) -> None:
     out = tmp_path / "report"
-    started = time.monotonic()
     proc = _start([str(EXE), "report", "sft", "--out", str(out), "--store", big_store])
-    # Past start-up (under load it once took over 1.3 s): the command imports pyarrow inside
-    # its signal handling, so libarrow mapped means the report's own unwinding is in place.
+    # The command imports pyarrow inside its signal handling, as the first step of its work:
+    # libarrow mapped means the report's own unwinding is in place and its work has begun.
+    # (A fixed share of an unsignalled run's time failed both ways under two workers: before
+    # start-up had ended, and after the report had finished.)
     _wait_for(lambda: "libarrow" in Path(f"/proc/{proc.pid}/maps").read_text(), proc)
-    time.sleep(max(0.0, started + report_seconds * 0.7 - time.monotonic()))
     children = {c.pid for c in _children(proc.pid)}
     assert proc.poll() is None, "it ended before the signal"
     proc.send_signal(sig)
@@ -253,14 +259,19 @@ def test_missing_input_and_bad_out_are_one_error_line(
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_at_start_up_exits_quietly_with_128_plus_it(big_store: str, sig: int) -> None:
     """``versions`` installs no handling of its own: the console script catches the signal
-    from its start (before the command imports its work: no libarrow yet) and exits 128 +
-    signal with no traceback and nothing on stdout."""
-    proc = _start([str(EXE), "versions", "sft", "--store", big_store])
-    _wait_for(lambda: _catches(proc.pid, sig), proc)
-    early = "libarrow" not in Path(f"/proc/{proc.pid}/maps").read_text()
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
-    assert early, "pyarrow was loaded before the signal could be caught"
-    assert proc.returncode == 128 + sig, err
-    assert "Traceback" not in err, err
-    assert out == ""
+    from its start and exits 128 + signal with no traceback and nothing on stdout. Each try
+    signals it the moment it catches the signal; at least one of three must land before the
+    command has imported its work (no libarrow yet: a loaded machine can be later)."""
+    early = []
+    for _ in range(3):
+        proc = _start([str(EXE), "versions", "sft", "--store", big_store])
+        _wait_for(lambda: _catches(proc.pid, sig), proc)  # noqa: B023 - used at once
+        early.append("libarrow" not in Path(f"/proc/{proc.pid}/maps").read_text())
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + sig, err
+        assert "Traceback" not in err, err
+        assert out == ""
+        if early[-1]:
+            break
+    assert any(early), "pyarrow was loaded before the signal could be caught, three times"

@@ -10,14 +10,13 @@ the commit) and kills the process group (the build and any processes it started)
 moment it sees them.
 
 Cost control: the builds share the session's Prefect test server (``PREFECT_API_URL``)
-instead of starting an ephemeral one each, and the CRaFT spec scores 300 fact-world
+instead of starting an ephemeral one each, and the CRaFT spec scores 60 fact-world
 questions with ``craft_wo_flow`` (CRaFT's certainty scoring, without the rehearsal
-fine-tune: rehearsal is one cached Prefect task, resumed as a unit, see test_craft.py), on
-60 fact-world questions with ``cache_batch: 32``, so the generation cache fills in two
-batches (32 + 28 requests). The CRaFT builds score
-through the session's ``vllm serve`` (``vllm_server``, engine ``openai``) rather than
-starting a vLLM engine in each child process; the in-process vLLM path of a build is
-covered by test_craft.py and test_cli_engines.py.
+fine-tune: rehearsal is one cached Prefect task, resumed as a unit, see test_craft.py) and
+``cache_batch: 32``, so the generation cache fills in two batches (32 + 28 requests). The
+CRaFT builds score through the session's ``vllm serve`` (``vllm_server``, engine
+``openai``) rather than starting a vLLM engine in each child process; the in-process vLLM
+path of a build is covered by test_craft.py and test_cli_engines.py.
 """
 
 from __future__ import annotations
