@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_child(script: str, *args: str) -> dict:
-    """Run ``script --child *args`` and return its JSON result plus its peak RSS (wait4)."""
+    """Run ``script --child *args`` and return its JSON result plus its peak RSS and the CPU
+    seconds of it and its waited-for processes (wait4)."""
     proc = subprocess.Popen(
         [sys.executable, script, "--child", *args], stdout=subprocess.PIPE, cwd=REPO
     )
@@ -27,6 +28,7 @@ def run_child(script: str, *args: str) -> dict:
         raise RuntimeError(f"{args[0]} child failed with status {status}")
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
+    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
     return result
 
 

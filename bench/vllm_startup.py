@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 # `python bench/vllm_startup.py` puts bench/ first on sys.path, where bench/engines.py would
 # shadow the `engines` package: put the repository there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p).resolve() != Path(__file__).parent]
+
+from bench import harness  # noqa: E402 (needs the path fixed above)
 
 MODES = {"multiprocess": "1", "in_process": "0"}
 PROMPTS = 300
@@ -76,21 +77,7 @@ def wait_for_quiet(limit: float = 1.0, patience: float = 180) -> float:
 
 def run_case(mode: str) -> dict:
     load = wait_for_quiet()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", mode],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd=REPO,
-    )
-    out = proc.stdout.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{mode} child failed with status {status}")
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
-    result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
-    result["load_before"] = load
-    return result
+    return {**harness.run_child(__file__, mode), "load_before": load}
 
 
 def main() -> None:
