@@ -277,7 +277,7 @@ def _min_matches(num_perm: int, bits: int, threshold: float) -> int:
     return int(reached[0]) if len(reached) else num_perm + 1
 
 
-def _similar(
+def similar_pairs(
     a: np.ndarray,
     rows_a: np.ndarray,
     b: np.ndarray,
@@ -355,14 +355,14 @@ def near_dedup(
     owner: list[str | None] = [None] * n  # the kept row each duplicate names
     if len(index):  # against the kept rows of earlier shards: the earliest that is similar
         rows, numbers = index.candidates(keys)
-        hit = _similar(small, rows, index.sigs, numbers, bits, threshold)
+        hit = similar_pairs(small, rows, index.sigs, numbers, bits, threshold)
         rows, numbers = rows[hit], numbers[hit]
         first = _starts(rows)  # rows are sorted: the earliest kept row of each
         for row, number in zip(rows[first].tolist(), numbers[first].tolist(), strict=True):
             owner[row] = index.ids[number]
     # Inside this shard, in row order: the earliest earlier row that is kept and similar.
     earlier, later = _shard_pairs(keys)
-    hit = _similar(small, earlier, small, later, bits, threshold)
+    hit = similar_pairs(small, earlier, small, later, bits, threshold)
     for j, i in zip(earlier[hit].tolist(), later[hit].tolist(), strict=True):
         if owner[i] is None and owner[j] is None:
             owner[i] = ids[j]
