@@ -1,17 +1,27 @@
-"""Benchmark: ingest → normalise → exact dedup → filter → Delta commit, against raw pyarrow.
+"""Benchmark: ingest → normalise → exact dedup → filter → Delta commit, against streaming pyarrow.
 
 Builds a JSONL corpus (1M rows by default) from the shared Alpaca corpora with about 10%
-exact duplicates, then times, each in its own child process (so peak RSS is its own):
+exact duplicates, then times, each case in its own child process (``bench.harness``: peak
+RSS and CPU seconds are its own), ``--rounds`` rounds (3) in alternating order, medians:
 
-- ``baseline``: ``pyarrow.json.read_json`` + ``pyarrow.parquet.write_table`` of the file;
+- ``streaming`` (**the anchor**): ``pyarrow.json.open_json`` (16 MiB blocks) streamed into
+  ``pyarrow.parquet.ParquetWriter`` (zstd) on the same file;
+- ``read_json``: ``pyarrow.json.read_json`` + ``pyarrow.parquet.write_table`` (the whole
+  file in memory; the baseline before issue #17);
+- ``streaming_1mib``: the anchor with 1 MiB blocks (slower, in far less memory);
 - ``pipeline``: the build's tasks run directly (no Prefect): ingest with the default
   chain, dedup + filter, one Delta commit;
 - ``flow``: the same through the Prefect flow ``build_dataset`` against a running Prefect
   server (started first, its start-up reported apart), which adds task orchestration,
   the build summary's statistics, the Prefect artifacts and the HTML report of the version.
 
-Usage: ``python bench/ingest.py [--rows 1000000] [--keep DIR]``. Prints a JSON report and
-a markdown row for docs/performance.md.
+Usage: ``python bench/ingest.py [--rows 1000000] [--rounds 3] [--skip-flow] [--json]``
+prints a JSON report (``pipeline_vs_streaming``: the anchor's median seconds over the
+pipeline's; ``peak_rss_mib``: the pipeline's median peak) and markdown rows; with
+``--json`` only one JSON object on stdout (progress goes to stderr). ``--phases`` instead
+runs the pipeline once on one shard thread and prints its CPU seconds, wall seconds and
+peak RSS per phase (parse, assemble, ids, normalize, exact dedup, filter, shard writes and
+reads, commit).
 """
 
 from __future__ import annotations
@@ -21,10 +31,14 @@ import json
 import os
 import platform
 import random
+import shutil
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 # `python bench/ingest.py` puts bench/ first on sys.path, where bench/engines.py would shadow
@@ -69,13 +83,35 @@ def make_corpus(path: Path, rows: int, dup_fraction: float = 0.1, seed: int = 0)
     return rows
 
 
-def child_baseline(corpus: Path, work: Path) -> dict:
+def child_streaming(corpus: Path, work: Path, block_bytes: int = 16 << 20) -> dict:
+    """The anchor: ``pyarrow.json.open_json`` (streaming, ``block_bytes`` blocks) into
+    ``pyarrow.parquet.ParquetWriter`` (zstd), batch by batch."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    reader = pj.open_json(corpus, read_options=pj.ReadOptions(block_size=block_bytes))
+    rows = 0
+    with pq.ParquetWriter(work / "streaming.parquet", reader.schema, compression="zstd") as out:
+        for batch in reader:
+            out.write_batch(batch)
+            rows += batch.num_rows
+    return {"seconds": time.perf_counter() - t0, "rows": rows}
+
+
+def child_streaming_1mib(corpus: Path, work: Path) -> dict:
+    """The anchor with 1 MiB blocks: slower, in far less memory."""
+    return child_streaming(corpus, work, 1 << 20)
+
+
+def child_read_json(corpus: Path, work: Path) -> dict:
+    """The whole file at once: ``pyarrow.json.read_json`` + ``pyarrow.parquet.write_table``."""
     import pyarrow.json as pj
     import pyarrow.parquet as pq
 
     t0 = time.perf_counter()
     table = pj.read_json(corpus)
-    pq.write_table(table, work / "baseline.parquet")
+    pq.write_table(table, work / "read_json.parquet")
     return {"seconds": time.perf_counter() - t0, "rows": table.num_rows}
 
 
@@ -86,6 +122,8 @@ def _spec(corpus: Path, work: Path) -> Path:
 
 
 def child_pipeline(corpus: Path, work: Path) -> dict:
+    """The build's own task functions, no Prefect: ingest (with normalize), the ordered
+    segment (exact dedup + filter), one Delta commit."""
     from pipelines.build import ingest_source, run_segment
     from pipelines.segments import ChainStep, split_segments
     from pipelines.spec import load_spec
@@ -114,6 +152,113 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
         "version": rows.version,
         "counts": {k: v for o in outputs for k, v in o.counts.items()},
     }
+
+
+class PhaseClock:
+    """Exclusive CPU and wall seconds per phase: each wrapped call (or ``next`` of a wrapped
+    generator) is charged to its phase, less the wrapped calls nested in it; the rest goes
+    to ``other``. Process CPU (``time.process_time``, Arrow's threads included) is only
+    attributable when one thread does the work: the phases child runs the shard work on
+    one thread (``ALIGNCURATE_SHARD_THREADS=1``)."""
+
+    def __init__(self) -> None:
+        self.stack = ["other"]
+        self.cpu: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+        self.last = (time.process_time(), time.perf_counter())
+        self.rss: dict[str, float] = {}
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+
+    def _sample_rss(self) -> None:
+        """The resident set size every 5 ms, its peak charged to the running phase."""
+        page = os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/statm") as statm:
+            while True:
+                statm.seek(0)
+                rss = int(statm.read().split()[1]) * page
+                top = self.stack[-1]
+                self.rss[top] = max(self.rss.get(top, 0.0), rss)
+                time.sleep(0.005)
+
+    def _switch(self, push: str | None) -> None:
+        cpu, wall = time.process_time(), time.perf_counter()
+        top = self.stack[-1]
+        self.cpu[top] = self.cpu.get(top, 0.0) + cpu - self.last[0]
+        self.wall[top] = self.wall.get(top, 0.0) + wall - self.last[1]
+        self.last = (cpu, wall)
+        if push is None:
+            self.stack.pop()
+        else:
+            self.stack.append(push)
+
+    def call(self, name: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._switch(name)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._switch(None)
+
+        return timed
+
+    def generator(self, name: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            items = self.call(name, fn)(*args, **kwargs)
+            step = self.call(name, next)
+            while True:
+                try:
+                    yield step(items)
+                except StopIteration:
+                    return
+
+        return timed
+
+    def patch(self, owner: Any, attribute: str, name: str, *, generator: bool = False) -> None:
+        wrap = self.generator if generator else self.call
+        setattr(owner, attribute, wrap(name, getattr(owner, attribute)))
+
+
+def child_phases(corpus: Path, work: Path) -> dict:
+    """The pipeline on one shard thread, its CPU and wall seconds split by phase."""
+    os.environ["ALIGNCURATE_SHARD_THREADS"] = "1"
+    import pipelines.segments as segments
+    import storage.dataset as dataset
+    import transforms.dedup as dedup
+    import transforms.ingest.alpaca as alpaca
+    import transforms.ingest.results as results
+    import transforms.ingest.source as source
+    import transforms.normalize as normalize
+    from pipelines.stages import stage
+
+    clock = PhaseClock()
+    clock.patch(source, "iter_pieces", "parse (read, chunk, Arrow JSON)", generator=True)
+    for name in ("from_columns", "build"):
+        clock.patch(alpaca, name, "assemble (field checks, prompts)")
+    for owner, name in ((results, "row_ids"), (results, "position_ids"), (normalize, "row_ids")):
+        clock.patch(owner, name, "ids (XXH3-128 of source, prompt, response)")
+    clock.patch(dedup, "content_key", "exact dedup: key hashing")
+    for name, phase in (
+        ("normalize", "normalize"),
+        ("exact_dedup", "exact dedup: key set, splits"),
+        ("filter", "filter (rule splits)"),
+    ):
+        definition = stage(name)
+        object.__setattr__(definition, "run", clock.call(phase, definition.run))
+    clock.patch(segments.ShardWriter, "_write", "shard writes")
+    clock.patch(segments, "read_shards", "shard reads", generator=True)
+    clock.patch(dataset.DatasetStore, "commit", "commit (Delta data files + log)")
+    result = child_pipeline(corpus, work)
+    clock._switch("other")
+    order = sorted(clock.cpu, key=lambda k: -clock.cpu[k])
+    result["phases"] = {
+        k: {
+            "cpu_s": round(clock.cpu[k], 2),
+            "wall_s": round(clock.wall[k], 2),
+            "peak_rss_mib": round(clock.rss.get(k, 0.0)),
+        }
+        for k in order
+    }
+    return result
 
 
 def child_flow(corpus: Path, work: Path) -> dict:
@@ -145,48 +290,139 @@ def child_flow(corpus: Path, work: Path) -> dict:
     }
 
 
-CHILDREN = {"baseline": child_baseline, "pipeline": child_pipeline, "flow": child_flow}
+CHILDREN = {
+    "streaming": child_streaming,
+    "read_json": child_read_json,
+    "streaming_1mib": child_streaming_1mib,
+    "pipeline": child_pipeline,
+    "flow": child_flow,
+    "phases": child_phases,
+}
+ANCHOR = "streaming"
 
 
-def run_child(kind: str, corpus: Path, work: Path) -> dict:
-    """Run one measurement in a fresh process; add its peak RSS and throughput."""
-    folder = work / kind
+def log(message: str) -> None:
+    """Progress, on stderr (stdout carries the report)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_child(kind: str, corpus: Path, work: Path, round_: int) -> dict:
+    """Run one measurement in a fresh process; add its peak RSS, CPU and throughput."""
+    folder = work / f"{kind}-{round_}"
     folder.mkdir()
     result = harness.run_child(__file__, kind, str(corpus), str(folder))
     result["rows_per_s"] = round(result["rows"] / result["seconds"])
+    shutil.rmtree(folder, ignore_errors=True)  # the next case's disk and page cache
+    log(
+        f"round {round_ + 1} {kind}: {result['seconds']:.2f} s, "
+        f"{result['peak_rss_mib']:.0f} MiB, {result['cpu_s']} CPU-s"
+    )
     return result
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Medians (and ranges) of one case's rounds."""
+    keys = ("seconds", "peak_rss_mib", "cpu_s")
+    out: dict[str, Any] = {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
+    out["seconds_range"] = [
+        round(min(r["seconds"] for r in runs), 3),
+        round(max(r["seconds"] for r in runs), 3),
+    ]
+    out["peak_rss_mib_range"] = [
+        min(r["peak_rss_mib"] for r in runs),
+        max(r["peak_rss_mib"] for r in runs),
+    ]
+    out["rows_per_s"] = round(runs[0]["rows"] / out["seconds"])
+    return out
+
+
+def phase_table(phases: dict[str, dict[str, float]]) -> str:
+    """The phases as a markdown table."""
+    total = sum(p["cpu_s"] for p in phases.values())
+    lines = ["| phase | CPU s | share | wall s | peak RSS in it |", "|---|---:|---:|---:|---:|"]
+    for name, p in phases.items():
+        lines.append(
+            f"| {name} | {p['cpu_s']:.2f} | {p['cpu_s'] / total:.0%} | {p['wall_s']:.2f} "
+            f"| {p['peak_rss_mib']:,} MiB |"
+        )
+    lines.append(f"| total | {total:.2f} | | {sum(p['wall_s'] for p in phases.values()):.2f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", nargs=3, metavar=("KIND", "CORPUS", "WORK"))
-    parser.add_argument("--skip-flow", action="store_true")
+    parser.add_argument("--skip-flow", action="store_true", help="leave out the Prefect flow")
+    parser.add_argument("--json", action="store_true", help="print only one JSON object on stdout")
+    parser.add_argument(
+        "--phases", action="store_true", help="only the pipeline's CPU seconds per phase"
+    )
     args = parser.parse_args()
     if args.child:
         kind, corpus, work = args.child
         print(json.dumps(CHILDREN[kind](Path(corpus), Path(work))))
         return
+    cases = (
+        ["phases"]
+        if args.phases
+        else [k for k in CHILDREN if k != "phases" and not (k == "flow" and args.skip_flow)]
+    )
+    rounds = 1 if args.phases else args.rounds
     with tempfile.TemporaryDirectory(prefix="aligncurate-bench-") as tmp:
         work = Path(tmp)
         corpus = work / "corpus.jsonl"
         make_corpus(corpus, args.rows)
         size_mib = corpus.stat().st_size / 2**20
-        results = {
-            k: run_child(k, corpus, work) for k in CHILDREN if not (k == "flow" and args.skip_flow)
-        }
-    base = results["baseline"]["seconds"]
-    report = {
+        log(f"corpus: {args.rows} rows, {size_mib:.1f} MiB")
+        runs: dict[str, list[dict]] = {k: [] for k in cases}
+        for r in range(rounds):  # alternate the order: no case always runs first
+            for kind in cases if r % 2 == 0 else reversed(cases):
+                runs[kind].append(run_child(kind, corpus, work, r))
+    report: dict[str, Any] = {
         "rows": args.rows,
         "corpus_mib": round(size_mib, 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}",
-        "results": results,
-        "ratio_pipeline_vs_baseline": round(base / results["pipeline"]["seconds"], 3),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "rounds": rounds,
     }
-    if "flow" in results:
-        report["ratio_flow_vs_baseline"] = round(base / results["flow"]["seconds"], 3)
-    print(json.dumps(report, indent=2))
+    if args.phases:
+        report["phases"] = runs["phases"][0]["phases"]
+        report["phases_markdown"] = phase_table(report["phases"])
+        report["counts"] = runs["phases"][0]["counts"]
+    else:
+        medians = {k: summarise(v) for k, v in runs.items()}
+        anchor, pipeline = medians[ANCHOR]["seconds"], medians["pipeline"]["seconds"]
+        report["cases"] = medians
+        report["pipeline_vs_streaming"] = round(anchor / pipeline, 3)
+        report["pipeline_vs_read_json"] = round(medians["read_json"]["seconds"] / pipeline, 3)
+        report["peak_rss_mib"] = medians["pipeline"]["peak_rss_mib"]
+        report["peak_rss_mib_max"] = medians["pipeline"]["peak_rss_mib_range"][1]
+        report["counts"] = runs["pipeline"][0]["counts"]
+        if "flow" in medians:
+            report["flow_vs_streaming"] = round(anchor / medians["flow"]["seconds"], 3)
+            report["flow_phases_s"] = runs["flow"][-1]["phases_s"]
+    print(json.dumps(report, indent=None if args.json else 2))
+    if not args.json:
+        print(phase_table(report["phases"]) if args.phases else markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The medians as rows for docs/performance.md."""
+    lines = [
+        f"| {report['rows']:,} rows ({report['corpus_mib']} MiB), median of {report['rounds']} "
+        "| seconds | rows/s | vs streaming | peak RSS | CPU s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    anchor = report["cases"][ANCHOR]["seconds"]
+    for name, case in report["cases"].items():
+        lines.append(
+            f"| {name} | {case['seconds']:.2f} | {case['rows_per_s']:,} | "
+            f"{anchor / case['seconds']:.2f} | {case['peak_rss_mib']:,.0f} MiB | {case['cpu_s']} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
