@@ -232,7 +232,6 @@ def compare(vectors, owner, threshold: float = THRESHOLD) -> dict:
     pairs = set(zip(*(a.tolist() for a in exact), strict=True))
     hits = pairs & set(zip(*(a.tolist() for a in found), strict=True))
     dropped = np.flatnonzero(exact_owner >= 0)
-    same = owner[dropped] == exact_owner[dropped]
     return {
         "rows": n,
         "exact_s": round(exact_s, 3),
