@@ -2,7 +2,9 @@
 
 Tasks pass shard paths, never rows. Ingest runs one task per source; each ordered stage
 (exact dedup) runs as one task over the shards in order, after its per-shard ``prepare``
-step (near dedup's signatures), if it has one, has run as one task per shard. Every task
+step (near dedup's signatures), if it has one, has run as one task per shard; with
+``partitions`` (the default under ``--runner dask``) exact and near dedup run as
+partitioned tasks instead (:mod:`pipelines.partitioned`). Every task
 is cached on a key made of its input fingerprints, its stage parameters and the stage
 code versions, with the result persisted under ``<store>/_work``: a build rerun after a
 crash reuses every task that had finished and redoes only the rest.
@@ -33,6 +35,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pipelines.failures import clear_failures, clear_task_failures, record_failure
 from pipelines.fingerprint import code_version, file_fingerprint, fresh, key_of
 from pipelines.parallel import ordered_map, shard_threads
+from pipelines.partitioned import partitionable, run_partitioned
 from pipelines.progress import emit
 from pipelines.report import ReportResult, publish_report
 from pipelines.segments import (
@@ -263,8 +266,12 @@ def default_task_runner() -> ThreadPoolTaskRunner:
 
 
 @flow(name="build_dataset", task_runner=default_task_runner())
-def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
-    """Build a new version of the dataset that the spec at ``spec_path`` describes."""
+def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0) -> dict[str, Any]:
+    """Build a new version of the dataset that the spec at ``spec_path`` describes.
+
+    ``partitions``: when positive, exact and near dedup run as tasks over that many key
+    partitions (:mod:`pipelines.partitioned`; the same rows and reasons) instead of one
+    ordered pass in the flow's process."""
     started = datetime.now(UTC)
     spec = load_spec(spec_path)
     check_sources(spec, spec_path)
@@ -306,8 +313,13 @@ def build_dataset(spec_path: str, store: str | None = None) -> dict[str, Any]:
     for chain in segments[1:]:
         key = key_of("segment", code_version(), [o.key for o in outputs], _chain_identity(chain))
         folder = work / "shards" / key
-        prepared = _prepare(chain[0], train, work, storage)
-        out = fresh(segment, folder)(key, train, chain, str(folder), context, prepared)
+        if partitions > 0 and partitionable(chain[0]):
+            scratch = work / "partitioned" / key / f"p{partitions}"
+            options = {**CACHED, "result_storage": storage}
+            out = run_partitioned(key, train, chain, folder, scratch, partitions, options)
+        else:
+            prepared = _prepare(chain[0], train, work, storage)
+            out = fresh(segment, folder)(key, train, chain, str(folder), context, prepared)
         emit("stage", chain[0].definition.name, len(train), len(train))
         outputs.append(out)
         train = out.train

@@ -10,6 +10,11 @@ single-threaded worker processes on this machine. Ordered passes and whole-table
 (exact dedup, near dedup's look-ups, CRaFT, synthesis) see every shard and run in the
 flow's process.
 
+Under ``--runner dask`` exact and near dedup run partitioned by key hash
+(:mod:`pipelines.partitioned`): per-shard, per-partition and per-shard tasks on the
+workers, with the same rows and reasons as the ordered pass; the flow's process only
+submits them. :func:`dedup_partitions` says how many partitions.
+
 Task arguments are shard paths and parameters, never rows, so tasks travel cheaply; the
 workers must see the same files (one machine, or a shared filesystem / the same mount for
 the store's ``_work`` folder) and reach the same Prefect API.
@@ -17,11 +22,15 @@ the store's ``_work`` folder) and reach the same Prefect API.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 RunnerName = Literal["threads", "dask"]
+PARTITIONS_ENV = "ALIGNCURATE_DEDUP_PARTITIONS"
+ADDRESS_PARTITIONS = 32
+"""Dedup partitions on an existing cluster (its size is not known when the flow starts)."""
 
 
 class RunnerError(ValueError):
@@ -39,6 +48,30 @@ class RunnerOptions(BaseModel):
     dask_workers: int = Field(
         default=2, ge=1, description="LocalCluster workers when no address is given"
     )
+    partitions: int | None = Field(
+        default=None,
+        ge=0,
+        description="key partitions of exact and near dedup; 0: the ordered pass in the "
+        "flow's process; default: ALIGNCURATE_DEDUP_PARTITIONS, else 0 on threads and "
+        "twice the workers on Dask",
+    )
+
+
+def dedup_partitions(options: RunnerOptions) -> int:
+    """How many key partitions exact and near dedup use (0: the ordered pass).
+
+    ``options.partitions``, else ``ALIGNCURATE_DEDUP_PARTITIONS``, else 0 for threads (one
+    machine: the ordered pass has no task overhead) and, for Dask, twice the LocalCluster
+    workers or :data:`ADDRESS_PARTITIONS` on an existing cluster (two partition tasks per
+    worker even out their sizes; see docs/operations.md for when to raise it)."""
+    if options.partitions is not None:
+        return options.partitions
+    configured = os.environ.get(PARTITIONS_ENV)
+    if configured:
+        return max(0, int(configured))
+    if options.runner == "threads":
+        return 0
+    return ADDRESS_PARTITIONS if options.dask_address else 2 * options.dask_workers
 
 
 def task_runner(options: RunnerOptions) -> Any | None:
@@ -78,11 +111,13 @@ def build_flow(options: RunnerOptions) -> Any:
     from pipelines.build import build_dataset
 
     runner = task_runner(options)
-    if runner is None:
+    partitions = dedup_partitions(options)
+    if runner is None and not partitions:
         return build_dataset
-    flow = build_dataset.with_options(task_runner=runner)
+    flow = build_dataset if runner is None else build_dataset.with_options(task_runner=runner)
 
     def run(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("partitions", partitions)
         try:
             return flow(*args, **kwargs)
         except Exception as exc:
