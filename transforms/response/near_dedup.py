@@ -46,19 +46,25 @@ about 480 bytes per kept row at the defaults.
 from __future__ import annotations
 
 from functools import cache
-from typing import Literal
+from typing import Literal, NamedTuple
 
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from transforms.response.shingles import fold, row_texts, shingle_hashes
+from transforms.response.shingles import (
+    MIX,
+    fold_finish,
+    fold_step,
+    hashing_texts,
+    shingle_hashes,
+)
 from transforms.schema import rejected
 from transforms.stage import StageResult, reject_table
 
 STAGE = "near_dedup"
-_CHUNK = 65_536  # pairs compared at once
 
 
 class NearDedupParams(BaseModel):
@@ -98,89 +104,190 @@ def lsh_shape(params: NearDedupParams) -> tuple[int, int]:
     return optimal_bands(params.threshold, params.num_perm, params.false_negative_weight)
 
 
-_SHINGLES_PER_CHUNK = 16_384  # the (permutations x shingles) block stays in cache
-
-
-def _fmix32(x: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finalizer (a bijection), as datasketch pre-mixes input hashes."""
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x85EBCA6B)
-    x = x ^ (x >> np.uint32(13))
-    x = x * np.uint32(0xC2B2AE35)
-    return x ^ (x >> np.uint32(16))
+@numba.njit(cache=True, inline="always")
+def _fmix32(x: np.uint32) -> np.uint32:
+    """MurmurHash3's 32-bit finalizer (a bijection), as datasketch pre-mixes input hashes
+    (in 64-bit arithmetic, masked: Numba widens 32-bit integers)."""
+    low = np.uint64(0xFFFFFFFF)
+    x = np.uint64(x)
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x85EBCA6B)) & low
+    x ^= x >> np.uint64(13)
+    x = (x * np.uint64(0xC2B2AE35)) & low
+    return np.uint32(x ^ (x >> np.uint64(16)))
 
 
 @cache
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(a, b)``, each ``(num_perm, 1)`` uint32: datasketch's ``affine32`` parameters for
+    """``(a, b)``, each ``(num_perm,)`` uint32: datasketch's ``affine32`` parameters for
     ``seed`` (odd multipliers, then offsets, drawn by ``RandomState(seed)``)."""
     gen = np.random.RandomState(seed)
     a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
     b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
-    a, b = a[:, None], b[:, None]
     a.flags.writeable = b.flags.writeable = False  # cached and shared across threads
     return a, b
+
+
+@numba.njit(cache=True)
+def _minhash_kernel(hashes: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray):
+    """Row ``r``'s signature: per permutation ``k`` the minimum of ``a[k] * x + b[k] mod
+    2^32`` over ``x = fmix32(low 32 bits)`` of its shingle hashes (the inner loop over the
+    permutations is what the compiler vectorises)."""
+    num_perm = len(a)
+    out = np.empty((len(offsets) - 1, num_perm), np.uint32)
+    sig = np.empty(num_perm, np.uint32)
+    for r in range(len(offsets) - 1):
+        sig[:] = np.uint32(0xFFFFFFFF)
+        for s in range(offsets[r], offsets[r + 1]):
+            x = _fmix32(np.uint32(hashes[s] & np.uint64(0xFFFFFFFF)))
+            for k in range(num_perm):
+                v = np.uint32(a[k] * x + b[k])
+                if v < sig[k]:
+                    sig[k] = v
+        out[r] = sig
+    return out
 
 
 def minhash_matrix(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
     """``(rows, num_perm)`` uint32 signatures of the rows whose shingle hashes are
     ``hashes[offsets[i]:offsets[i + 1]]`` (every row has at least one): datasketch's
-    ``affine32`` MinHash of the low 32 bits of each hash, computed for a block of rows at a
-    time as a ``(num_perm, shingles)`` product reduced per row."""
+    ``affine32`` MinHash of the low 32 bits of each hash, compiled (one pass over the
+    shingles, a row at a time)."""
     a, b = permutations(num_perm, seed)
     offsets = offsets.astype(np.int64)
     if len(offsets) > 1 and np.diff(offsets).min() < 1:
         raise ValueError("minhash_matrix: every row needs at least one shingle")
-    mixed = _fmix32((hashes & np.uint64(0xFFFFFFFF)).astype(np.uint32))
-    rows = len(offsets) - 1
-    out = np.empty((rows, num_perm), dtype=np.uint32)
-    # row blocks of about _SHINGLES_PER_CHUNK shingles; a longer row is a block of its own,
-    # taken _SHINGLES_PER_CHUNK shingles at a time
-    starts = np.searchsorted(offsets, np.arange(0, offsets[-1], _SHINGLES_PER_CHUNK))
-    bounds = np.unique(np.append(starts, rows))
-    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-        start, end = int(offsets[lo]), int(offsets[hi])
-        if hi - lo == 1 and end - start > _SHINGLES_PER_CHUNK:
-            out[lo] = np.iinfo(np.uint32).max
-            for piece in range(start, end, _SHINGLES_PER_CHUNK):
-                block = a * mixed[piece : min(end, piece + _SHINGLES_PER_CHUNK)]
-                block += b
-                np.minimum(out[lo], block.min(axis=1), out=out[lo])
-            continue
-        block = a * mixed[start:end]
-        block += b
-        out[lo:hi] = np.minimum.reduceat(block, offsets[lo:hi] - start, axis=1).T
-    return out
+    return _minhash_kernel(hashes.astype(np.uint64, copy=False), offsets, a, b)
 
 
 def signatures(table: pa.Table, params: NearDedupParams) -> np.ndarray:
     """``(rows, num_perm)`` uint32 MinHash signatures of each row's shingles."""
-    hashes, offsets = shingle_hashes(row_texts(table), params.ngram)
+    hashes, offsets = shingle_hashes(hashing_texts(table), params.ngram)
     return minhash_matrix(hashes, offsets, params.num_perm, params.seed)
 
 
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """``(n, bands)`` uint64 keys: each band's ``rows`` values folded, salted by the band."""
-    out = np.empty((len(sig), bands), dtype=np.uint64)
-    columns = sig.T.astype(np.uint64, order="C")  # one contiguous array per permutation
-    for j in range(bands):
-        salt = np.full(len(sig), j + 1, dtype=np.uint64)
-        out[:, j] = fold([salt, *columns[j * rows : (j + 1) * rows]])
+@numba.njit(cache=True)
+def _band_keys_kernel(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    out = np.empty((sig.shape[0], bands), np.uint64)
+    for i in range(sig.shape[0]):
+        for j in range(bands):
+            h = fold_step(MIX, np.uint64(j + 1))
+            for t in range(j * rows, (j + 1) * rows):
+                h = fold_step(h, np.uint64(sig[i, t]))
+            out[i, j] = fold_finish(h)
     return out
 
 
-def _distinct(values: np.ndarray) -> np.ndarray:
-    """The sorted distinct values (as ``np.unique``, which is many times slower here)."""
-    values = np.sort(values)
-    return values[_starts(values)]
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``(n, bands)`` uint64 keys: each band's ``rows`` values folded, salted by the band
+    (:func:`~transforms.response.shingles.fold` of ``[j + 1, *values]``, compiled)."""
+    return _band_keys_kernel(np.ascontiguousarray(sig), bands, rows)
 
 
-def _starts(values: np.ndarray) -> np.ndarray:
-    """Where each run of equal values of a sorted array starts (a boolean mask)."""
-    mask = np.empty(len(values), dtype=bool)
-    mask[:1] = True
-    np.not_equal(values[1:], values[:-1], out=mask[1:])
-    return mask
+@numba.njit(cache=True, inline="always")
+def _similar(x: np.ndarray, y: np.ndarray, need: int) -> bool:
+    """At least ``need`` equal minhashes."""
+    equal = 0
+    for k in range(len(x)):
+        equal += x[k] == y[k]
+    return equal >= need
+
+
+@numba.njit(cache=True)
+def _radix_table(keys: np.ndarray, shift: int) -> np.ndarray:
+    """``table[t]``: the first position of sorted ``keys`` whose top bits are ``>= t``."""
+    table = np.zeros((1 << (64 - shift)) + 1, np.int32)
+    for key in keys:
+        table[(key >> np.uint64(shift)) + 1] += 1
+    return np.cumsum(table).astype(np.int32)
+
+
+@numba.njit(cache=True)
+def _best_in_run(keys, small, sigs, need, run_keys, run_kept, table, shift, best) -> None:
+    """Lower ``best[i]`` to the earliest kept row of this run that shares a band with row
+    ``i`` and is similar to it (verified only when earlier than the best so far)."""
+    for i in range(keys.shape[0]):
+        for j in range(keys.shape[1]):
+            key = keys[i, j]
+            top = key >> np.uint64(shift)
+            for p in range(table[top], table[top + 1]):
+                if run_keys[p] == key:
+                    kept = run_kept[p]
+                    if kept < best[i] and _similar(small[i], sigs[kept], need):
+                        best[i] = kept
+
+
+@numba.njit(cache=True)
+def _owners_in_shard(keys, small, need, dropped) -> np.ndarray:
+    """Row after row: the earliest earlier kept row of this shard sharing a band with row
+    ``i`` and similar to it (``-1``: none, the row is kept and its keys go into a
+    multimap, open addressing with linear probing). Rows ``dropped`` already (by an earlier
+    shard's row) are skipped and never kept."""
+    n, bands = keys.shape
+    size = 16
+    while size < 2 * n * bands:
+        size *= 2
+    mask = np.uint64(size - 1)
+    slot_keys = np.zeros(size, np.uint64)
+    slot_rows = np.full(size, -1, np.int32)
+    owner = np.full(n, -1, np.int64)
+    for i in range(n):
+        if dropped[i]:
+            continue
+        best = n
+        for j in range(bands):
+            key = keys[i, j]
+            s = key & mask
+            while slot_rows[s] != -1:
+                r = slot_rows[s]
+                if slot_keys[s] == key and r < best and _similar(small[i], small[r], need):
+                    best = r
+                s = (s + np.uint64(1)) & mask
+        if best < n:
+            owner[i] = best
+            continue
+        for j in range(bands):
+            key = keys[i, j]
+            s = key & mask
+            while slot_rows[s] != -1:
+                s = (s + np.uint64(1)) & mask
+            slot_keys[s], slot_rows[s] = key, i
+    return owner
+
+
+@numba.njit(cache=True)
+def _merge(k1, r1, k2, r2) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted runs merged into one (ties: the first run's entries first)."""
+    keys = np.empty(len(k1) + len(k2), np.uint64)
+    rows = np.empty(len(k1) + len(k2), np.uint32)
+    p = q = 0
+    for o in range(len(keys)):
+        if q == len(k2) or (p < len(k1) and k1[p] <= k2[q]):
+            keys[o], rows[o] = k1[p], r1[p]
+            p += 1
+        else:
+            keys[o], rows[o] = k2[q], r2[q]
+            q += 1
+    return keys, rows
+
+
+_RUN_RATIO = 4
+
+
+class Run(NamedTuple):
+    """Band keys of kept rows, sorted, with the kept number of each, and a radix table
+    over the top ``64 - shift`` bits of the keys (4 to 8 keys per bucket): a lookup reads
+    one bucket instead of a binary search."""
+
+    keys: np.ndarray
+    kept: np.ndarray
+    table: np.ndarray
+    shift: int
+
+    @classmethod
+    def of(cls, keys: np.ndarray, kept: np.ndarray) -> Run:
+        bits = max(1, (len(keys) // 8).bit_length())
+        return cls(keys, kept, _radix_table(keys, 64 - bits), 64 - bits)
 
 
 class NearDedupIndex:
@@ -188,15 +295,17 @@ class NearDedupIndex:
     runs for lookup. The state the ordered stage carries across shards.
 
     Each shard's kept rows add one sorted run of band keys; a run is merged into the one
-    before it while it is at least as large (a binary counter), so a lookup searches
-    O(log shards) runs and the merging costs O(n log n) over a build. Signatures live in
+    before it while that one is at most :data:`_RUN_RATIO` times as large, so the runs
+    shrink geometrically (a lookup searches O(log shards) runs, a few in practice: later
+    shards keep fewer rows, and a plain binary counter would leave one run per shard) and
+    the merging costs O(n log n) over a build. Signatures live in
     a buffer that doubles when full.
     """
 
     def __init__(self) -> None:
         self.ids: list[str] = []
         self._sigs = np.zeros((0, 0), dtype=np.uint16)
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, kept numbers)
+        self.runs: list[Run] = []
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -209,29 +318,17 @@ class NearDedupIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays (signature buffer included), plus 32 per id."""
-        runs = sum(k.nbytes + r.nbytes for k, r in self.runs)
+        runs = sum(r.keys.nbytes + r.kept.nbytes + r.table.nbytes for r in self.runs)
         return self._sigs.nbytes + runs + 32 * len(self.ids)
 
-    def candidates(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Distinct ``(row, kept number)`` pairs: rows of ``keys`` (n × bands) and the kept
-        rows that share a band with them, sorted by row then kept number."""
-        bands = keys.shape[1]
-        order = np.argsort(keys.ravel())  # sorted needles: searchsorted stays cache-friendly
-        flat, owners = keys.ravel()[order], order // bands
-        found_rows, found_kept = [], []
-        for run_keys, run_rows in self.runs:
-            left = np.searchsorted(run_keys, flat, side="left")
-            count = np.searchsorted(run_keys, flat, side="right") - left
-            total = int(count.sum())
-            if total:
-                found_rows.append(np.repeat(owners, count))
-                first = np.repeat(left - (np.cumsum(count) - count), count)
-                found_kept.append(run_rows[first + np.arange(total)].astype(np.int64))
-        if not found_rows:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        size = len(self.ids) + 1
-        pair = _distinct(np.concatenate(found_rows) * size + np.concatenate(found_kept))
-        return pair // size, pair % size
+    def earliest_similar(self, keys: np.ndarray, small: np.ndarray, need: int) -> np.ndarray:
+        """For each row of ``keys`` (n × bands) with compact signatures ``small``: the
+        earliest kept row that shares a band with it and has at least ``need`` equal
+        minhashes, or ``len(self)`` when none does."""
+        best = np.full(len(keys), len(self), np.int64)
+        for run in self.runs:
+            _best_in_run(keys, small, self.sigs, need, *run, best)
+        return best
 
     def add(self, ids: list[str], sigs: np.ndarray, keys: np.ndarray) -> None:
         start, end = len(self.ids), len(self.ids) + len(ids)
@@ -244,12 +341,11 @@ class NearDedupIndex:
         self.ids.extend(ids)
         numbers = np.repeat(np.arange(start, end, dtype=np.uint32), keys.shape[1])
         order = np.argsort(keys.ravel(), kind="stable")
-        self.runs.append((keys.ravel()[order], numbers[order]))
-        while len(self.runs) > 1 and len(self.runs[-1][0]) >= len(self.runs[-2][0]):
-            (k2, r2), (k1, r1) = self.runs.pop(), self.runs.pop()
-            merged_keys, merged_rows = np.concatenate([k1, k2]), np.concatenate([r1, r2])
-            order = np.argsort(merged_keys, kind="stable")
-            self.runs.append((merged_keys[order], merged_rows[order]))
+        run = (keys.ravel()[order], numbers[order])
+        while self.runs and len(self.runs[-1].keys) <= _RUN_RATIO * len(run[0]):
+            earlier = self.runs.pop()
+            run = _merge(earlier.keys, earlier.kept, *run)
+        self.runs.append(Run.of(*run))
 
 
 def _compact(sig: np.ndarray, bits: int) -> np.ndarray:
@@ -277,6 +373,14 @@ def _min_matches(num_perm: int, bits: int, threshold: float) -> int:
     return int(reached[0]) if len(reached) else num_perm + 1
 
 
+@numba.njit(cache=True)
+def _similar_pairs_kernel(a, rows_a, b, rows_b, need) -> np.ndarray:
+    out = np.empty(len(rows_a), np.bool_)
+    for k in range(len(rows_a)):
+        out[k] = _similar(a[rows_a[k]], b[rows_b[k]], need)
+    return out
+
+
 def similar_pairs(
     a: np.ndarray,
     rows_a: np.ndarray,
@@ -285,37 +389,10 @@ def similar_pairs(
     bits: int,
     threshold: float,
 ) -> np.ndarray:
-    """Which pairs ``(a[rows_a[k]], b[rows_b[k]])`` reach ``threshold``: rows gathered and
-    their equal minhashes counted in chunks (no float estimate per pair)."""
-    out = np.zeros(len(rows_a), dtype=bool)
+    """Which pairs ``(a[rows_a[k]], b[rows_b[k]])`` reach ``threshold``: their equal
+    minhashes counted (compiled, no gathered copies) against the fewest that reach it."""
     need = _min_matches(a.shape[1], bits, threshold)
-    for s in range(0, len(rows_a), _CHUNK):
-        equal = a[rows_a[s : s + _CHUNK]] == b[rows_b[s : s + _CHUNK]]
-        out[s : s + _CHUNK] = np.count_nonzero(equal, axis=1) >= need
-    return out
-
-
-def _shard_pairs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct ``(earlier, later)`` row pairs of this shard that share a band key."""
-    n, bands = keys.shape
-    flat = keys.ravel()
-    order = np.argsort(flat, kind="stable")  # ties stay in row order
-    sorted_keys, sorted_rows = flat[order], (order // bands).astype(np.int64)
-    earlier, later = [], []
-    d = 1
-    while d < len(flat):
-        same = sorted_keys[d:] == sorted_keys[:-d]
-        if not same.any():
-            break
-        earlier.append(sorted_rows[:-d][same])
-        later.append(sorted_rows[d:][same])
-        d += 1
-    if not earlier:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    earlier_rows, later_rows = np.concatenate(earlier), np.concatenate(later)
-    distinct = earlier_rows < later_rows
-    pair = _distinct(later_rows[distinct] * n + earlier_rows[distinct])
-    return pair % n, pair // n
+    return _similar_pairs_kernel(a, np.asarray(rows_a), b, np.asarray(rows_b), need)
 
 
 Prepared = dict[str, np.ndarray]
@@ -351,23 +428,17 @@ def near_dedup(
             f"of {n} rows with {params.num_perm} permutations in {b} bands"
         )
     ids = table.column("id").to_pylist()
-    bits, threshold = params.signature_bits, params.threshold
-    owner: list[str | None] = [None] * n  # the kept row each duplicate names
-    if len(index):  # against the kept rows of earlier shards: the earliest that is similar
-        rows, numbers = index.candidates(keys)
-        hit = similar_pairs(small, rows, index.sigs, numbers, bits, threshold)
-        rows, numbers = rows[hit], numbers[hit]
-        first = _starts(rows)  # rows are sorted: the earliest kept row of each
-        for row, number in zip(rows[first].tolist(), numbers[first].tolist(), strict=True):
-            owner[row] = index.ids[number]
-    # Inside this shard, in row order: the earliest earlier row that is kept and similar.
-    earlier, later = _shard_pairs(keys)
-    hit = similar_pairs(small, earlier, small, later, bits, threshold)
-    for j, i in zip(earlier[hit].tolist(), later[hit].tolist(), strict=True):
-        if owner[i] is None and owner[j] is None:
-            owner[i] = ids[j]
-    kept = np.array([o is None for o in owner], dtype=bool)
-    reasons = [f"near_duplicate_of:{o}" for o in owner if o is not None]
+    need = _min_matches(params.num_perm, params.signature_bits, params.threshold)
+    # Against the kept rows of earlier shards (all earlier than this shard's): the earliest
+    # similar one; then inside this shard, in row order, the earliest earlier kept row.
+    earlier = index.earliest_similar(keys, small, need)
+    dropped = earlier < len(index)
+    inside = _owners_in_shard(keys, small, need, dropped)
+    kept = ~dropped & (inside < 0)
+    reasons = [
+        f"near_duplicate_of:{index.ids[e] if e < len(index) else ids[s]}"
+        for e, s in zip(earlier[~kept].tolist(), inside[~kept].tolist(), strict=True)
+    ]
     keep = pa.array(kept)
     index.add([ids[i] for i in np.flatnonzero(kept)], small[kept], keys[kept])
     return StageResult(
