@@ -43,7 +43,10 @@ class ReadDigest:
         self.size = 0
 
     def open(self, path: str | Path) -> BinaryIO:
-        """``path`` opened for reading, its bytes hashed as they are read."""
+        """``path`` opened for reading, its bytes hashed as they are read. A plain Python
+        file: reading it straight (``read(n)``) costs one copy, against three or four when
+        Arrow wraps it (``pyarrow.input_stream`` of a Python file: 0.19 against 0.04 CPU-s
+        per 105 MiB), so a reader wraps it only to decompress."""
         return _HashedFile(open(path, "rb", buffering=0), self)
 
     def update(self, data: memoryview) -> None:
@@ -63,6 +66,17 @@ class _HashedFile(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def read(self, size: int = -1) -> bytes:
+        """The next ``size`` bytes (all, when negative) as the file gives them, hashed:
+        ``RawIOBase.read`` would read into a temporary buffer and copy it."""
+        data = self._raw.read(size)
+        if data:
+            self._digest.update(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
 
     def readinto(self, buffer: bytearray | memoryview) -> int | None:  # type: ignore[override]
         count = self._raw.readinto(buffer)

@@ -103,8 +103,12 @@ class SourceFile:
     def open_bytes(self, digest: ReadDigest | None = None) -> BinaryIO:
         """The file's bytes, decompressed (read inside :meth:`reading`); the raw bytes read
         go into ``digest`` if one is given."""
-        source = str(self.path) if digest is None else digest.open(self.path)
-        return pa.input_stream(source, compression=self.compression)
+        if digest is None:
+            return pa.input_stream(str(self.path), compression=self.compression)
+        hashed = digest.open(self.path)
+        if self.compression is None:  # see ReadDigest.open: Arrow's wrapper copies each read
+            return hashed
+        return pa.input_stream(hashed, compression=self.compression)
 
     def open_text(self, digest: ReadDigest | None = None) -> io.TextIOWrapper:
         """The file as text for the CSV reader (BOM dropped, invalid UTF-8 kept as surrogates)."""

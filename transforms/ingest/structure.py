@@ -11,7 +11,6 @@ its state from block to block, so the readers can bound a record's depth and siz
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +26,7 @@ _STEP = np.zeros(256, np.int64)
 _STEP[[OPEN_ARRAY, OPEN_OBJECT]] = 1
 _STEP[[CLOSE_ARRAY, CLOSE_OBJECT]] = -1
 _NOT_OPENER_OR_NEWLINE = bytes(b for b in range(256) if b not in b"[{\n")
+_SLICE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,21 @@ def deep_lines(data: bytes | memoryview, max_depth: int) -> list[int]:
     """The indices (in ``data.split(b"\\n")``) of the lines that may nest deeper than
     ``max_depth``: those holding more than ``max_depth`` opening brackets (a cheap bound,
     made exact by :func:`too_deep`)."""
-    openers = bytes(data).translate(None, _NOT_OPENER_OR_NEWLINE)
+    # 1 MiB at a time: a copy of a whole 16 MiB chunk page-faults fresh memory every time
+    # (15 ms a chunk, against 10 ms in slices that the heap reuses)
+    view = memoryview(data)
+    openers = b"".join(
+        bytes(view[i : i + _SLICE]).translate(None, _NOT_OPENER_OR_NEWLINE)
+        for i in range(0, len(view), _SLICE)
+    )
     if len(openers) - openers.count(b"\n") <= max_depth:
         return []
-    pattern = re.compile(rb"[^\n]{%d,}" % (max_depth + 1))
-    return [openers.count(b"\n", 0, m.start()) for m in pattern.finditer(openers)]
+    # Each line's openers, counted between the newlines of the (short) translated text:
+    # half the time of a pattern search for runs longer than max_depth, the same lines.
+    newlines = np.flatnonzero(np.frombuffer(openers, np.uint8) == ord("\n"))
+    ends = np.append(newlines, len(openers))
+    counts = np.diff(ends, prepend=-1) - 1
+    return np.flatnonzero(counts > max_depth).tolist()
 
 
 def too_deep(text: bytes | memoryview, max_depth: int) -> str | None:
