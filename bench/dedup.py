@@ -1,15 +1,25 @@
-"""Benchmark: near-dedup of 200k rows (``near_dedup``) against datasketch's MinHashLSH, and
-distribution matching on the same rows.
+"""Benchmark: near-dedup of 200k rows (``near_dedup``) against rensa (the anchor) and
+datasketch's MinHashLSH, and distribution matching on the same rows.
 
 The corpus: every row of the shared Alpaca corpora and NQ (about 24k distinct rows), then
 edited copies of random rows until there are ``--rows`` (200,000): light edits (typos,
 extra whitespace, two sentences swapped) and heavy ones (half the response cut, or two
 rows joined), so that pairs fall on both sides of the threshold.
 
-Cases, each in its own child process (its peak RSS from ``VmHWM``), shards of 20k rows:
+Cases, each in its own child process (``bench.harness.run_child``; peak RSS from the
+child's own ``VmHWM``, see :func:`_own_peak_rss_mib`), shards of 20k rows, three rounds in
+alternating order (``--rounds``), medians reported:
 
-- ``ours``: the ``near_dedup`` stage (numpy shingles, datasketch-equal signatures, the numpy LSH
-  index with verification), shard after shard with its carried state;
+- ``ours``: the ``near_dedup`` stage (compiled shingles, datasketch-equal signatures, the LSH
+  index with verification), shard after shard with its carried state. Its Numba kernels
+  are cached in a fresh ``NUMBA_CACHE_DIR``: the first run (``ours_cold``, not a round)
+  compiles them, and its time is reported as the cold start;
+- ``rensa`` (the anchor): rensa 0.5.0 with its own string shingles: the same word 5-grams
+  (the words of :func:`row_texts`, joined by spaces, as Python strings; a row of fewer
+  words is one shingle of all of them), ``RMinHash(128, seed=1)``, ``RMinHashLSH`` with the
+  same 16 bands and threshold 0.8, row after row: query, verify the candidates with
+  rensa's own ``jaccard`` (the earliest kept one at or above the threshold is named),
+  insert the row only when none is;
 - ``datasketch``: the same shingles (the same function, 32-bit values), ``MinHash.bulk``
   with 128 permutations, ``MinHashLSH`` with the same bands (16 × 8) and threshold 0.8,
   and the same verification (``MinHash.jaccard`` against the stored MinHash of each
@@ -33,8 +43,12 @@ precision / recall on a sample of 3,000 rows, where a row should be dropped when
 row has exact Jaccard ≥ the threshold with it; and the exact Jaccard of the pairs the
 methods disagree on.
 
-Usage: ``python bench/dedup.py [--rows 200000] [--skip-real] [--skip-match]``.
-Prints a JSON report and markdown rows.
+Usage: ``python bench/dedup.py [--rows 200000] [--rounds 3] [--skip-real] [--skip-match]
+[--json]``. Prints a JSON report and markdown rows; with ``--json``, only one JSON object
+on stdout (progress on stderr), with ``near_dedup_vs_rensa`` and ``near_dedup_vs_datasketch``
+(the other's wall seconds ÷ ours, median of the per-round ratios), ``peak_rss_mib`` (ours,
+median) and ``decisions_identical_to_datasketch`` at its top level. The quick check of the
+dedup cases alone: ``--skip-real --skip-match``.
 """
 
 from __future__ import annotations
@@ -45,7 +59,7 @@ import os
 import platform
 import random
 import re
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 # `python bench/X.py` puts bench/ first on sys.path, where bench/engines.py would shadow the
 # `engines` package: put the repository there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p).resolve() != Path(__file__).parent]
+from bench import harness  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data"
 CORPORA = [
     "instructions/gsm8k_train_alpaca.json",
@@ -176,9 +192,15 @@ def make_real_corpus(path: Path) -> dict:
 
 
 def _shards(path: Path):
+    """The corpus in shards. The Parquet reader's scratch (about 300 MiB above the table
+    for 200k rows, kept by Arrow's allocator once freed) is handed back to the system
+    first, so that a case's peak RSS is its own work on top of the table, not the reader's
+    leftovers (the same for every case; the reader's own peak still counts)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
+    pa.default_memory_pool().release_unused()
     return [table.slice(s, SHARD) for s in range(0, table.num_rows, SHARD)]
 
 
@@ -236,6 +258,37 @@ def child_datasketch(corpus: Path, seed: int = 1) -> dict:
     return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu, "pairs": pairs}
 
 
+def child_rensa(corpus: Path) -> dict:
+    """rensa with its own string shingles (the anchor): see the module docstring."""
+    from rensa import RMinHash, RMinHashLSH
+
+    from transforms.response.near_dedup import NearDedupParams, lsh_shape
+    from transforms.response.shingles import row_texts
+
+    params = NearDedupParams()
+    n, bands = params.ngram, lsh_shape(params)[0]
+    shards = _shards(corpus)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    lsh = RMinHashLSH(threshold=params.threshold, num_perm=params.num_perm, num_bands=bands)
+    kept: list[tuple[str, RMinHash]] = []  # key in the index: the kept number
+    pairs = []
+    for shard in shards:
+        texts = row_texts(shard).to_pylist()
+        for row_id, text in zip(shard.column("id").to_pylist(), texts, strict=True):
+            words = text.split()
+            shingles = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+            m = RMinHash(params.num_perm, params.seed)
+            m.update(shingles or [" ".join(words)])
+            similar = [k for k in lsh.query(m) if m.jaccard(kept[k][1]) >= params.threshold]
+            if similar:
+                pairs.append([row_id, kept[min(similar)][0]])
+            else:
+                lsh.insert(len(kept), m)
+                kept.append((row_id, m))
+    cpu = time.process_time() - cpu_start
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": cpu, "pairs": pairs}
+
+
 def child_match(corpus: Path) -> dict:
     import pyarrow.parquet as pq
 
@@ -267,6 +320,7 @@ def child_datasketch_seed2(corpus: Path) -> dict:
 
 CHILDREN = {
     "ours": child_ours,
+    "rensa": child_rensa,
     "datasketch": child_datasketch,
     "datasketch_seed2": child_datasketch_seed2,
     "match": child_match,
@@ -284,16 +338,14 @@ def _own_peak_rss_mib() -> float:
 
 
 def run_child(kind: str, corpus: Path) -> dict:
-    """Run one measurement in a fresh process (it reports its own peak RSS)."""
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", kind, str(corpus)], stdout=subprocess.PIPE, cwd=REPO
-    )
-    out = proc.stdout.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{kind} child failed with status {status}")
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    result["child_cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 2)
+    """Run one measurement in a fresh process (``bench.harness.run_child``). Its peak RSS
+    is the child's own ``VmHWM``; the harness's ``ru_maxrss`` is kept as
+    ``ru_maxrss_mib`` (it can carry this parent's peak, see :func:`_own_peak_rss_mib`)."""
+    print(f"[dedup bench] {kind} on {corpus.name} ...", file=sys.stderr, flush=True)
+    result = harness.run_child(__file__, kind, str(corpus))
+    result["ru_maxrss_mib"] = result.pop("peak_rss_mib")
+    result["peak_rss_mib"] = result.pop("vmhwm_mib")
+    print(f"[dedup bench]   {result.get('seconds', 0):.2f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -404,20 +456,55 @@ def agreement(ours: list, theirs: list, corpus: Path, sample: int = 3000) -> dic
     }
 
 
-def dedup_case(made: dict, corpus: Path) -> dict:
-    """Both methods on one corpus, each in its own child process, and their agreement."""
-    ours = run_child("ours", corpus)
-    theirs = run_child("datasketch", corpus)
+CASES = ("ours", "rensa", "datasketch")
+
+
+def _median_case(runs: list[dict]) -> dict:
+    """Medians over the rounds (wall and CPU seconds, peak RSS), and each round's wall."""
+    out = {
+        k: round(statistics.median(r[k] for r in runs), 3)
+        for k in ("seconds", "cpu_seconds", "cpu_s", "peak_rss_mib")
+    }
+    out["rounds_seconds"] = [round(r["seconds"], 3) for r in runs]
+    out.update({k: v for k, v in runs[0].items() if k not in out and k != "pairs"})
+    return out
+
+
+def dedup_case(made: dict, corpus: Path, rounds: int) -> dict:
+    """The three methods on one corpus, ``rounds`` rounds in alternating order, each run in
+    its own child process; then their agreement (decisions are deterministic: every
+    round of a method must name the same pairs)."""
+    runs: dict[str, list[dict]] = {case: [] for case in CASES}
+    for r in range(rounds):
+        for case in CASES if r % 2 == 0 else CASES[::-1]:
+            runs[case].append(run_child(case, corpus))
+    for case, results in runs.items():
+        if any(x["pairs"] != results[0]["pairs"] for x in results):
+            raise RuntimeError(f"{case}: the rounds decided differently")
     again = run_child("datasketch_seed2", corpus)
-    a, b, c = ({tuple(p) for p in x["pairs"]} for x in (ours, theirs, again))
-    da, db, dc = ({p[0] for p in x} for x in (a, b, c))
+    ours, anchor, theirs = (runs[case][0] for case in CASES)
+    a, b, c, d = ({tuple(p) for p in x["pairs"]} for x in (ours, theirs, again, anchor))
+    da, db, dc, dd = ({p[0] for p in x} for x in (a, b, c, d))
+
+    def ratio(other: str, measure: str = "seconds") -> float:
+        pairs = zip(runs[other], runs["ours"], strict=True)
+        return round(statistics.median(o[measure] / u[measure] for o, u in pairs), 2)
+
     return {
         "corpus": made,
-        "ours": {k: v for k, v in ours.items() if k != "pairs"},
-        "datasketch": {k: v for k, v in theirs.items() if k != "pairs"},
-        "speedup": round(theirs["seconds"] / ours["seconds"], 2),
-        "speedup_cpu": round(theirs["cpu_seconds"] / ours["cpu_seconds"], 2),
+        **{case: _median_case(results) for case, results in runs.items()},
+        "near_dedup_vs_rensa": ratio("rensa"),
+        "near_dedup_vs_datasketch": ratio("datasketch"),
+        "near_dedup_vs_rensa_cpu": ratio("rensa", "cpu_seconds"),
+        "near_dedup_vs_datasketch_cpu": ratio("datasketch", "cpu_seconds"),
+        "decisions_identical_to_datasketch": a == b,
         **agreement(ours["pairs"], theirs["pairs"], corpus),
+        "rensa_vs_datasketch": {
+            "pairs_rensa": len(d),
+            "dropped_rensa": len(dd),
+            "pair_agreement": round(len(d & b) / max(len(d | b), 1), 4),
+            "dropped_row_agreement": round(len(dd & db) / max(len(dd | db), 1), 4),
+        },
         "datasketch_seed1_vs_seed2": {
             "pair_agreement": round(len(b & c) / max(len(b | c), 1), 4),
             "dropped_row_agreement": round(len(db & dc) / max(len(db | dc), 1), 4),
@@ -431,41 +518,55 @@ def dedup_case(made: dict, corpus: Path) -> dict:
 
 
 def print_table(title: str, case: dict) -> None:
-    ours, theirs, rows = case["ours"], case["datasketch"], case["corpus"]["rows"]
-    print(f"\n{title} ({rows:,} rows)\n")
-    print("| case | seconds | rows/s | ratio | CPU seconds (ratio) | peak RSS |")
+    rensa, rows = case["rensa"], case["corpus"]["rows"]
+    print(f"\n{title} ({rows:,} rows; medians of {len(rensa['rounds_seconds'])} rounds)\n")
+    print("| case | seconds | rows/s | vs rensa | CPU seconds (vs rensa) | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, res in (("datasketch MinHashLSH", theirs), ("near_dedup", ours)):
-        ratio = theirs["seconds"] / res["seconds"]
-        cpu = f"{res['cpu_seconds']:.2f} ({theirs['cpu_seconds'] / res['cpu_seconds']:.2f})"
+    cases = (("rensa (anchor)", "rensa"), ("datasketch MinHashLSH", "datasketch"))
+    for name, key in (*cases, ("near_dedup", "ours")):
+        res = case[key]
+        ratio = rensa["seconds"] / res["seconds"]
+        cpu = f"{res['cpu_seconds']:.2f} ({rensa['cpu_seconds'] / res['cpu_seconds']:.2f})"
         print(
             f"| {name} | {res['seconds']:.2f} | {rows / res['seconds']:,.0f} | {ratio:.2f} "
             f"| {cpu} | {res['peak_rss_mib']:,.0f} MiB |"
         )
+    print(
+        f"\nnear_dedup vs rensa {case['near_dedup_vs_rensa']:.2f}x, vs datasketch "
+        f"{case['near_dedup_vs_datasketch']:.2f}x (median per-round ratios); decisions "
+        f"identical to datasketch's: {case['decisions_identical_to_datasketch']}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--child", nargs=2, metavar=("KIND", "CORPUS"))
     parser.add_argument("--skip-match", action="store_true")
     parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
     if args.child:
         kind, corpus = args.child
         result = CHILDREN[kind](Path(corpus))
-        result["peak_rss_mib"] = _own_peak_rss_mib()
+        result["vmhwm_mib"] = _own_peak_rss_mib()
         print(json.dumps(result))
         return
     from importlib.metadata import version
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="aligncurate-bench-") as tmp:
+        # Our kernels compile into a fresh cache: the first run measures the cold start.
+        os.environ["NUMBA_CACHE_DIR"] = str(Path(tmp) / "numba")
         synthetic = Path(tmp) / "synthetic.parquet"
-        report: dict = {"synthetic": dedup_case(make_corpus(synthetic, args.rows), synthetic)}
+        made = make_corpus(synthetic, args.rows)
+        cold = run_child("ours", synthetic)
+        report: dict = {"synthetic": dedup_case(made, synthetic, args.rounds)}
+        report["synthetic"]["ours_cold_start_seconds"] = round(cold["seconds"], 3)
         if not args.skip_real:
             real = Path(tmp) / "real.parquet"
-            report["real"] = dedup_case(make_real_corpus(real), real)
+            report["real"] = dedup_case(make_real_corpus(real), real, args.rounds)
         report["match"] = None if args.skip_match else run_child("match", synthetic)
     report["machine"] = {
         "cpu": platform.processor() or platform.machine(),
@@ -473,8 +574,20 @@ def main() -> None:
         "python": platform.python_version(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        **{p: version(p) for p in ("datasketch", "scikit-learn", "numpy")},
+        **{p: version(p) for p in ("datasketch", "rensa", "numba", "scikit-learn", "numpy")},
     }
+    synth = report["synthetic"]
+    report = {
+        "near_dedup_vs_rensa": synth["near_dedup_vs_rensa"],
+        "near_dedup_vs_datasketch": synth["near_dedup_vs_datasketch"],
+        "peak_rss_mib": synth["ours"]["peak_rss_mib"],
+        "decisions_identical_to_datasketch": synth["decisions_identical_to_datasketch"],
+        "rows": synth["corpus"]["rows"],
+        **report,
+    }
+    if args.json:
+        print(json.dumps(report))
+        return
     print(json.dumps(report, indent=2))
     print_table("Synthetic copies (edited to straddle the threshold)", report["synthetic"])
     if "real" in report:

@@ -114,7 +114,15 @@ def _shingle_kernel(data: np.ndarray, bounds: np.ndarray, n: int) -> tuple[np.nd
     are the runs of word bytes: ``[A-Za-z0-9_]`` (hashed lower-cased) and every non-ASCII
     byte; any other byte separates words."""
     rows = len(bounds) - 1
-    words = np.empty(len(data) // 2 + rows + 1, np.uint64)  # a bound on the words
+    total = 0  # first the words (at least one per row: the empty word), for exact sizes
+    for r in range(rows):
+        inside, k = False, 0
+        for p in range(bounds[r], bounds[r + 1]):
+            word = _WORD_BYTE[data[p]] != 0
+            k += word and not inside
+            inside = word
+        total += max(k, 1)
+    words = np.empty(total, np.uint64)
     word_counts = np.zeros(rows, np.int64)
     w = 0
     for r in range(rows):
