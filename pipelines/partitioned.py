@@ -47,6 +47,7 @@ from transforms.partitioned_dedup import (
     bucket_firsts,
     bucket_runs,
     candidate_pairs,
+    dedupe_edges,
     keep_first,
     partition_entries,
 )
@@ -138,20 +139,20 @@ def bucket_round(
     decisions: str | None,
 ) -> dict[str, Any]:
     """One partition's round: verify the rows to check against the later rows of their
-    buckets; write the verified edges. Returns how many rows it checked and the edges'
-    file."""
+    buckets (each distinct pair once); write the verified edges. Returns how many rows it
+    checked, how many distinct pairs it verified and the edges' file."""
     base = Path(folder)
-    state = base / "buckets" / f"p{partition:04d}.npz"
+    state = base / "buckets" / f"p{partition:04d}"
     if round_ == 1:
-        rows, ends, sigs, local = _gather(base, partition, len(first_rows), first_rows, step)
-        state.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(state) as tmp:
-            np.savez(tmp, rows=rows, ends=ends, sigs=sigs, local=local)
-        check = bucket_firsts(ends)
-        checked = check
+        state.mkdir(parents=True, exist_ok=True)
+        gathered = _gather(base, partition, len(first_rows), first_rows, step)
+        for name, array in zip(_STATE, gathered, strict=True):
+            _save(state / f"{name}.npy", array)
+    rows, ends, distinct, sigs = (_load(state / f"{name}.npy") for name in _STATE)
+    rows, ends = np.asarray(rows), np.asarray(ends)
+    if round_ == 1:
+        check = checked = bucket_firsts(ends)
     else:
-        with np.load(state) as saved:
-            rows, ends, sigs, local = (saved[n] for n in ("rows", "ends", "sigs", "local"))
         before = np.load(base / f"round-{round_ - 1}" / f"p{partition:04d}.checked.npy")
         check = _kept(rows, decisions) & ~before
         checked = before | check
@@ -159,20 +160,27 @@ def bucket_round(
     out.mkdir(parents=True, exist_ok=True)
     _save(out / f"p{partition:04d}.checked.npy", checked)
     a, b = candidate_pairs(ends, check)
-    if sigs.size and len(a):  # near dedup: verify the candidates
+    i, j = dedupe_edges(rows[a], rows[b])  # a pair sharing several bands: verified once
+    pairs = len(i)
+    if sigs.size and pairs:  # near dedup: verify the candidates
         params: NearDedupParams = step.params  # type: ignore[assignment]
-        hit = similar_pairs(sigs, local[a], sigs, local[b], params.signature_bits, params.threshold)
-        a, b = a[hit], b[hit]
+        at_i, at_j = np.searchsorted(distinct, i), np.searchsorted(distinct, j)
+        hit = similar_pairs(sigs, at_i, sigs, at_j, params.signature_bits, params.threshold)
+        i, j = i[hit], j[hit]
     edges = out / f"p{partition:04d}.edges.npy"
-    _save(edges, np.stack([rows[a], rows[b]]))
-    return {"checked": int(check.sum()), "edges": str(edges), "pairs": len(a)}
+    _save(edges, np.stack([i, j]))
+    return {"checked": int(check.sum()), "pairs": pairs, "edges": str(edges)}
+
+
+_STATE = ("rows", "ends", "distinct", "sigs")
+"""A partition's buckets, saved by round 1 for the later rounds (read memory-mapped)."""
 
 
 def _gather(
     base: Path, partition: int, shards: int, first_rows: list[int], step: ChainStep
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Partition ``partition``'s entries from every shard, as buckets; the signatures of
-    the rows in them (near dedup; else empty) and each entry's row in that array."""
+    """Partition ``partition``'s entries from every shard, as buckets (rows, ends); the
+    distinct rows in them and their signatures (near dedup; else empty)."""
     keys, rows = [], []
     for index in range(shards):
         stem = _stem(base, index)
@@ -181,8 +189,8 @@ def _gather(
         rows.append(np.asarray(_load(stem.with_suffix(".rows.npy"))[lo:hi]))
     bucket_rows, ends = bucket_runs(np.concatenate(keys), np.concatenate(rows))
     if step.definition.name != "near_dedup":
-        return bucket_rows, ends, np.zeros((0, 0), np.uint16), np.zeros(0, np.int64)
-    distinct, local = np.unique(bucket_rows, return_inverse=True)
+        return bucket_rows, ends, np.zeros(0, np.int64), np.zeros((0, 0), np.uint16)
+    distinct = np.unique(bucket_rows)
     starts = np.asarray(first_rows, dtype=np.int64)
     owner = np.searchsorted(starts, distinct, side="right") - 1
     parts = []
@@ -191,7 +199,7 @@ def _gather(
         parts.append(sigs[distinct[owner == index] - starts[index]])
     num_perm = step.params.num_perm  # type: ignore[attr-defined]
     gathered = np.concatenate(parts) if parts else np.zeros((0, num_perm), np.uint16)
-    return bucket_rows, ends, gathered, local
+    return bucket_rows, ends, distinct, gathered
 
 
 def _kept(rows: np.ndarray, decisions: str | None) -> np.ndarray:
@@ -205,13 +213,17 @@ def _kept(rows: np.ndarray, decisions: str | None) -> np.ndarray:
 
 @task(name="dedup-merge")
 def merge_round(key: str, folder: str, round_: int, edges: list[str]) -> str:
-    """Keep-first over every edge verified so far; writes ``dropped.npy`` and
+    """Keep-first over every edge verified so far (the last merge's, kept in its folder,
+    and this round's ``edges`` files); writes ``edges.npy``, ``dropped.npy`` and
     ``owners.npy`` (sorted by dropped row) into the round's folder, returned."""
-    loaded = [np.load(path) for path in edges]
+    earlier = Path(folder) / f"round-{round_ - 1}" / "edges.npy"
+    loaded = [np.load(path) for path in [*edges, *([earlier] if round_ > 1 else [])]]
     both = np.concatenate(loaded, axis=1) if loaded else np.zeros((2, 0), np.int64)
-    dropped, owners = keep_first(both[0], both[1])
+    i, j = dedupe_edges(both[0], both[1])
+    dropped, owners = keep_first(i, j, distinct=True)
     out = Path(folder) / f"round-{round_}"
     out.mkdir(parents=True, exist_ok=True)
+    _save(out / "edges.npy", np.stack([i, j]))
     _save(out / "dropped.npy", dropped)
     _save(out / "owners.npy", owners)
     return str(out)
@@ -288,10 +300,11 @@ def run_partitioned(
     step = chain[0]
     base = str(folder)
 
-    def submit(fn: Any, ident: Any, *args: Any) -> Any:
-        """``fn`` on the task runner; its cache key: the segment's, the task and ``ident``."""
+    def submit(fn: Any, ident: Any, *args: Any, files: Path = folder) -> Any:
+        """``fn`` on the task runner; its cache key: the segment's, the task and ``ident``;
+        recomputed when ``files`` (the folder its result names) is gone."""
         task_key = key_of(key, fn.name, partitions, ident)
-        return fresh(fn.with_options(**options), folder).submit(task_key, *args)
+        return fresh(fn.with_options(**options), files).submit(task_key, *args)
 
     scattered = [
         submit(scatter_shard, i, shard, i, starts[i], step, partitions, base)
@@ -299,7 +312,6 @@ def run_partitioned(
     ]
     for future in scattered:
         future.result()
-    edges: list[str] = []
     decisions: str | None = None
     round_ = 1
     while True:
@@ -310,14 +322,25 @@ def run_partitioned(
         results = [f.result() for f in futures]
         if round_ > 1 and not any(r["checked"] for r in results):
             break  # nothing new verified: the last merge's decisions are final
-        edges += [r["edges"] for r in results]
+        edges = [r["edges"] for r in results]
         decisions = submit(merge_round, round_, base, round_, edges).result()
         if step.definition.name == "exact_dedup":
             break  # every pair of a bucket is a duplicate: round 1 verified them all
         round_ += 1
     assert decisions is not None
     applied = [
-        submit(apply_shard, i, shard, i, starts, chain, base, str(out_folder), decisions)
+        submit(
+            apply_shard,
+            i,
+            shard,
+            i,
+            starts,
+            chain,
+            base,
+            str(out_folder),
+            decisions,
+            files=out_folder,
+        )
         for i, shard in enumerate(shards)
     ]
     writer = ShardWriter(out_folder)

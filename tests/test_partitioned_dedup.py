@@ -103,7 +103,7 @@ def test_partitioned_dedup_on_threads_matches_the_ordered_pass(
     split = build_dataset(spec, store=str(tmp_path / "split"), partitions=3)
     assert split["counts"] == ordered["counts"]
     _assert_same(tmp_path / "ordered", tmp_path / "split")
-    assert len(list((tmp_path / "split").rglob("partitioned/*/p3/buckets/*.npz"))) == 3 * 2
+    assert len(list((tmp_path / "split").rglob("partitioned/*/p3/buckets/p*/sigs.npy"))) == 3 * 2
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -118,4 +118,4 @@ def test_partitioned_dedup_on_a_2_worker_local_cluster_matches_the_ordered_pass(
     split = build_flow(options)(spec, str(tmp_path / "dask"))
     assert split["counts"] == ordered["counts"]
     _assert_same(tmp_path / "ordered", tmp_path / "dask")
-    assert len(list((tmp_path / "dask").rglob("partitioned/*/p4/buckets/*.npz"))) == 4 * 2
+    assert len(list((tmp_path / "dask").rglob("partitioned/*/p4/buckets/p*/sigs.npy"))) == 4 * 2

@@ -112,17 +112,21 @@ def dedupe_edges(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return i[new], j[new]
 
 
-def keep_first(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def keep_first(
+    i: np.ndarray, j: np.ndarray, distinct: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """The greedy keep-first over the edges ``(i, j)``, ``i < j`` (any order, repeats
-    allowed): a row is dropped when one of its earlier neighbours is kept, and names the
-    earliest kept one. Rows without an earlier neighbour are kept. Returns ``(dropped rows,
-    their owners)``, sorted by row.
+    allowed; ``distinct``: they come from :func:`dedupe_edges` already): a row is dropped
+    when one of its earlier neighbours is kept, and names the earliest kept one. Rows
+    without an earlier neighbour are kept. Returns ``(dropped rows, their owners)``,
+    sorted by row.
 
     Vectorised in rounds: a row whose earliest neighbour not yet dropped is kept is
     dropped; one whose earlier neighbours are all dropped is kept. The earliest undecided
     row is decided in every round, so the rounds end; after :data:`_SEQUENTIAL_AFTER` of
     them the rest is decided row by row."""
-    i, j = dedupe_edges(i.astype(np.int64), j.astype(np.int64))
+    if not distinct:
+        i, j = dedupe_edges(i.astype(np.int64), j.astype(np.int64))
     if np.any(i >= j):
         raise ValueError("keep_first: every edge must point from an earlier row to a later one")
     nodes, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
