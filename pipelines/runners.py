@@ -6,14 +6,14 @@ local stages that follow it: normalize, filters, ...; one ``prepare`` task per s
 an ordered stage that has one: near dedup's signatures) to a Dask cluster through
 ``prefect-dask``'s ``DaskTaskRunner``: an existing scheduler (``--dask-address
 tcp://host:8786``) or, without an address, a ``LocalCluster`` of ``--dask-workers``
-single-threaded worker processes on this machine. Ordered passes and whole-table stages
-(exact dedup, near dedup's look-ups, CRaFT, synthesis) see every shard and run in the
-flow's process.
+single-threaded worker processes on this machine. Whole-table stages (CRaFT, synthesis,
+semantic dedup) see every row and run in the flow's process.
 
-Under ``--runner dask`` exact and near dedup run partitioned by key hash
-(:mod:`pipelines.partitioned`): per-shard, per-partition and per-shard tasks on the
+Exact and near dedup run, under ``--runner dask``, partitioned by key hash
+(:mod:`pipelines.partitioned`): per-shard, per-partition and per-round tasks on the
 workers, with the same rows and reasons as the ordered pass; the flow's process only
-submits them. :func:`dedup_partitions` says how many partitions.
+submits them. :func:`dedup_partitions` says how many partitions (0: the ordered pass, one
+task in the flow's process, the default on threads).
 
 Task arguments are shard paths and parameters, never rows, so tasks travel cheaply; the
 workers must see the same files (one machine, or a shared filesystem / the same mount for
