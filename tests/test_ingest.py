@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from transforms.ids import position_ids, row_ids
 from transforms.ingest import (
     FORMATS,
     IngestError,
@@ -23,6 +24,7 @@ from transforms.ingest import (
     ShareGPTTags,
     detect_format,
     read_source,
+    results,
 )
 from transforms.ingest.chat import is_tool_call
 from transforms.schema import REJECTED_SCHEMA, SCHEMA, validate
@@ -706,6 +708,23 @@ def test_ids_are_stable(shared_data: Path, gsm8k_reference: pa.Table) -> None:
     assert set(renamed.column("id").to_pylist()).isdisjoint(
         gsm8k_reference.column("id").to_pylist()
     )
+
+
+def test_ids_are_hashed_in_slices(
+    tmp_path: Path, shared_data: Path, gsm8k_reference: pa.Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids are hashed ``ID_ROWS`` rows at a time: the same ids as one hash of the batch."""
+    monkeypatch.setattr(results, "ID_ROWS", 1000)
+    kept = read_all(shared_data / GSM8K)[0]
+    assert kept.column("id").num_chunks == 8
+    assert kept.column("id").equals(gsm8k_reference.column("id"))
+    whole = row_ids(kept.column("source"), kept.column("prompt"), kept.column("response"))
+    assert kept.column("id").to_pylist() == whole.to_pylist()
+    monkeypatch.setattr(results, "ID_ROWS", 2)
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "i", "output": 1}] * 5)
+    _, rejected, _ = read_all(path)  # wrong_type:output
+    where = position_ids(rejected.column("source"), rejected.column("source_index"))
+    assert rejected.num_rows == 5 and rejected.column("id").to_pylist() == where.to_pylist()
 
 
 @pytest.mark.parametrize("name", [GSM8K, "nq/dev.csv"])

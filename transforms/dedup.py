@@ -75,7 +75,7 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
     seen.add(new_keys, kept_ids)
     mask = pa.array(keep)
     return StageResult(
-        kept=table.filter(mask),
+        kept=table if not len(duplicates) else table.filter(mask),  # a filter copies all
         rejected=reject_table(rejected(table.filter(pc.invert(mask)), STAGE, reasons)),
         stats={"distinct_keys": len(seen)},
     )
