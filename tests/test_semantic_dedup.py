@@ -26,10 +26,10 @@ GROUP = 40
 
 @pytest.fixture(scope="module")
 def nq(shared_data: Path) -> pa.Table:
-    """200 NQ rows, then GROUP copies of row 7 and one copy of each of rows 0-29, their
+    """100 NQ rows, then GROUP copies of row 7 and one copy of each of rows 0-29, their
     responses with doubled spaces, trailing spaces or up to four added dots."""
     table = pa.concat_tables(r.kept for r in read_source(shared_data / "nq" / "dev.csv"))
-    base = table.slice(0, 200)
+    base = table.slice(0, 100)
     rows = base.to_pylist()
     copies = []
     for k, source in enumerate([7] * GROUP + list(range(30))):
@@ -77,7 +77,7 @@ def test_keep_first_names_the_first_kept_row() -> None:
 
 
 def test_stage_drops_the_copies_naming_their_source(nq: pa.Table, embedder: Embedder) -> None:
-    table = pa.concat_tables([nq.slice(0, 40), nq.slice(200, GROUP)])
+    table = pa.concat_tables([nq.slice(0, 40), nq.slice(100, GROUP)])
     out = semantic_dedup(table, SemanticDedupParams(), embedder=embedder)
     ids = table.column("id").to_pylist()
     reasons = dict(
