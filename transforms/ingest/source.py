@@ -9,6 +9,7 @@ read ends by checking that the bytes read are the bytes fingerprinted.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,9 +103,13 @@ def _results(
         digest=digest,
     )
     if format_ in VECTORISED:
-        raws = (_raw(piece, format_) for piece in pieces)
-        for raw in rebatch(raws, params.batch_rows):
-            yield alpaca.build(raw, source, task)
+        # map, not a for loop: a loop variable would keep the last piece and the last raw
+        # batch alive while this generator waits for its consumer
+        raws = map(functools.partial(_raw, format_=format_), pieces)
+        yield from map(
+            functools.partial(alpaca.build, source=source, task=task),
+            rebatch(raws, params.batch_rows),
+        )
     else:
         outcomes = _outcomes(pieces, ROW_ADAPTERS[format_], params)
         for items in chunked(outcomes, params.batch_rows):
@@ -162,10 +167,13 @@ def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
             continue
         buffer.append(table)
         size += table.num_rows
+        del table  # held by the buffer while it is needed, not after
         while size >= rows:
             whole = pa.concat_tables(buffer)
-            yield whole.slice(0, rows)
+            out = [whole.slice(0, rows)]
             buffer, size = [whole.slice(rows)], size - rows
+            del whole  # the rows handed out are the consumer's to free
+            yield out.pop()
     if size:
         yield pa.concat_tables(buffer)
 
