@@ -48,8 +48,12 @@ def test_keep_first_matches_the_row_by_row_rule(
         rows, count = int(rng.integers(2, 50)), int(rng.integers(0, 150))
         a, b = rng.integers(0, rows, count), rng.integers(0, rows, count)
         i, j = np.minimum(a, b)[a != b], np.maximum(a, b)[a != b]
+        expected = _keep_first_by_row(i, j)
         dropped, owners = keep_first(i, j)
-        assert (dropped.tolist(), owners.tolist()) == _keep_first_by_row(i, j)
+        assert (dropped.tolist(), owners.tolist()) == expected
+        for far in (10**7, 2**33):  # the merge numbers the rows it sees; rows past 32 bits
+            dropped, owners = keep_first(i + far, j + far)
+            assert ((dropped - far).tolist(), (owners - far).tolist()) == expected
     chain = np.arange(40)
     dropped, owners = keep_first(chain, chain + 1)  # 0-1-2-...: every other row kept
     assert dropped.tolist() == list(range(1, 41, 2)) and owners.tolist() == list(range(0, 40, 2))

@@ -104,7 +104,13 @@ def candidate_pairs(ends: np.ndarray, check: np.ndarray) -> tuple[np.ndarray, np
 
 
 def dedupe_edges(i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct edges ``(i, j)`` sorted by ``j`` then ``i``."""
+    """Distinct edges ``(i, j)`` sorted by ``j`` then ``i`` (one ``int64`` sort of
+    ``j · 2^32 + i`` while rows fit 32 bits, else a lexicographic sort)."""
+    i, j = i.astype(np.int64), j.astype(np.int64)
+    if len(i) and max(int(i.max()), int(j.max())) < 1 << 31:
+        pair = np.sort((j << 32) | i)
+        pair = pair[np.r_[True, pair[1:] != pair[:-1]]] if len(pair) else pair
+        return pair & 0xFFFFFFFF, pair >> 32
     order = np.lexsort((i, j))
     i, j = i[order], j[order]
     new = np.ones(len(i), dtype=bool)
@@ -129,8 +135,12 @@ def keep_first(
         i, j = dedupe_edges(i.astype(np.int64), j.astype(np.int64))
     if np.any(i >= j):
         raise ValueError("keep_first: every edge must point from an earlier row to a later one")
-    nodes, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
-    ci, cj = inverse[: len(i)], inverse[len(i) :]
+    if len(j) and int(j[-1]) < 4 * len(j) + 1024:  # rows as they are: arrays that small
+        nodes = np.arange(int(j[-1]) + 1)
+        ci, cj = i, j
+    else:  # numbered among the rows that have an edge
+        nodes, inverse = np.unique(np.concatenate([i, j]), return_inverse=True)
+        ci, cj = inverse[: len(i)], inverse[len(i) :]
     undecided, kept, dropped = 0, 1, 2
     state = np.full(len(nodes), kept, dtype=np.int8)
     state[cj] = undecided
