@@ -18,12 +18,13 @@ from transforms.response.near_dedup import (
     NearDedupParams,
     estimated_jaccard,
     lsh_shape,
+    minhash_matrix,
     near_dedup,
     optimal_bands,
     signatures,
 )
 from transforms.response.semantic_dedup import SemanticDedupParams, semantic_dedup
-from transforms.response.shingles import hashing_texts, row_texts, shingle_hashes
+from transforms.response.shingles import raw_texts, row_texts, shingle_hashes
 from transforms.schema import REJECTED_SCHEMA, SCHEMA
 
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -133,8 +134,8 @@ def _reference_shingles(text: str, n: int = 5) -> list[int]:
 
 def test_shingles_match_a_plain_python_reference(roleplay: pa.Table) -> None:
     """The compiled shingles are the documented definition, and the fast path (ASCII rows
-    not normalised by Arrow) gives the shingles of the normalised texts, non-ASCII and
-    punctuation-only rows included."""
+    hashed without Arrow's normalisation) gives the shingles and signatures of the
+    normalised texts, non-ASCII and punctuation-only rows included."""
     odd = [
         "",
         "  ...  ",
@@ -147,8 +148,18 @@ def test_shingles_match_a_plain_python_reference(roleplay: pa.Table) -> None:
     table = pa.concat_tables([roleplay.slice(0, 300), pa.Table.from_pylist(rows, roleplay.schema)])
     texts = row_texts(table)
     hashes, offsets = shingle_hashes(texts)
-    fast = shingle_hashes(hashing_texts(table))
-    assert np.array_equal(fast[0], hashes) and np.array_equal(fast[1], offsets)
+    raw, non_ascii = raw_texts(table)
+    assert 0 < len(non_ascii) < table.num_rows and table.num_rows - 2 in non_ascii
+    ascii_rows = np.setdiff1d(np.arange(table.num_rows), non_ascii)
+    fast = shingle_hashes(raw.take(pa.array(ascii_rows)))[0]
+    bounds = offsets.astype(np.int64)
+    assert np.array_equal(
+        fast, np.concatenate([hashes[bounds[i] : bounds[i + 1]] for i in ascii_rows])
+    )
+    # the signatures (fast path) are those of the normalised texts' shingles
+    params = NearDedupParams()
+    expected = minhash_matrix(hashes, offsets, params.num_perm, params.seed)
+    assert np.array_equal(signatures(table, params), expected)
     bounds = offsets.tolist()
     for i, text in enumerate(texts.to_pylist()):
         assert hashes[bounds[i] : bounds[i + 1]].tolist() == _reference_shingles(text)

@@ -70,11 +70,14 @@ from transforms.response.shingles import (
     MIX,
     fold_finish,
     fold_step,
-    hashing_texts,
-    shingle_hashes,
+    normalised,
+    raw_texts,
+    row_words,
+    shingle,
 )
 from transforms.schema import rejected
 from transforms.stage import StageResult, reject_table
+from transforms.text import byte_chunks
 
 STAGE = "near_dedup"
 
@@ -172,10 +175,47 @@ def minhash_matrix(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed:
     return _minhash_kernel(hashes.astype(np.uint64, copy=False), offsets, a, b)
 
 
+@numba.njit(cache=True)
+def _signature_kernel(data, bounds, n, a, b) -> np.ndarray:
+    """Shingles and MinHash in one pass, row by row (no array of every shingle's hash):
+    the signatures :func:`minhash_matrix` gives for ``shingle_hashes``' hashes."""
+    rows, num_perm = len(bounds) - 1, len(a)
+    longest = 0
+    for r in range(rows):
+        longest = max(longest, bounds[r + 1] - bounds[r])
+    words = np.empty((longest + 1) // 2 + 1, np.uint64)
+    out = np.empty((rows, num_perm), np.uint32)
+    sig = np.empty(num_perm, np.uint32)
+    for r in range(rows):
+        k = row_words(data, bounds[r], bounds[r + 1], words)
+        sig[:] = np.uint32(0xFFFFFFFF)
+        for s in range(max(k - n + 1, 1)):
+            x = _fmix32(np.uint32(shingle(words, s, min(n, k)) & np.uint64(0xFFFFFFFF)))
+            for p in range(num_perm):
+                v = np.uint32(a[p] * x + b[p])
+                if v < sig[p]:
+                    sig[p] = v
+        out[r] = sig
+    return out
+
+
+def _text_signatures(texts: pa.Array, params: NearDedupParams) -> np.ndarray:
+    a, b = permutations(params.num_perm, params.seed)
+    chunks = byte_chunks(texts)
+    parts = [_signature_kernel(data, bounds, params.ngram, a, b) for _, data, bounds in chunks]
+    if not parts:
+        return np.zeros((0, params.num_perm), np.uint32)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def signatures(table: pa.Table, params: NearDedupParams) -> np.ndarray:
-    """``(rows, num_perm)`` uint32 MinHash signatures of each row's shingles."""
-    hashes, offsets = shingle_hashes(hashing_texts(table), params.ngram)
-    return minhash_matrix(hashes, offsets, params.num_perm, params.seed)
+    """``(rows, num_perm)`` uint32 MinHash signatures of each row's shingles (those of
+    :func:`~transforms.response.shingles.row_texts`)."""
+    text, non_ascii = raw_texts(table)
+    sig = _text_signatures(text, params)
+    if len(non_ascii):  # hashed again once normalised: no copy of the whole text
+        sig[non_ascii] = _text_signatures(normalised(text.take(pa.array(non_ascii))), params)
+    return sig
 
 
 @numba.njit(cache=True)
@@ -237,7 +277,7 @@ def _owners_in_shard(keys, small, need, dropped) -> np.ndarray:
     shard's row) are skipped and never kept."""
     n, bands = keys.shape
     size = 16
-    while size < 2 * n * bands:
+    while size < 3 * n * bands // 2:  # load at most 2/3 (when every row is kept)
         size *= 2
     mask = np.uint64(size - 1)
     slot_keys = np.zeros(size, np.uint64)
@@ -310,9 +350,9 @@ class NearDedupIndex:
     before it while that one is at most :data:`_RUN_RATIO` times as large, so the runs
     shrink geometrically (a lookup searches O(log shards) runs, a few in practice: later
     shards keep fewer rows, and a plain binary counter would leave one run per shard) and
-    the merging costs O(n log n) over a build. Signatures live in a buffer that grows by a
-    quarter when full (resized in place where the allocator can: the buffer is most of
-    the index, and a copy would hold it twice at its largest).
+    the merging costs O(n log n) over a build. Signatures live in one buffer, resized in
+    place (``realloc``) to the rows kept: it is most of the index, and a grown copy would
+    hold it twice at its largest.
     """
 
     def __init__(self) -> None:
@@ -347,11 +387,11 @@ class NearDedupIndex:
         start, end = len(self.ids), len(self.ids) + len(ids)
         if self._sigs.shape[1:] != sigs.shape[1:] or self._sigs.dtype != sigs.dtype:
             self._sigs = np.zeros((0, *sigs.shape[1:]), sigs.dtype)
-        if self._sigs.shape[0] < end:  # grow by a quarter, in place when the allocator can
-            rows = max(end, self._sigs.shape[0] * 5 // 4)
-            try:
-                self._sigs.resize((rows, *sigs.shape[1:]), refcheck=True)
-            except ValueError:  # a view of it is alive: copy
+        if self._sigs.shape[0] < end:
+            try:  # to the rows needed, in place (realloc: no copy held beside it)
+                self._sigs.resize((end, *sigs.shape[1:]), refcheck=True)
+            except ValueError:  # a view of it is alive: a copy, a quarter larger
+                rows = max(end, self._sigs.shape[0] * 5 // 4)
                 grown = np.zeros((rows, *sigs.shape[1:]), sigs.dtype)
                 grown[:start] = self._sigs[:start]
                 self._sigs = grown

@@ -10,10 +10,10 @@ Words are hashed straight from Arrow's string buffers by a Numba kernel: a polyn
 of the bytes (mod 2^64) folded with the word's length, and each n-gram is the :func:`fold`
 of its words' hashes; nothing is made per word or shingle in Python. The kernel takes the
 runs of word bytes (``[A-Za-z0-9_]``, lower-cased, and any non-ASCII byte) as words, so a
-row that is all ASCII needs no normalisation beforehand: :func:`hashing_texts` runs Arrow's
-Unicode lower case and regex only on the few rows with a non-ASCII byte, and the shingles
-are those of :func:`row_texts` (a test checks both on real rows). The result is one flat
-``uint64`` array plus row offsets, which
+row that is all ASCII needs no normalisation beforehand (:func:`raw_texts`): Arrow's
+Unicode lower case and regex run only on the few rows with a non-ASCII byte, and the
+shingles are those of :func:`row_texts` (a test checks both on real rows). The result is
+one flat ``uint64`` array plus row offsets, which
 :func:`transforms.response.near_dedup.minhash_matrix` turns into signatures.
 """
 
@@ -51,7 +51,9 @@ def _joined(table: pa.Table) -> pa.Array:
     )
 
 
-def _normalised(text: pa.Array) -> pa.Array:
+def normalised(text: pa.Array) -> pa.Array:
+    """Lower-cased, and every run of characters other than letters, digits, marks, ``_``
+    and ASCII white space turned into one space."""
     # Runs of characters that are neither letters, digits, marks, "_" nor ASCII white space
     # become one space (Unicode classes: RE2's \w is ASCII-only and would erase "é" or
     # Cyrillic), so words are the runs of word characters split at ASCII white space.
@@ -60,25 +62,21 @@ def _normalised(text: pa.Array) -> pa.Array:
 
 def row_texts(table: pa.Table) -> pa.Array:
     """Prompt and response of each row as one normalised string."""
-    return _normalised(_joined(table))
+    return normalised(_joined(table))
 
 
-def hashing_texts(table: pa.Table) -> pa.Array:
-    """What :func:`shingle_hashes` needs to give the shingles of :func:`row_texts`, made
-    faster: only the rows holding a non-ASCII byte (a few percent) are normalised by Arrow
-    (Unicode lower case and classes; its regex is most of :func:`row_texts`' cost). An
-    ASCII row is left as it is, since the kernel's byte classes normalise it the same way:
-    the words of a normalised ASCII text are the runs of ``[a-z0-9_]``, lower-cased."""
+def raw_texts(table: pa.Table) -> tuple[pa.Array, np.ndarray]:
+    """``(texts, rows)``: each row's prompt and response as one string, not normalised,
+    and the rows holding a non-ASCII byte (a few percent). :func:`shingle_hashes` of an
+    ASCII row's raw text are those of its :func:`row_texts` (the kernel's byte classes
+    normalise it the same way: the words of a normalised ASCII text are the runs of
+    ``[a-z0-9_]``, lower-cased), so only ``rows`` need :func:`normalised` (Arrow's Unicode
+    lower case and regex, most of :func:`row_texts`' cost) before hashing."""
     text = combined(_joined(table))
     non_ascii: list[np.ndarray] = []
     for first, data, bounds in byte_chunks(text):
         non_ascii.append(first + rows_with(np.flatnonzero(data >= 0x80), bounds))
-    rows = np.concatenate(non_ascii) if non_ascii else np.zeros(0, np.int64)
-    if not len(rows):
-        return text
-    mask = np.zeros(len(text), bool)
-    mask[rows] = True
-    return pc.replace_with_mask(text, pa.array(mask), _normalised(text.take(pa.array(rows))))
+    return text, np.concatenate(non_ascii) if non_ascii else np.zeros(0, np.int64)
 
 
 def fold(parts: list[np.ndarray]) -> np.ndarray:
@@ -109,60 +107,63 @@ def fold_finish(h: np.uint64) -> np.uint64:
 
 
 @numba.njit(cache=True)
+def row_words(data: np.ndarray, start: int, end: int, words: np.ndarray) -> int:
+    """Hash the words of ``data[start:end]`` into ``words`` (which holds at least
+    ``(end - start + 1) // 2 + 1``) and return how many (at least 1: a text without words
+    is the empty word). Words are the runs of word bytes: ``[A-Za-z0-9_]`` (hashed
+    lower-cased) and every non-ASCII byte; any other byte separates words."""
+    w, h, power, length = 0, np.uint64(0), _PRIME, 0
+    for p in range(start, end + 1):
+        c = _WORD_BYTE[data[p]] if p < end else np.uint64(0)
+        if c:
+            h += c * power
+            power *= _PRIME
+            length += 1
+        elif length:
+            words[w] = fold_finish(fold_step(fold_step(MIX, h), np.uint64(length)))
+            w += 1
+            h, power, length = np.uint64(0), _PRIME, 0
+    if w == 0:
+        words[0] = fold_finish(fold_step(fold_step(MIX, np.uint64(0)), np.uint64(0)))
+        w = 1
+    return w
+
+
+@numba.njit(cache=True, inline="always")
+def shingle(words: np.ndarray, first: int, width: int) -> np.uint64:
+    """The hash of the shingle of ``words[first:first + width]``."""
+    h = MIX
+    for j in range(first, first + width):
+        h = fold_step(h, words[j])
+    return fold_finish(h)
+
+
+@numba.njit(cache=True)
 def _shingle_kernel(data: np.ndarray, bounds: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(hashes, per row count)`` of the rows ``data[bounds[i]:bounds[i + 1]]``. Words
-    are the runs of word bytes: ``[A-Za-z0-9_]`` (hashed lower-cased) and every non-ASCII
-    byte; any other byte separates words."""
+    """``(hashes, per row count)`` of the rows ``data[bounds[i]:bounds[i + 1]]``."""
     rows = len(bounds) - 1
-    total = 0  # first the words (at least one per row: the empty word), for exact sizes
-    for r in range(rows):
-        inside, k = False, 0
-        for p in range(bounds[r], bounds[r + 1]):
-            word = _WORD_BYTE[data[p]] != 0
-            k += word and not inside
-            inside = word
-        total += max(k, 1)
-    words = np.empty(total, np.uint64)
+    words = np.empty(len(data) // 2 + 2 * rows + 1, np.uint64)  # a bound: all rows' words
     word_counts = np.zeros(rows, np.int64)
     w = 0
     for r in range(rows):
-        start, inside, h, power = w, False, np.uint64(0), _PRIME
-        length = 0
-        for p in range(bounds[r], bounds[r + 1] + 1):
-            c = _WORD_BYTE[data[p]] if p < bounds[r + 1] else np.uint64(0)
-            if c:
-                h += c * power
-                power *= _PRIME
-                length += 1
-                inside = True
-            elif inside:
-                words[w] = fold_finish(fold_step(fold_step(MIX, h), np.uint64(length)))
-                w += 1
-                inside, h, power, length = False, np.uint64(0), _PRIME, 0
-        if w == start:  # no word: the empty word
-            words[w] = fold_finish(fold_step(fold_step(MIX, np.uint64(0)), np.uint64(0)))
-            w += 1
-        word_counts[r] = w - start
+        word_counts[r] = row_words(data, bounds[r], bounds[r + 1], words[w:])
+        w += word_counts[r]
     counts = np.maximum(word_counts - n + 1, 1)
     out = np.empty(counts.sum(), np.uint64)
     o, w = 0, 0
     for r in range(rows):
-        k = word_counts[r]
-        width = min(n, k)
+        width = min(n, word_counts[r])
         for s in range(counts[r]):
-            h = MIX
-            for j in range(width):
-                h = fold_step(h, words[w + s + j])
-            out[o] = fold_finish(h)
+            out[o] = shingle(words, w + s, width)
             o += 1
-        w += k
+        w += word_counts[r]
     return out, counts
 
 
 def shingle_hashes(texts: pa.Array, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """``(hashes, offsets)``: the shingle hashes of row ``i`` are
     ``hashes[offsets[i]:offsets[i + 1]]`` (``uint64`` both). ``texts`` as :func:`row_texts`
-    (or, the same shingles, :func:`hashing_texts`) makes them: a normalised text holds only
+    (or, for its ASCII rows, :func:`raw_texts`) makes them: a normalised text holds only
     word characters and ASCII white space, so its words are what splitting at white space
     gives."""
     parts, counts = [], []
@@ -173,4 +174,4 @@ def shingle_hashes(texts: pa.Array, n: int = 5) -> tuple[np.ndarray, np.ndarray]
     if not parts:
         return np.zeros(0, np.uint64), np.zeros(1, np.uint64)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.uint64)
-    return np.concatenate(parts), offsets
+    return parts[0] if len(parts) == 1 else np.concatenate(parts), offsets
