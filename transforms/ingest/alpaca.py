@@ -241,13 +241,10 @@ def _instances(value: Any) -> Iterator[dict[str, Any]]:
 def build(raw: pa.Table, source: str, task: str = "instruction") -> StageResult:
     """Canonical kept and rejected rows from a raw table."""
     column = {name: raw.column(name).combine_chunks() for name in RAW_SCHEMA.names}
-    instruction, input_ = column["instruction"], column["input"]
-    user = pc.if_else(
-        pc.fill_null(pc.not_equal(input_, ""), False),
-        pc.binary_join_element_wise(instruction, input_, "\n\n"),
-        instruction,
+    prompt = assemble_prompts(
+        user_turns(column["instruction"], column["input"]), column["system"], column["history"]
     )
-    prompt = assemble_prompts(user, column["system"], column["history"])
+    instruction = column["instruction"]
     if instruction.null_count:  # rejected rows without an instruction get no prompt
         prompt = pc.if_else(pc.is_valid(instruction), prompt, pa.scalar(None, prompt.type))
     filled = {
@@ -261,11 +258,24 @@ def build(raw: pa.Table, source: str, task: str = "instruction") -> StageResult:
     return finish(rows, column["reason"], source, task)
 
 
+def user_turns(instruction: pa.Array, input_: pa.Array) -> pa.Array:
+    """The user turn of each row: the instruction, plus ``"\\n\\n" + input`` where the input
+    is not empty. Only those rows are joined (on the instruction corpora most inputs are
+    empty), so the others are not copied twice."""
+    joined = pc.fill_null(pc.not_equal(input_, ""), False)
+    if not pc.any(joined).as_py():
+        return instruction
+    both = pc.binary_join_element_wise(instruction.filter(joined), input_.filter(joined), "\n\n")
+    return pc.replace_with_mask(instruction, joined, both)
+
+
 def assemble_prompts(user: pa.Array, system: pa.Array, history: pa.Array) -> pa.Array:
     """``[system?] + history turns + [user]`` per row, as ``list<struct<role, content>>``.
 
     Each row's turns are laid out with numpy offsets, then gathered from one pool of
-    strings (systems, users, history turns) with a single ``take``.
+    strings (systems, users, history turns) with a single ``take``. Without any system
+    prompt or history, each row is its one user turn, and the user strings are the
+    contents as they are (no pool, no gather: two copies of the text fewer).
     """
     n = len(user)
     has_system = pc.fill_null(pc.not_equal(system, ""), False).to_numpy(zero_copy_only=False)
@@ -274,6 +284,13 @@ def assemble_prompts(user: pa.Array, system: pa.Array, history: pa.Array) -> pa.
         .to_numpy(zero_copy_only=False)
         .astype(np.int64)
     )
+    if not has_system.any() and not pairs.any():
+        messages = pa.StructArray.from_arrays(
+            [_ROLES.take(np.full(n, _USER, np.int8)), user.cast(pa.string())],
+            fields=list(MESSAGE),
+        )
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, messages, type=pa.list_(MESSAGE))
     turns = has_system.astype(np.int64) + 2 * pairs + 1
     offsets = np.zeros(n + 1, np.int64)
     np.cumsum(turns, out=offsets[1:])
