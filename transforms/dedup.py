@@ -31,6 +31,8 @@ from transforms.stage import StageResult, reject_table
 from transforms.text import combined
 
 STAGE = "exact_dedup"
+KEY_ROWS = 8192
+"""Rows whose keys are hashed at a time (see :func:`_content_words`)."""
 NO_ID = "<no id>"
 """Named in the reason of a duplicate whose kept row has no id (a build always sets ids;
 a caller of the function may not)."""
@@ -53,7 +55,7 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
     seen: KeySet = state.setdefault("keys", KeySet())
     other_ids: dict[tuple[int, int], str] = state.setdefault("other_ids", {})
     ids = combined(table.column("id"))
-    keys, _ = hex_words(content_key(table.column("prompt"), table.column("response")))
+    keys = _content_words(table)
     distinct, first, group = group_keys(keys)
     found, earlier = seen.find(distinct)
     # The id each key's rows are duplicates of: the kept row's of an earlier shard, else
@@ -79,6 +81,17 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
         rejected=reject_table(rejected(table.filter(pc.invert(mask)), STAGE, reasons)),
         stats={"distinct_keys": len(seen)},
     )
+
+
+def _content_words(table: pa.Table) -> np.ndarray:
+    """Each row's key as 128-bit words, hashed :data:`KEY_ROWS` rows at a time (the
+    hashed text is joined into one buffer and copied once more: for a whole shard, two
+    transient copies of all its text)."""
+    parts = [
+        hex_words(content_key(part.column("prompt"), part.column("response")))[0]
+        for part in (table.slice(start, KEY_ROWS) for start in range(0, table.num_rows, KEY_ROWS))
+    ]
+    return np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)
 
 
 def _ids_of(
