@@ -211,10 +211,11 @@ def child_ours(corpus: Path) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     state: dict = {}
     pairs = []
+    named: dict[str, str] = {}  # one string per named row, as the other cases hold them
     for shard in shards:
         out = near_dedup(shard, NearDedupParams(), state)
         pairs += [
-            [i, r.split(":", 1)[1]]
+            [i, named.setdefault(owner := r.split(":", 1)[1], owner)]
             for i, r in zip(
                 out.rejected.column("id").to_pylist(),
                 out.rejected.column("reject_reason").to_pylist(),

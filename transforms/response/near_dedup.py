@@ -143,22 +143,26 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+@numba.njit(cache=True, inline="always")
+def _take_shingle(sig: np.ndarray, shingle_hash: np.uint64, a: np.ndarray, b: np.ndarray):
+    """Lower ``sig[k]`` to ``a[k] * x + b[k] mod 2^32``, ``x = fmix32(low 32 bits of the
+    shingle's hash)``, for every permutation ``k`` (the loop the compiler vectorises)."""
+    x = _fmix32(np.uint32(shingle_hash & np.uint64(0xFFFFFFFF)))
+    for k in range(len(a)):
+        v = np.uint32(a[k] * x + b[k])
+        if v < sig[k]:
+            sig[k] = v
+
+
 @numba.njit(cache=True)
 def _minhash_kernel(hashes: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray):
-    """Row ``r``'s signature: per permutation ``k`` the minimum of ``a[k] * x + b[k] mod
-    2^32`` over ``x = fmix32(low 32 bits)`` of its shingle hashes (the inner loop over the
-    permutations is what the compiler vectorises)."""
-    num_perm = len(a)
-    out = np.empty((len(offsets) - 1, num_perm), np.uint32)
-    sig = np.empty(num_perm, np.uint32)
+    """Row ``r``'s signature: per permutation the minimum over its shingle hashes."""
+    out = np.empty((len(offsets) - 1, len(a)), np.uint32)
+    sig = np.empty(len(a), np.uint32)
     for r in range(len(offsets) - 1):
         sig[:] = np.uint32(0xFFFFFFFF)
         for s in range(offsets[r], offsets[r + 1]):
-            x = _fmix32(np.uint32(hashes[s] & np.uint64(0xFFFFFFFF)))
-            for k in range(num_perm):
-                v = np.uint32(a[k] * x + b[k])
-                if v < sig[k]:
-                    sig[k] = v
+            _take_shingle(sig, hashes[s], a, b)
         out[r] = sig
     return out
 
@@ -190,11 +194,7 @@ def _signature_kernel(data, bounds, n, a, b) -> np.ndarray:
         k = row_words(data, bounds[r], bounds[r + 1], words)
         sig[:] = np.uint32(0xFFFFFFFF)
         for s in range(max(k - n + 1, 1)):
-            x = _fmix32(np.uint32(shingle(words, s, min(n, k)) & np.uint64(0xFFFFFFFF)))
-            for p in range(num_perm):
-                v = np.uint32(a[p] * x + b[p])
-                if v < sig[p]:
-                    sig[p] = v
+            _take_shingle(sig, shingle(words, s, min(n, k)), a, b)
         out[r] = sig
     return out
 
