@@ -74,6 +74,28 @@ def test_buckets_pair_only_the_checked_rows() -> None:
     ]
 
 
+def test_buckets_match_a_dictionary_of_keys() -> None:
+    """Random keys of one and two words: every bucket of two rows or more, rows distinct
+    and ascending, and its checked rows paired with every later row."""
+    rng = np.random.default_rng(3)
+    for words in (1, 2):
+        keys = rng.integers(0, 6, (300, words)).astype(np.uint64)
+        rows = np.sort(rng.integers(0, 120, 300))
+        expected: dict[tuple[int, ...], list[int]] = {}
+        for key, row in zip(map(tuple, keys.tolist()), rows.tolist(), strict=True):
+            if row not in expected.setdefault(key, []):
+                expected[key].append(row)
+        bucket_rows, ends = bucket_runs(keys, rows)
+        bounds = np.unique(ends)
+        got = [bucket_rows[s:e].tolist() for s, e in zip([0, *bounds[:-1]], bounds, strict=True)]
+        assert sorted(got) == sorted(v for v in expected.values() if len(v) > 1)
+        first, later = candidate_pairs(ends, np.ones(len(ends), dtype=bool))
+        assert len(first) == sum(len(v) * (len(v) - 1) // 2 for v in expected.values())
+        assert (ends[first] == ends[later]).all() and (
+            bucket_rows[first] < bucket_rows[later]
+        ).all()
+
+
 def _spec(folder: Path, shared_data: Path) -> Path:
     """Four sources, one shard each: GSM8K, GSM8K's copies 0 and 1 (near duplicates across
     shards; copy 0 repeats the first source exactly) and GPTeacher's toolformer rows."""
