@@ -316,6 +316,15 @@ def build(
         typer.Option(help="dask: scheduler of an existing cluster; default: a LocalCluster."),
     ] = None,
     dask_workers: Annotated[int, typer.Option(help="dask: LocalCluster worker processes.")] = 2,
+    partitions: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Key partitions of exact and near dedup (0: the ordered pass in the flow's "
+            "process). Default: $ALIGNCURATE_DEDUP_PARTITIONS, else 0 on threads and 2 per "
+            "worker on dask (32 with --dask-address).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -335,7 +344,12 @@ def build(
     if runner not in ("threads", "dask"):
         raise typer.BadParameter("--runner must be threads or dask")
     flow = build_flow(
-        RunnerOptions(runner=runner, dask_address=dask_address, dask_workers=dask_workers)
+        RunnerOptions(
+            runner=runner,
+            dask_address=dask_address,
+            dask_workers=dask_workers,
+            partitions=partitions,
+        )
     )
     check_server()  # an unreachable PREFECT_API_URL: one line and exit 2, before any work
     with prefect_api(), build_bars(wanted(as_json), out), _run_console(verbose):

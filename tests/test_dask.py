@@ -58,8 +58,9 @@ def test_dask_runner_output_is_identical_to_the_default_runners(
         assert a.num_rows > 0 and a.equals(b)
     rejected = _tables(tmp_path / "dask", "demo-sft")[1]
     assert "near_dedup" in rejected.column("reject_stage").to_pylist()
-    # one prepared file per ingest shard (5 sources), written by the workers
-    assert len(list((tmp_path / "dask").rglob("prepared/*/*.npz"))) == 5
+    # near dedup ran partitioned (on by default under --runner dask: 2 partitions per worker
+    # of the 2-worker LocalCluster): one scattered signature file per ingest shard (5 sources)
+    assert len(list((tmp_path / "dask").rglob("partitioned/*/p4/scatter/*.sigs.npy"))) == 5
 
 
 def test_runner_options_are_checked() -> None:
@@ -69,6 +70,8 @@ def test_runner_options_are_checked() -> None:
         task_runner(RunnerOptions(runner="dask", dask_address="127.0.0.1:8786"))
     result = runner.invoke(app, ["build", str(DEMO), "--runner", "ray"])
     assert result.exit_code == 2 and "threads or dask" in result.stderr
+    result = runner.invoke(app, ["build", str(DEMO), "--partitions", "-1"])
+    assert result.exit_code == 2 and "--partitions" in result.stderr
 
 
 def test_a_dead_dask_worker_fails_the_build_with_no_version(
