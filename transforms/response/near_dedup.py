@@ -51,7 +51,7 @@ benchmark corpus.
 
 Memory is bounded by the kept rows, never their texts: per kept row its id (32 bytes), its
 signature (``signature_bits`` × 128 / 8 = 512 bytes at the default), ``b`` band keys (12
-bytes each) and about one byte of radix table per key: about 740 bytes per kept row at the
+bytes each) and about one byte of radix table per key: about 750 bytes per kept row at the
 defaults (480 with 16 bits).
 """
 

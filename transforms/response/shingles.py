@@ -14,7 +14,9 @@ row that is all ASCII needs no normalisation beforehand (:func:`raw_texts`): Arr
 Unicode lower case and regex run only on the few rows with a non-ASCII byte, and the
 shingles are those of :func:`row_texts` (a test checks both on real rows). The result is
 one flat ``uint64`` array plus row offsets, which
-:func:`transforms.response.near_dedup.minhash_matrix` turns into signatures.
+:func:`transforms.response.near_dedup.minhash_matrix` turns into signatures; the stage
+itself fuses the two (its kernel calls :func:`row_words` and :func:`shingle` row by row,
+so no array of every shingle's hash is made).
 """
 
 from __future__ import annotations
