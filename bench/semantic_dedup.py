@@ -14,7 +14,7 @@ starts in both:
   the clock starts), batch 64, the model's max length (256 tokens), unit-normalised;
 - ``stage``: :func:`transforms.response.semantic_dedup.semantic_dedup` on the table, with the
   real :class:`engines.embeddings.Embedder` (same model, batch 64): text building, encoding,
-  the HNSW index, the keep-first pass and the output tables. It saves its vectors and its
+  the faiss IVF index, the keep-first pass and the output tables. It saves its vectors and its
   decisions for the next case;
 - ``exact``: on those vectors, exact neighbours from a blocked matrix product
   (:func:`~transforms.response.semantic_dedup.exact_pairs`) and the same keep-first rule:

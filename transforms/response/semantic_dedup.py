@@ -3,23 +3,23 @@
 Embeddings of the prompt and response with sentence-transformers ``all-MiniLM-L6-v2``
 (the engine :class:`engines.embeddings.Embedder`, offline, batched, which the pipeline passes
 in as an :class:`engines.base.TextEmbedder`: see :mod:`pipelines.stages`); the pairs of rows
-with cosine similarity ≥ ``threshold`` (default 0.95) from an HNSW graph (faiss
-``IndexHNSWFlat``, :func:`index_pairs`); then a greedy pass in row order
-(:func:`keep_first`): a row is a duplicate of the first earlier *kept* row it pairs with,
-and goes to ``rejected`` with reason ``semantic_duplicate_of:<kept id>``. This is the SemDeDup
-idea (Abbas et al. 2023, arXiv 2303.09540: keep one row per group of embeddings closer than
-a threshold) without its k-means pre-clustering: the graph already avoids comparing every
-row with every other.
+with cosine similarity ≥ ``threshold`` (default 0.95) from a faiss inverted-file index
+(:func:`index_pairs`); then a greedy pass in row order (:func:`keep_first`): a row is a
+duplicate of the first earlier *kept* row it pairs with, and goes to ``rejected`` with
+reason ``semantic_duplicate_of:<kept id>``. This is SemDeDup (Abbas et al. 2023, arXiv
+2303.09540: k-means clusters of the embeddings, one row kept per group closer than a
+threshold), except that each row is compared with its ``nprobe`` nearest clusters rather
+than only its own, and the kept row is the first in row order, not the one nearest the
+cluster centre.
 
-Deviation from an exact search: the graph may miss a pair (recall below 1; on the benchmark
-corpus of ``bench/semantic_dedup.py`` it found every exact pair, see docs/performance.md).
-:func:`exact_pairs` is the exact O(n²) reference. faiss-cpu was chosen over usearch and
-hnswlib by measurement (the benchmark and docs/performance.md): equal recall, and a
-single-threaded, reproducible build.
+Deviation from an exact search: the index may miss a pair (recall below 1).
+:func:`exact_pairs` is the exact O(n²) reference; ``bench/semantic_dedup.py`` measures the
+recall against it. faiss's IVF was chosen by measurement over faiss's HNSW and usearch
+(docs/performance.md): at 100,000 synthetic rows HNSW (M 32, efSearch 64) found 96.9% of the
+pairs, the IVF all of them, in less time.
 
 A whole-table stage: every row must be compared with every other, across shards. Encoding
-dominates its time (the index adds about 1% at 1,000 rows and stays a small share of the
-encoding as rows grow, see docs/performance.md).
+dominates its time; the index and the pass are well under 1% of it on the benchmark.
 """
 
 from __future__ import annotations
@@ -42,28 +42,24 @@ TOLERANCE = 1e-6
 """Slack below the threshold for float32 rounding (a pair exactly at the threshold counts)."""
 QUERY_ROWS = 1 << 16
 """Rows sent to the index at once: bounds the query copies and result arrays."""
+TRAIN_PER_LIST = 64
+"""k-means training rows per cluster (at most; fewer clusters when rows are few)."""
 
 
 class SemanticDedupParams(BaseModel):
     """Cosine threshold (0.95), the embedding model folder (default: the packaged
-    all-MiniLM-L6-v2), how much text is embedded, and the HNSW index's shape (defaults chosen
-    on ``bench/semantic_dedup.py``: M 16 / efSearch 32 missed 0.8% of the pairs at 100,000
-    rows, these 0.05%)."""
+    all-MiniLM-L6-v2), how much text is embedded, and the index's shape (see
+    :func:`index_pairs`)."""
 
     model_config = ConfigDict(extra="forbid")
     threshold: float = Field(default=0.95, gt=0, le=1)
     embedding_dir: str | None = None
     max_chars: int = Field(default=2_000, gt=0)
     batch_size: int = Field(default=64, gt=0)
-    neighbours: int = Field(default=16, ge=2)
-    """Nearest rows each row asks the index for first (more when all are within the
-    threshold)."""
-    hnsw_m: int = Field(default=32, ge=4)
-    """Links per node of the HNSW graph (faiss's ``M``)."""
-    ef_construction: int = Field(default=80, ge=8)
-    """Candidates kept while inserting a row into the graph (faiss's ``efConstruction``)."""
-    ef_search: int = Field(default=64, ge=8)
-    """Candidates kept while searching (faiss's ``efSearch``; at least the rows asked for)."""
+    lists_per_sqrt_row: float = Field(default=4.0, gt=0)
+    """k-means clusters of the index per square root of the row count."""
+    nprobe: int = Field(default=8, ge=1)
+    """Nearest clusters each row is compared with (all their rows, exactly)."""
 
 
 def embedding_texts(table: pa.Table, max_chars: int) -> list[str]:
@@ -107,16 +103,18 @@ def exact_pairs(
 def index_pairs(
     vectors: np.ndarray, threshold: float, params: SemanticDedupParams | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs ``(i, j)``, ``i < j``, with cosine ≥ ``threshold`` that an HNSW graph finds
-    (Malkov & Yashunin 2018, arXiv 1603.09320; faiss ``IndexHNSWFlat``, inner product on unit
-    vectors, so scores are exact cosines and only recall is approximate).
+    """The pairs ``(i, j)``, ``i < j``, with cosine ≥ ``threshold`` that an inverted-file
+    index finds: faiss ``IndexIVFFlat`` (Jégou et al. 2011; Johnson et al. 2019, arXiv
+    1702.08734) on inner products of unit vectors.
 
-    Every row asks for its ``neighbours`` nearest rows; a row whose farthest answer is
-    still within the threshold asks again for four times as many (a group of near-copies
-    larger than ``neighbours``), until its farthest answer falls below the threshold or it
-    has every row. A pair counts when either of its rows finds the other. The graph is
-    built on one thread, so the same vectors give the same graph and the same pairs
-    (faiss's parallel insertion depends on thread timing); queries run on all threads.
+    k-means splits the rows into ``lists_per_sqrt_row · √n`` clusters (trained on an evenly
+    strided sample of at most 64 rows per cluster, faiss's fixed seed: the same vectors give
+    the same clusters), as SemDeDup does (Abbas et al. 2023); each row then compares itself
+    exactly with every row of its ``nprobe`` nearest clusters (a range search), where SemDeDup
+    looks only in its own. Scores are exact cosines, so only recall is approximate: a pair is
+    missed only when neither row's clusters hold the other. Cost: about
+    ``n · nprobe · √n / lists_per_sqrt_row`` dot products, against ``n²/2`` for
+    :func:`exact_pairs`.
     """
     import faiss
 
@@ -125,32 +123,19 @@ def index_pairs(
     n, dim = vectors.shape
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    index = faiss.IndexHNSWFlat(dim, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = params.ef_construction
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        index.add(vectors)
-    finally:
-        faiss.omp_set_num_threads(threads)
+    lists = max(1, min(round(params.lists_per_sqrt_row * n**0.5), n // TRAIN_PER_LIST))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors[:: max(1, -(-n // (TRAIN_PER_LIST * lists)))])
+    index.add(vectors)
+    index.nprobe = min(params.nprobe, lists)
     found_rows, found_cols = [], []
-    ask = np.arange(n)
-    k = min(params.neighbours, n)
-    while len(ask):
-        index.hnsw.efSearch = max(params.ef_search, k)
-        again = []
-        for lo in range(0, len(ask), QUERY_ROWS):
-            rows = ask[lo : lo + QUERY_ROWS]
-            sims, cols = index.search(vectors[rows], k)
-            hit = _within(sims, threshold) & (cols >= 0)
-            found_rows.append(np.broadcast_to(rows[:, None], cols.shape)[hit])
-            found_cols.append(cols[hit])
-            again.append(rows[hit[:, -1]])
-        if k == n:
-            break
-        ask = np.concatenate(again)
-        k = min(4 * k, n)
-    a, b = np.concatenate(found_rows), np.concatenate(found_cols)
+    for lo in range(0, n, QUERY_ROWS):
+        limits, _, cols = index.range_search(vectors[lo : lo + QUERY_ROWS], threshold - TOLERANCE)
+        found_rows.append(
+            lo + np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
+        )
+        found_cols.append(cols)
+    a, b = np.concatenate(found_rows), np.concatenate(found_cols).astype(np.int64)
     a, b = np.minimum(a, b), np.maximum(a, b)
     pairs = np.unique(a[a < b] * n + b[a < b])
     return pairs // n, pairs % n
