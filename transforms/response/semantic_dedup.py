@@ -42,6 +42,8 @@ TOLERANCE = 1e-6
 """Slack below the threshold for float32 rounding (a pair exactly at the threshold counts)."""
 QUERY_ROWS = 1 << 16
 """Rows sent to the index at once: bounds the query copies and result arrays."""
+EXACT_SCRATCH = 1 << 28
+"""Bytes of similarities :func:`exact_pairs` holds at once (256 MiB)."""
 TRAIN_PER_LIST = 64
 """k-means training rows per cluster (at most; fewer clusters when rows are few)."""
 
@@ -78,14 +80,13 @@ def _within(sims: np.ndarray, threshold: float) -> np.ndarray:
     return sims >= threshold - TOLERANCE
 
 
-def exact_pairs(
-    vectors: np.ndarray, threshold: float, block: int = 2_048
-) -> tuple[np.ndarray, np.ndarray]:
+def exact_pairs(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Every pair ``(i, j)``, ``i < j``, of unit vectors with cosine ≥ ``threshold``, exactly:
     a blocked matrix product (numpy's BLAS) of each block of rows with all earlier rows,
-    O(n²·d) time and O(block·n) scratch. The reference :func:`index_pairs` is measured
-    against (``bench/semantic_dedup.py``)."""
+    O(n²·d) time and at most :data:`EXACT_SCRATCH` bytes of similarities at once. The
+    reference :func:`index_pairs` is measured against (``bench/semantic_dedup.py``)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    block = max(1, EXACT_SCRATCH // (4 * max(1, len(vectors))))
     earlier, later = [], []
     for lo in range(0, len(vectors), block):
         hi = min(lo + block, len(vectors))
