@@ -45,7 +45,8 @@ QUERY_ROWS = 1 << 16
 EXACT_SCRATCH = 1 << 28
 """Bytes of similarities :func:`exact_pairs` holds at once (256 MiB)."""
 TRAIN_PER_LIST = 64
-"""k-means training rows per cluster (at most; fewer clusters when rows are few)."""
+"""k-means training rows per cluster (64 to 128 with a strided sample; fewer clusters when
+rows are few)."""
 
 
 class SemanticDedupParams(BaseModel):
@@ -109,7 +110,7 @@ def index_pairs(
     1702.08734) on inner products of unit vectors.
 
     k-means splits the rows into ``lists_per_sqrt_row · √n`` clusters (trained on an evenly
-    strided sample of at most 64 rows per cluster, faiss's fixed seed: the same vectors give
+    strided sample of 64 to 128 rows per cluster, faiss's fixed seed: the same vectors give
     the same clusters), as SemDeDup does (Abbas et al. 2023); each row then compares itself
     exactly with every row of its ``nprobe`` nearest clusters (a range search), where SemDeDup
     looks only in its own. Scores are exact cosines, so only recall is approximate: a pair is
@@ -126,7 +127,7 @@ def index_pairs(
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     lists = max(1, min(round(params.lists_per_sqrt_row * n**0.5), n // TRAIN_PER_LIST))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-    index.train(vectors[:: max(1, -(-n // (TRAIN_PER_LIST * lists)))])
+    index.train(vectors[:: max(1, n // (TRAIN_PER_LIST * lists))])
     index.add(vectors)
     index.nprobe = min(params.nprobe, lists)
     found_rows, found_cols = [], []
