@@ -58,23 +58,15 @@ defaults (480 with 16 bits).
 from __future__ import annotations
 
 from functools import cache
+from types import ModuleType
 from typing import Literal, NamedTuple
 
-import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from transforms.response.shingles import (
-    MIX,
-    fold_finish,
-    fold_step,
-    normalised,
-    raw_texts,
-    row_words,
-    shingle,
-)
+from transforms.response.shingles import normalised, raw_texts
 from transforms.schema import rejected
 from transforms.stage import StageResult, reject_table
 from transforms.text import byte_chunks
@@ -112,24 +104,18 @@ def optimal_bands(threshold: float, num_perm: int, fn_weight: float = 0.5) -> tu
     return best
 
 
+def _kernels() -> ModuleType:
+    """:mod:`transforms.response.minhash_kernels`, imported (with Numba) on first use."""
+    from transforms.response import minhash_kernels
+
+    return minhash_kernels
+
+
 def lsh_shape(params: NearDedupParams) -> tuple[int, int]:
     """``(bands, rows per band)`` of the index."""
     if params.bands:
         return params.bands, params.num_perm // params.bands
     return optimal_bands(params.threshold, params.num_perm, params.false_negative_weight)
-
-
-@numba.njit(cache=True, inline="always")
-def _fmix32(x: np.uint32) -> np.uint32:
-    """MurmurHash3's 32-bit finalizer (a bijection), as datasketch pre-mixes input hashes
-    (in 64-bit arithmetic, masked: Numba widens 32-bit integers)."""
-    low = np.uint64(0xFFFFFFFF)
-    x = np.uint64(x)
-    x ^= x >> np.uint64(16)
-    x = (x * np.uint64(0x85EBCA6B)) & low
-    x ^= x >> np.uint64(13)
-    x = (x * np.uint64(0xC2B2AE35)) & low
-    return np.uint32(x ^ (x >> np.uint64(16)))
 
 
 @cache
@@ -143,30 +129,6 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-@numba.njit(cache=True, inline="always")
-def _take_shingle(sig: np.ndarray, shingle_hash: np.uint64, a: np.ndarray, b: np.ndarray):
-    """Lower ``sig[k]`` to ``a[k] * x + b[k] mod 2^32``, ``x = fmix32(low 32 bits of the
-    shingle's hash)``, for every permutation ``k`` (the loop the compiler vectorises)."""
-    x = _fmix32(np.uint32(shingle_hash & np.uint64(0xFFFFFFFF)))
-    for k in range(len(a)):
-        v = np.uint32(a[k] * x + b[k])
-        if v < sig[k]:
-            sig[k] = v
-
-
-@numba.njit(cache=True)
-def _minhash_kernel(hashes: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray):
-    """Row ``r``'s signature: per permutation the minimum over its shingle hashes."""
-    out = np.empty((len(offsets) - 1, len(a)), np.uint32)
-    sig = np.empty(len(a), np.uint32)
-    for r in range(len(offsets) - 1):
-        sig[:] = np.uint32(0xFFFFFFFF)
-        for s in range(offsets[r], offsets[r + 1]):
-            _take_shingle(sig, hashes[s], a, b)
-        out[r] = sig
-    return out
-
-
 def minhash_matrix(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
     """``(rows, num_perm)`` uint32 signatures of the rows whose shingle hashes are
     ``hashes[offsets[i]:offsets[i + 1]]`` (every row has at least one): datasketch's
@@ -176,33 +138,13 @@ def minhash_matrix(hashes: np.ndarray, offsets: np.ndarray, num_perm: int, seed:
     offsets = offsets.astype(np.int64)
     if len(offsets) > 1 and np.diff(offsets).min() < 1:
         raise ValueError("minhash_matrix: every row needs at least one shingle")
-    return _minhash_kernel(hashes.astype(np.uint64, copy=False), offsets, a, b)
-
-
-@numba.njit(cache=True)
-def _signature_kernel(data, bounds, n, a, b) -> np.ndarray:
-    """Shingles and MinHash in one pass, row by row (no array of every shingle's hash):
-    the signatures :func:`minhash_matrix` gives for ``shingle_hashes``' hashes."""
-    rows, num_perm = len(bounds) - 1, len(a)
-    longest = 0
-    for r in range(rows):
-        longest = max(longest, bounds[r + 1] - bounds[r])
-    words = np.empty((longest + 1) // 2 + 1, np.uint64)
-    out = np.empty((rows, num_perm), np.uint32)
-    sig = np.empty(num_perm, np.uint32)
-    for r in range(rows):
-        k = row_words(data, bounds[r], bounds[r + 1], words)
-        sig[:] = np.uint32(0xFFFFFFFF)
-        for s in range(max(k - n + 1, 1)):
-            _take_shingle(sig, shingle(words, s, min(n, k)), a, b)
-        out[r] = sig
-    return out
+    return _kernels().minhash_rows(hashes.astype(np.uint64, copy=False), offsets, a, b)
 
 
 def _text_signatures(texts: pa.Array, params: NearDedupParams) -> np.ndarray:
     a, b = permutations(params.num_perm, params.seed)
-    chunks = byte_chunks(texts)
-    parts = [_signature_kernel(data, bounds, params.ngram, a, b) for _, data, bounds in chunks]
+    rows = _kernels().signature_rows
+    parts = [rows(data, bounds, params.ngram, a, b) for _, data, bounds in byte_chunks(texts)]
     if not parts:
         return np.zeros((0, params.num_perm), np.uint32)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -218,109 +160,10 @@ def signatures(table: pa.Table, params: NearDedupParams) -> np.ndarray:
     return sig
 
 
-@numba.njit(cache=True)
-def _band_keys_kernel(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    out = np.empty((sig.shape[0], bands), np.uint64)
-    for i in range(sig.shape[0]):
-        for j in range(bands):
-            h = fold_step(MIX, np.uint64(j + 1))
-            for t in range(j * rows, (j + 1) * rows):
-                h = fold_step(h, np.uint64(sig[i, t]))
-            out[i, j] = fold_finish(h)
-    return out
-
-
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """``(n, bands)`` uint64 keys: each band's ``rows`` values folded, salted by the band
     (:func:`~transforms.response.shingles.fold` of ``[j + 1, *values]``, compiled)."""
-    return _band_keys_kernel(np.ascontiguousarray(sig), bands, rows)
-
-
-@numba.njit(cache=True, inline="always")
-def _similar(x: np.ndarray, y: np.ndarray, need: int) -> bool:
-    """At least ``need`` equal minhashes."""
-    equal = 0
-    for k in range(len(x)):
-        equal += x[k] == y[k]
-    return equal >= need
-
-
-@numba.njit(cache=True)
-def _radix_table(keys: np.ndarray, shift: int) -> np.ndarray:
-    """``table[t]``: the first position of sorted ``keys`` whose top bits are ``>= t``."""
-    table = np.zeros((1 << (64 - shift)) + 1, np.int32)
-    for key in keys:
-        table[(key >> np.uint64(shift)) + 1] += 1
-    return np.cumsum(table).astype(np.int32)
-
-
-@numba.njit(cache=True)
-def _best_in_run(keys, small, sigs, need, run_keys, run_kept, table, shift, best) -> None:
-    """Lower ``best[i]`` to the earliest kept row of this run that shares a band with row
-    ``i`` and is similar to it (verified only when earlier than the best so far)."""
-    for i in range(keys.shape[0]):
-        for j in range(keys.shape[1]):
-            key = keys[i, j]
-            top = key >> np.uint64(shift)
-            for p in range(table[top], table[top + 1]):
-                if run_keys[p] == key:
-                    kept = run_kept[p]
-                    if kept < best[i] and _similar(small[i], sigs[kept], need):
-                        best[i] = kept
-
-
-@numba.njit(cache=True)
-def _owners_in_shard(keys, small, need, dropped) -> np.ndarray:
-    """Row after row: the earliest earlier kept row of this shard sharing a band with row
-    ``i`` and similar to it (``-1``: none, the row is kept and its keys go into a
-    multimap, open addressing with linear probing). Rows ``dropped`` already (by an earlier
-    shard's row) are skipped and never kept."""
-    n, bands = keys.shape
-    size = 16
-    while size < 3 * n * bands // 2:  # load at most 2/3 (when every row is kept)
-        size *= 2
-    mask = np.uint64(size - 1)
-    slot_keys = np.zeros(size, np.uint64)
-    slot_rows = np.full(size, -1, np.int32)
-    owner = np.full(n, -1, np.int64)
-    for i in range(n):
-        if dropped[i]:
-            continue
-        best = n
-        for j in range(bands):
-            key = keys[i, j]
-            s = key & mask
-            while slot_rows[s] != -1:
-                r = slot_rows[s]
-                if slot_keys[s] == key and r < best and _similar(small[i], small[r], need):
-                    best = r
-                s = (s + np.uint64(1)) & mask
-        if best < n:
-            owner[i] = best
-            continue
-        for j in range(bands):
-            key = keys[i, j]
-            s = key & mask
-            while slot_rows[s] != -1:
-                s = (s + np.uint64(1)) & mask
-            slot_keys[s], slot_rows[s] = key, i
-    return owner
-
-
-@numba.njit(cache=True)
-def _merge(k1, r1, k2, r2) -> tuple[np.ndarray, np.ndarray]:
-    """Two sorted runs merged into one (ties: the first run's entries first)."""
-    keys = np.empty(len(k1) + len(k2), np.uint64)
-    rows = np.empty(len(k1) + len(k2), np.uint32)
-    p = q = 0
-    for o in range(len(keys)):
-        if q == len(k2) or (p < len(k1) and k1[p] <= k2[q]):
-            keys[o], rows[o] = k1[p], r1[p]
-            p += 1
-        else:
-            keys[o], rows[o] = k2[q], r2[q]
-            q += 1
-    return keys, rows
+    return _kernels().band_key_rows(np.ascontiguousarray(sig), bands, rows)
 
 
 _RUN_RATIO = 4
@@ -339,7 +182,7 @@ class Run(NamedTuple):
     @classmethod
     def of(cls, keys: np.ndarray, kept: np.ndarray) -> Run:
         bits = max(1, (len(keys) // 8).bit_length())
-        return cls(keys, kept, _radix_table(keys, 64 - bits), 64 - bits)
+        return cls(keys, kept, _kernels().radix_table(keys, 64 - bits), 64 - bits)
 
 
 class NearDedupIndex:
@@ -380,7 +223,7 @@ class NearDedupIndex:
         minhashes, or ``len(self)`` when none does."""
         best = np.full(len(keys), len(self), np.int64)
         for run in self.runs:
-            _best_in_run(keys, small, self.sigs, need, *run, best)
+            _kernels().best_in_run(keys, small, self.sigs, need, *run, best)
         return best
 
     def add(self, ids: list[str], sigs: np.ndarray, keys: np.ndarray) -> None:
@@ -402,7 +245,7 @@ class NearDedupIndex:
         run = (keys.ravel()[order], numbers[order])
         while self.runs and len(self.runs[-1].keys) <= _RUN_RATIO * len(run[0]):
             earlier = self.runs.pop()
-            run = _merge(earlier.keys, earlier.kept, *run)
+            run = _kernels().merge_runs(earlier.keys, earlier.kept, *run)
         self.runs.append(Run.of(*run))
 
 
@@ -431,14 +274,6 @@ def _min_matches(num_perm: int, bits: int, threshold: float) -> int:
     return int(reached[0]) if len(reached) else num_perm + 1
 
 
-@numba.njit(cache=True)
-def _similar_pairs_kernel(a, rows_a, b, rows_b, need) -> np.ndarray:
-    out = np.empty(len(rows_a), np.bool_)
-    for k in range(len(rows_a)):
-        out[k] = _similar(a[rows_a[k]], b[rows_b[k]], need)
-    return out
-
-
 def similar_pairs(
     a: np.ndarray,
     rows_a: np.ndarray,
@@ -450,7 +285,7 @@ def similar_pairs(
     """Which pairs ``(a[rows_a[k]], b[rows_b[k]])`` reach ``threshold``: their equal
     minhashes counted (compiled, no gathered copies) against the fewest that reach it."""
     need = _min_matches(a.shape[1], bits, threshold)
-    return _similar_pairs_kernel(a, np.asarray(rows_a), b, np.asarray(rows_b), need)
+    return _kernels().similar_pair_rows(a, np.asarray(rows_a), b, np.asarray(rows_b), need)
 
 
 Prepared = dict[str, np.ndarray]
@@ -491,7 +326,7 @@ def near_dedup(
     # similar one; then inside this shard, in row order, the earliest earlier kept row.
     earlier = index.earliest_similar(keys, small, need)
     dropped = earlier < len(index)
-    inside = _owners_in_shard(keys, small, need, dropped)
+    inside = _kernels().owners_in_shard(keys, small, need, dropped)
     kept = ~dropped & (inside < 0)
     reasons = [
         f"near_duplicate_of:{index.ids[e] if e < len(index) else ids[s]}"

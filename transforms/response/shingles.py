@@ -21,7 +21,6 @@ so no array of every shingle's hash is made).
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,15 +29,15 @@ from transforms.response.lengths import prompt_plain
 from transforms.text import byte_chunks, combined, rows_with
 
 MIX = np.uint64(0x9E3779B97F4A7C15)
-_PRIME = np.uint64(0x100000001B3)
-_SPLIT1 = np.uint64(0xBF58476D1CE4E5B9)
-_SPLIT2 = np.uint64(0x94D049BB133111EB)
+PRIME = np.uint64(0x100000001B3)
+SPLIT1 = np.uint64(0xBF58476D1CE4E5B9)
+SPLIT2 = np.uint64(0x94D049BB133111EB)
 # Per byte: what the word hash adds for it (its value, lower-cased, plus one) when it is a
 # word byte ([A-Za-z0-9_] or non-ASCII), else 0: a separator.
-_WORD_BYTE = np.zeros(256, np.uint64)
+WORD_BYTE = np.zeros(256, np.uint64)
 for _c in (*range(48, 58), *range(97, 123), 95, *range(128, 256)):
-    _WORD_BYTE[_c] = _c + 1
-_WORD_BYTE[65:91] = _WORD_BYTE[97:123]
+    WORD_BYTE[_c] = _c + 1
+WORD_BYTE[65:91] = WORD_BYTE[97:123]
 
 
 _NON_WORD = r"[^\p{L}\p{N}\p{M}_\s]+"
@@ -83,83 +82,16 @@ def raw_texts(table: pa.Table) -> tuple[pa.Array, np.ndarray]:
 
 def fold(parts: list[np.ndarray]) -> np.ndarray:
     """Order-sensitive 64-bit combination of equal-length hash arrays (FNV-style, with a
-    final splitmix64 step); :func:`fold_step` and :func:`fold_finish` are the same, compiled."""
+    final splitmix64 step); ``fold_step`` and ``fold_finish`` of
+    :mod:`transforms.response.minhash_kernels` are the same, compiled."""
     h = np.full(len(parts[0]), MIX, dtype=np.uint64)
     for part in parts:
-        h = (h ^ part) * _PRIME
+        h = (h ^ part) * PRIME
     h ^= h >> np.uint64(30)
-    h *= _SPLIT1
+    h *= SPLIT1
     h ^= h >> np.uint64(27)
-    h *= _SPLIT2
+    h *= SPLIT2
     return h ^ (h >> np.uint64(31))
-
-
-@numba.njit(cache=True, inline="always")
-def fold_step(h: np.uint64, part: np.uint64) -> np.uint64:
-    return (h ^ part) * _PRIME
-
-
-@numba.njit(cache=True, inline="always")
-def fold_finish(h: np.uint64) -> np.uint64:
-    h ^= h >> np.uint64(30)
-    h *= _SPLIT1
-    h ^= h >> np.uint64(27)
-    h *= _SPLIT2
-    return h ^ (h >> np.uint64(31))
-
-
-@numba.njit(cache=True)
-def row_words(data: np.ndarray, start: int, end: int, words: np.ndarray) -> int:
-    """Hash the words of ``data[start:end]`` into ``words`` (which holds at least
-    ``(end - start + 1) // 2 + 1``) and return how many (at least 1: a text without words
-    is the empty word). Words are the runs of word bytes: ``[A-Za-z0-9_]`` (hashed
-    lower-cased) and every non-ASCII byte; any other byte separates words."""
-    w, h, power, length = 0, np.uint64(0), _PRIME, 0
-    for p in range(start, end + 1):
-        c = _WORD_BYTE[data[p]] if p < end else np.uint64(0)
-        if c:
-            h += c * power
-            power *= _PRIME
-            length += 1
-        elif length:
-            words[w] = fold_finish(fold_step(fold_step(MIX, h), np.uint64(length)))
-            w += 1
-            h, power, length = np.uint64(0), _PRIME, 0
-    if w == 0:
-        words[0] = fold_finish(fold_step(fold_step(MIX, np.uint64(0)), np.uint64(0)))
-        w = 1
-    return w
-
-
-@numba.njit(cache=True, inline="always")
-def shingle(words: np.ndarray, first: int, width: int) -> np.uint64:
-    """The hash of the shingle of ``words[first:first + width]``."""
-    h = MIX
-    for j in range(first, first + width):
-        h = fold_step(h, words[j])
-    return fold_finish(h)
-
-
-@numba.njit(cache=True)
-def _shingle_kernel(data: np.ndarray, bounds: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(hashes, per row count)`` of the rows ``data[bounds[i]:bounds[i + 1]]``."""
-    rows = len(bounds) - 1
-    words = np.empty(len(data) // 2 + 2 * rows + 1, np.uint64)  # a bound: all rows' words
-    word_counts = np.zeros(rows, np.int64)
-    w = 0
-    for r in range(rows):
-        word_counts[r] = row_words(data, bounds[r], bounds[r + 1], words[w:])
-        w += word_counts[r]
-    counts = np.maximum(word_counts - n + 1, 1)
-    out = np.empty(counts.sum(), np.uint64)
-    o, w = 0, 0
-    for r in range(rows):
-        width = min(n, word_counts[r])
-        for s in range(counts[r]):
-            out[o] = shingle(words, w + s, width)
-            o += 1
-        w += word_counts[r]
-    return out, counts
 
 
 def shingle_hashes(texts: pa.Array, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -168,9 +100,11 @@ def shingle_hashes(texts: pa.Array, n: int = 5) -> tuple[np.ndarray, np.ndarray]
     (or, for its ASCII rows, :func:`raw_texts`) makes them: a normalised text holds only
     word characters and ASCII white space, so its words are what splitting at white space
     gives."""
+    from transforms.response.minhash_kernels import shingle_rows
+
     parts, counts = [], []
     for _, data, bounds in byte_chunks(texts):
-        hashes, per_row = _shingle_kernel(data, bounds, n)
+        hashes, per_row = shingle_rows(data, bounds, n)
         parts.append(hashes)
         counts.append(per_row)
     if not parts:
