@@ -11,14 +11,31 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+QUIET_LOAD = float(os.environ.get("BENCH_QUIET_LOAD", "1.0"))
+PATIENCE_S = float(os.environ.get("BENCH_PATIENCE_S", "120"))
+
+
+def wait_for_quiet(limit: float = QUIET_LOAD, patience: float = PATIENCE_S) -> float:
+    """The 1-minute load average once it is below ``limit``, or after ``patience`` seconds
+    (``BENCH_QUIET_LOAD``, ``BENCH_PATIENCE_S``): every case starts on a quiet machine, not
+    in the wake of the case before it."""
+    deadline = time.monotonic() + patience
+    while (load := os.getloadavg()[0]) >= limit and time.monotonic() < deadline:
+        time.sleep(5)
+    return round(load, 2)
+
+
 def run_child(script: str, *args: str) -> dict:
-    """Run ``script --child *args`` and return its JSON result plus its peak RSS and the CPU
-    seconds of it and its waited-for processes (wait4)."""
+    """Once the machine is quiet (:func:`wait_for_quiet`), run ``script --child *args`` and
+    return its JSON result plus the load before it, its peak RSS and the CPU seconds of it
+    and its waited-for processes (wait4)."""
+    load = wait_for_quiet()
     proc = subprocess.Popen(
         [sys.executable, script, "--child", *args], stdout=subprocess.PIPE, cwd=REPO
     )
@@ -29,6 +46,7 @@ def run_child(script: str, *args: str) -> dict:
     result = json.loads(out.decode().strip().splitlines()[-1])
     result["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
     result["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
+    result.setdefault("load_before", load)
     return result
 
 

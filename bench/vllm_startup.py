@@ -67,17 +67,8 @@ def child(mode: str) -> dict:
     }
 
 
-def wait_for_quiet(limit: float = 1.0, patience: float = 180) -> float:
-    """The 1-minute load average once it is below ``limit`` (or after ``patience`` s)."""
-    deadline = time.monotonic() + patience
-    while (load := os.getloadavg()[0]) >= limit and time.monotonic() < deadline:
-        time.sleep(5)
-    return round(load, 2)
-
-
 def run_case(mode: str) -> dict:
-    load = wait_for_quiet()
-    return {**harness.run_child(__file__, mode), "load_before": load}
+    return harness.run_child(__file__, mode)
 
 
 def main() -> None:
