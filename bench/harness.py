@@ -17,14 +17,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-QUIET_LOAD = float(os.environ.get("BENCH_QUIET_LOAD", "1.0"))
+QUIET_LOAD = float(os.environ.get("BENCH_QUIET_LOAD", "inf"))
+"""``make bench`` sets 1.0; unset, cases start at once (a quick look while developing)."""
 PATIENCE_S = float(os.environ.get("BENCH_PATIENCE_S", "120"))
 
 
 def wait_for_quiet(limit: float = QUIET_LOAD, patience: float = PATIENCE_S) -> float:
     """The 1-minute load average once it is below ``limit``, or after ``patience`` seconds
-    (``BENCH_QUIET_LOAD``, ``BENCH_PATIENCE_S``): every case starts on a quiet machine, not
-    in the wake of the case before it."""
+    (``BENCH_QUIET_LOAD``, ``BENCH_PATIENCE_S``): under ``make bench`` every case starts on
+    a quiet machine, not in the wake of the case before it."""
     deadline = time.monotonic() + patience
     while (load := os.getloadavg()[0]) >= limit and time.monotonic() < deadline:
         time.sleep(5)
