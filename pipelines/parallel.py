@@ -77,6 +77,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
             while not budget.acquire(blocking=not pending):
                 yield oldest()
             pending.append(pool.submit(fn, item))
+            del item  # the future holds it while it is needed; not the loop while it waits
             if len(pending) > workers:
                 yield oldest()
         while pending:
