@@ -19,7 +19,8 @@ recall against it. faiss's IVF was chosen by measurement over faiss's HNSW and u
 pairs, the IVF all of them, in less time.
 
 A whole-table stage: every row must be compared with every other, across shards. Encoding
-dominates its time; the index and the pass are well under 1% of it on the benchmark.
+dominates its time: on the benchmark (400 rows, 2 cores) everything else (texts, index,
+pass, output tables) took 0.04–0.28 s of 11–24 s.
 """
 
 from __future__ import annotations
