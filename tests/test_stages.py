@@ -78,7 +78,8 @@ def test_normalize_text_runs_nfc_and_the_pattern_only_where_needed(
     real = roleplay.kept.column("response").combine_chunks()
     odd = pa.array(
         [" tab\tand\x07bell ", "\x00", None, "Cafe\u0301", "\u212a kelvin", "c1\x85\x9f end",
-         "\x7f del", "clean", "", "ok\r\n", "e\u0301\x01", "\x1f\x1e"] * 3
+         "\x7f del", "clean", "", "ok\r\n", "e\u0301\x01", "\x1f\x1e", "\u00a0nbsp\u3000",
+         "\u2028line\u2029", "\u1680ogham", "\x1cfs\x1f", "tail \u00e9 ", " ", "\u200bzw"] * 3
     )  # fmt: skip
     assert pc.sum(pc.invert(pc.string_is_ascii(real))).as_py() > 0  # real non-ASCII rows
     for values in (real, odd, odd.slice(5, 20), pa.concat_arrays([real.slice(0, 50), odd])):
@@ -91,6 +92,34 @@ def test_normalize_leaves_clean_real_rows_untouched(gsm8k: pa.Table) -> None:
     out = normalize(gsm8k, NormalizeParams()).kept
     assert out.column("id").to_pylist() == gsm8k.column("id").to_pylist()
     validate(out)
+
+
+def test_normalize_trims_only_strings_with_a_whitespace_edge() -> None:
+    """Trimming runs on the strings whose first or last byte can start or end whitespace;
+    that gives what trimming every string gives, with every step on or only trim on."""
+    from transforms.normalize import edge_bytes, normalize_text
+
+    values = pa.array(
+        ["a b", " lead", "trail\t", "\u00a0x", "x\u3000", "\u2028", "é", "mid\u00a0dle",
+         None, "", "\x1cx", "x\x7f", "plain"]
+    )  # fmt: skip
+    assert edge_bytes(values).tolist() == [
+        False, True, True, True, True, True, True, False, False, False, True, True, False
+    ]  # fmt: skip
+    for params in (NormalizeParams(), NormalizeParams(nfc=False, strip_control=False)):
+        want = pc.utf8_trim_whitespace(
+            normalize_text(values, params.model_copy(update={"trim": False}))
+        )
+        assert normalize_text(values, params).equals(want)
+        assert normalize_text(values.slice(3), params).equals(want.slice(3))
+    assert edge_bytes(values.cast(pa.large_string())).tolist() == edge_bytes(values).tolist()
+
+
+def test_normalize_returns_an_unchanged_batch_as_it_came(gsm8k: pa.Table) -> None:
+    """Nothing to normalise: the same columns come back (no copy, no id recomputed)."""
+    clean = normalize(gsm8k, NormalizeParams()).kept
+    again = normalize(clean, NormalizeParams()).kept
+    assert again is clean
 
 
 def test_exact_dedup_within_and_across_shards(gsm8k: pa.Table) -> None:

@@ -48,8 +48,29 @@ def normalize_text(values: pa.Array, params: NormalizeParams) -> pa.Array:
             out, rows, lambda v: pc.replace_substring_regex(v, CONTROL_CHARS, replacement="")
         )
     if params.trim:
-        out = pc.utf8_trim_whitespace(out)
+        out = _on_rows(out, pa.array(edge_bytes(out)), pc.utf8_trim_whitespace)
     return out
+
+
+def edge_bytes(values: pa.Array) -> np.ndarray:
+    """Per string: can trimming whitespace change it? True where its first or last byte is
+    ASCII 0x00-0x20, 0x7F or any byte of a multi-byte character: every Unicode whitespace
+    character is one of those, so the other strings (most, on the instruction corpora) begin
+    and end with a printable ASCII character and trim to themselves. Nulls and empty strings
+    give False. Only the offsets and two bytes per string are read."""
+    n = len(values)
+    flagged = np.zeros(n, dtype=bool)
+    _, offsets_buffer, data = values.buffers()[:3]
+    if not n or data is None:
+        return flagged
+    width = np.int64 if pa.types.is_large_string(values.type) else np.int32
+    offsets = np.frombuffer(offsets_buffer, dtype=width)[values.offset : values.offset + n + 1]
+    nonempty = np.flatnonzero(offsets[1:] > offsets[:-1])
+    data_bytes = np.frombuffer(data, dtype=np.uint8)
+    first = data_bytes[offsets[nonempty]]
+    last = data_bytes[offsets[nonempty + 1] - 1]
+    flagged[nonempty] = (first <= 0x20) | (first >= 0x7F) | (last <= 0x20) | (last >= 0x7F)
+    return flagged
 
 
 def _ascii_control(data: np.ndarray) -> np.ndarray:
@@ -69,50 +90,68 @@ def _mask(n: int, rows: np.ndarray) -> pa.Array:
 
 
 def _on_rows(values: pa.Array, rows: pa.Array, op: StringOp) -> pa.Array:
-    """``values`` with ``op`` applied to the strings where ``rows`` is true."""
+    """``values`` with ``op`` applied to the strings where ``rows`` is true: ``values``
+    itself (no copy) when ``op`` changes none of them."""
     if not pc.any(rows).as_py():
         return values
-    changed = op(values.filter(rows))
+    subset = values.filter(rows)
+    changed = op(subset)
+    if not pc.any(pc.fill_null(pc.not_equal(changed, subset), False)).as_py():
+        return values
     return pc.replace_with_mask(values, rows, changed)
 
 
 def normalize(table: pa.Table, params: NormalizeParams) -> StageResult:
-    """Normalise prompt turns and responses; recompute the ids of the rows that changed."""
+    """Normalise prompt turns and responses; recompute the ids of the rows that changed.
 
-    def op(values: pa.Array) -> pa.Array:
-        return normalize_text(values, params)
-
+    A column that no string of changes is not rebuilt, and a batch that nothing changes in
+    is returned as it came.
+    """
     old_prompt = combined(table.column("prompt"))
+    old_contents = pc.list_flatten(old_prompt).field("content")
+    contents = normalize_text(old_contents, params)
     old_response = combined(table.column("response"))
-    prompt = map_contents(old_prompt, op)
-    response = op(old_response)
-    changed = pc.or_(
-        pc.fill_null(pc.not_equal(response, old_response), False),
-        _turns_changed(old_prompt, prompt),
-    )
-    ids = combined(table.column("id"))
-    if pc.any(changed).as_py():
-        rows = pc.indices_nonzero(changed)
-        fresh = row_ids(
-            combined(table.column("source")).take(rows), prompt.take(rows), response.take(rows)
-        )
-        positions = np.full(len(ids), -1, dtype=np.int64)
-        positions[rows.to_numpy()] = np.arange(len(rows))
-        ids = pc.if_else(changed, pc.take(fresh, pa.array(np.maximum(positions, 0))), ids)
+    response = normalize_text(old_response, params)
+    if contents is old_contents and response is old_response:
+        return StageResult(kept=table)
     out = table
-    for name, column in (("prompt", prompt), ("response", response), ("id", ids)):
-        out = out.set_column(out.schema.get_field_index(name), name, column)
+    changed = np.zeros(len(table), dtype=bool)
+    if contents is not old_contents:
+        prompt = map_contents(old_prompt, lambda _: contents)
+        out = out.set_column(out.schema.get_field_index("prompt"), "prompt", prompt)
+        changed |= _turns_changed(old_prompt, old_contents, contents)
+    if response is not old_response:
+        out = out.set_column(out.schema.get_field_index("response"), "response", response)
+        changed |= pc.fill_null(pc.not_equal(response, old_response), False).to_numpy(
+            zero_copy_only=False
+        )
+    if changed.any():
+        out = out.set_column(out.schema.get_field_index("id"), "id", _fresh_ids(out, changed))
     return StageResult(kept=out)
 
 
-def _turns_changed(old: pa.ListArray, new: pa.ListArray) -> pa.Array:
-    """Per row: did any turn's content change?"""
-    old_text = pc.list_flatten(old).field("content")
-    new_text = pc.list_flatten(new).field("content")
+def _fresh_ids(table: pa.Table, changed: np.ndarray) -> pa.Array:
+    """The ``id`` column with the rows where ``changed`` is true hashed again."""
+    ids = combined(table.column("id"))
+    rows = np.flatnonzero(changed)
+    take = pa.array(rows)
+    fresh = row_ids(
+        combined(table.column("source")).take(take),
+        combined(table.column("prompt")).take(take),
+        combined(table.column("response")).take(take),
+    )
+    positions = np.zeros(len(ids), dtype=np.int64)
+    positions[rows] = np.arange(len(rows))
+    return pc.if_else(pa.array(changed), pc.take(fresh, pa.array(positions)), ids)
+
+
+def _turns_changed(prompt: pa.ListArray, old_text: pa.Array, new_text: pa.Array) -> np.ndarray:
+    """Per row of ``prompt``: did any turn's content change (``old_text`` to ``new_text``,
+    its flattened turns' contents)?"""
     turn_changed = pc.fill_null(pc.not_equal(old_text, new_text), False)
+    out = np.zeros(len(prompt), dtype=bool)
     if not pc.any(turn_changed).as_py():
-        return pa.array(np.zeros(len(old), dtype=bool))
-    parents = pc.list_parent_indices(old).to_numpy()
-    out = np.zeros(len(old), dtype=bool)
+        return out
+    parents = pc.list_parent_indices(prompt).to_numpy()
     out[parents[turn_changed.to_numpy(zero_copy_only=False)]] = True
-    return pa.array(out)
+    return out
