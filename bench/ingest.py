@@ -123,9 +123,11 @@ def _spec(corpus: Path, work: Path) -> Path:
 
 
 def child_pipeline(corpus: Path, work: Path) -> dict:
-    """The build's own task functions, no Prefect: ingest (with normalize), the ordered
-    segment (exact dedup + filter), one Delta commit."""
+    """The build's own task functions, no Prefect: the source's fingerprint, ingest (with
+    normalize; it checks the bytes it reads against the fingerprint), the ordered segment
+    (exact dedup + filter), one Delta commit: the work of a build."""
     from pipelines.build import ingest_source, run_segment
+    from pipelines.fingerprint import file_fingerprint
     from pipelines.segments import ChainStep, split_segments
     from pipelines.spec import load_spec
     from storage.dataset import DatasetStore
@@ -134,7 +136,9 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
     spec = load_spec(_spec(corpus, work))
     segments = split_segments([ChainStep.of(s.name, s.params) for s in spec.stages])
     t0 = time.perf_counter()
-    first = ingest_source.fn("k0", spec.sources[0], spec.ingest, segments[0], str(work / "s0"))
+    source = spec.sources[0]
+    fingerprint = file_fingerprint(source.path)  # as the flow does: hashed, then checked
+    first = ingest_source.fn("k0", source, spec.ingest, segments[0], str(work / "s0"), fingerprint)
     outputs = [first]
     train = first.train
     for i, chain in enumerate(segments[1:], 1):
@@ -222,6 +226,7 @@ class PhaseClock:
 def child_phases(corpus: Path, work: Path) -> dict:
     """The pipeline on one shard thread, its CPU and wall seconds split by phase."""
     os.environ["ALIGNCURATE_SHARD_THREADS"] = "1"
+    import pipelines.fingerprint as fingerprint
     import pipelines.segments as segments
     import storage.dataset as dataset
     import transforms.dedup as dedup
@@ -232,6 +237,7 @@ def child_phases(corpus: Path, work: Path) -> dict:
     from pipelines.stages import stage
 
     clock = PhaseClock()
+    clock.patch(fingerprint, "file_fingerprint", "fingerprint (hash the source)")
     clock.patch(source, "iter_pieces", "parse (read, chunk, Arrow JSON)", generator=True)
     for name in ("from_columns", "build"):
         clock.patch(alpaca, name, "assemble (field checks, prompts)")
