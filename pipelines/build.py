@@ -313,7 +313,7 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
     for chain in segments[1:]:
         key = key_of("segment", code_version(), [o.key for o in outputs], _chain_identity(chain))
         folder = work / "shards" / key
-        if partitions > 0 and partitionable(chain[0]):
+        if partitions > 0 and partitionable(chain[0]) and train:  # no shards: nothing to split
             scratch = work / "partitioned" / key / f"p{partitions}"
             options = {**CACHED, "result_storage": storage}
             out = run_partitioned(key, train, chain, folder, scratch, partitions, options)

@@ -41,8 +41,7 @@ from pydantic import BaseModel
 from pipelines.fingerprint import fresh, key_of
 from pipelines.segments import ChainStep, Counts, SegmentOutput, ShardWriter, add_counts, run_chain
 from storage.atomic import atomic_path
-from transforms.ids import content_key
-from transforms.keyset import hex_words
+from transforms.dedup import content_words
 from transforms.partitioned_dedup import (
     bucket_firsts,
     bucket_runs,
@@ -71,8 +70,7 @@ class Method:
 
 
 def _exact_keys(table: pa.Table, params: BaseModel) -> Keys:
-    keys, _ = hex_words(content_key(table.column("prompt"), table.column("response")))
-    return keys[:, None, :], None
+    return content_words(table)[:, None, :], None
 
 
 def _near_keys(table: pa.Table, params: NearDedupParams) -> Keys:

@@ -68,7 +68,12 @@ def dedup_partitions(options: RunnerOptions) -> int:
         return options.partitions
     configured = os.environ.get(PARTITIONS_ENV)
     if configured:
-        return max(0, int(configured))
+        try:
+            return max(0, int(configured))
+        except ValueError:
+            raise RunnerError(
+                f"{PARTITIONS_ENV}={configured!r}: expected a whole number of partitions"
+            ) from None
     if options.runner == "threads":
         return 0
     return ADDRESS_PARTITIONS if options.dask_address else 2 * options.dask_workers

@@ -63,7 +63,7 @@ def test_dask_runner_output_is_identical_to_the_default_runners(
     assert len(list((tmp_path / "dask").rglob("partitioned/*/p4/scatter/*.sigs.npy"))) == 5
 
 
-def test_runner_options_are_checked() -> None:
+def test_runner_options_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RunnerError, match="needs --runner dask"):
         task_runner(RunnerOptions(dask_address="tcp://127.0.0.1:8786"))
     with pytest.raises(RunnerError, match="expected a scheduler URL"):
@@ -72,6 +72,9 @@ def test_runner_options_are_checked() -> None:
     assert result.exit_code == 2 and "threads or dask" in result.stderr
     result = runner.invoke(app, ["build", str(DEMO), "--partitions", "-1"])
     assert result.exit_code == 2 and "--partitions" in result.stderr
+    monkeypatch.setenv("ALIGNCURATE_DEDUP_PARTITIONS", "four")
+    with pytest.raises(RunnerError, match="ALIGNCURATE_DEDUP_PARTITIONS='four'"):
+        build_flow(RunnerOptions(runner="dask"))
 
 
 def test_a_dead_dask_worker_fails_the_build_with_no_version(

@@ -130,6 +130,8 @@ def test_partitioned_dedup_on_threads_matches_the_ordered_pass(
     assert split["counts"] == ordered["counts"]
     _assert_same(tmp_path / "ordered", tmp_path / "split")
     assert len(list((tmp_path / "split").rglob("partitioned/*/p3/buckets/p*/sigs.npy"))) == 3 * 2
+    # near dedup needed more than one round (rows the first merge kept, verified later)
+    assert len(list((tmp_path / "split").rglob("partitioned/*/p3/round-2/dropped.npy"))) >= 1
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -145,3 +147,14 @@ def test_partitioned_dedup_on_a_2_worker_local_cluster_matches_the_ordered_pass(
     assert split["counts"] == ordered["counts"]
     _assert_same(tmp_path / "ordered", tmp_path / "dask")
     assert len(list((tmp_path / "dask").rglob("partitioned/*/p4/buckets/p*/sigs.npy"))) == 4 * 2
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_build_with_no_rows_commits_an_empty_version_when_partitioned(tmp_path: Path) -> None:
+    """``allow_empty`` with a header-only CSV: no shards reach the partitioned stages."""
+    (tmp_path / "mmlu.csv").write_bytes(b"question,A,B,C,D,target\n")
+    stages = [{"normalize": {}}, {"exact_dedup": {}}, {"near_dedup": {}}]
+    spec = {"name": "empty", "sources": [{"path": "mmlu.csv"}], "stages": stages}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({**spec, "allow_empty": True}))
+    summary = build_dataset(str(tmp_path / "spec.yaml"), store=str(tmp_path / "s"), partitions=2)
+    assert (summary["version"], summary["rows"]["in"], summary["rows"]["train"]) == (0, 0, 0)

@@ -22,6 +22,7 @@ from transforms.response.near_dedup import (
     near_dedup,
     optimal_bands,
     signatures,
+    similar_pairs,
 )
 from transforms.response.semantic_dedup import SemanticDedupParams, semantic_dedup
 from transforms.response.shingles import raw_texts, row_texts, shingle_hashes
@@ -197,6 +198,22 @@ def test_decisions_are_datasketchs(roleplay: pa.Table) -> None:
             kept[row_id] = (len(kept), m)
     assert len(theirs) >= 80  # the copies (and a few of GPTeacher's own near-duplicates)
     assert ours == theirs
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.75, 0.8, 0.875])
+def test_a_pair_reaches_the_threshold_exactly_when_datasketchs_jaccard_does(
+    threshold: float,
+) -> None:
+    """At 32 bits no chance correction: ``m`` equal minhashes of 128 is similar exactly when
+    ``m / 128 >= threshold`` (datasketch's ``jaccard``), also where that is an equality."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2**32, (129, 128), dtype=np.uint32)
+    b = a.copy()
+    for m in range(129):  # row m shares its first m minhashes with a
+        b[m, m:] ^= np.uint32(1)
+    rows = np.arange(129)
+    hit = similar_pairs(a, rows, b, rows, 32, threshold)
+    assert hit.tolist() == [m / 128 >= threshold for m in range(129)]
 
 
 def test_edited_copies_are_caught_across_shards(roleplay: pa.Table) -> None:

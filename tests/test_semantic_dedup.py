@@ -56,10 +56,14 @@ def as_set(pairs: tuple[np.ndarray, np.ndarray]) -> set[tuple[int, int]]:
     return set(zip(pairs[0].tolist(), pairs[1].tolist(), strict=True))
 
 
-def test_index_finds_every_exact_pair(vectors: np.ndarray) -> None:
+def test_index_finds_every_exact_pair(vectors: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
     exact = as_set(exact_pairs(vectors, 0.95))
     partners = np.bincount([i for pair in exact for i in pair], minlength=len(vectors))
     assert partners.max() >= GROUP
+    # 170 rows make 2 lists at the default training size, so every list would be probed:
+    # 4 training rows per list give 42 lists, of which a row searches its 8 (or 2) nearest.
+    monkeypatch.setattr(semantic_dedup_module, "TRAIN_PER_LIST", 4)
+    assert len(vectors) // 4 > 8
     assert as_set(index_pairs(vectors, 0.95)) == exact
     assert as_set(index_pairs(vectors, 0.95, SemanticDedupParams(nprobe=2))) == exact
     assert all(vectors[i] @ vectors[j] >= 0.95 - 1e-6 for i, j in exact)

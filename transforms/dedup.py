@@ -32,7 +32,7 @@ from transforms.text import combined
 
 STAGE = "exact_dedup"
 KEY_ROWS = 8192
-"""Rows whose keys are hashed at a time (see :func:`_content_words`)."""
+"""Rows whose keys are hashed at a time (see :func:`content_words`)."""
 NO_ID = "<no id>"
 """Named in the reason of a duplicate whose kept row has no id (a build always sets ids;
 a caller of the function may not)."""
@@ -55,7 +55,7 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
     seen: KeySet = state.setdefault("keys", KeySet())
     other_ids: dict[tuple[int, int], str] = state.setdefault("other_ids", {})
     ids = combined(table.column("id"))
-    keys = _content_words(table)
+    keys = content_words(table)
     distinct, first, group = group_keys(keys)
     found, earlier = seen.find(distinct)
     # The id each key's rows are duplicates of: the kept row's of an earlier shard, else
@@ -83,7 +83,7 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
     )
 
 
-def _content_words(table: pa.Table) -> np.ndarray:
+def content_words(table: pa.Table) -> np.ndarray:
     """Each row's key as 128-bit words, hashed :data:`KEY_ROWS` rows at a time (the
     hashed text is joined into one buffer and copied once more: for a whole shard, two
     transient copies of all its text)."""

@@ -13,7 +13,18 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from transforms.response.shingles import MIX, PRIME, SPLIT1, SPLIT2, WORD_BYTE
+# Numba compiles these globals into the kernels (``cache=True`` notices a change only in
+# this file), so they live here.
+MIX = np.uint64(0x9E3779B97F4A7C15)
+PRIME = np.uint64(0x100000001B3)
+SPLIT1 = np.uint64(0xBF58476D1CE4E5B9)
+SPLIT2 = np.uint64(0x94D049BB133111EB)
+# Per byte: what the word hash adds for it (its value, lower-cased, plus one) when it is a
+# word byte ([A-Za-z0-9_] or non-ASCII), else 0: a separator.
+WORD_BYTE = np.zeros(256, np.uint64)
+for _c in (*range(48, 58), *range(97, 123), 95, *range(128, 256)):
+    WORD_BYTE[_c] = _c + 1
+WORD_BYTE[65:91] = WORD_BYTE[97:123]
 
 
 @numba.njit(cache=True, inline="always")

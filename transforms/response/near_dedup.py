@@ -162,7 +162,7 @@ def signatures(table: pa.Table, params: NearDedupParams) -> np.ndarray:
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """``(n, bands)`` uint64 keys: each band's ``rows`` values folded, salted by the band
-    (:func:`~transforms.response.shingles.fold` of ``[j + 1, *values]``, compiled)."""
+    (the shingles' fold of ``[j + 1, *values]``, compiled)."""
     return _kernels().band_key_rows(np.ascontiguousarray(sig), bands, rows)
 
 
@@ -181,6 +181,11 @@ class Run(NamedTuple):
 
     @classmethod
     def of(cls, keys: np.ndarray, kept: np.ndarray) -> Run:
+        if len(keys) >= 2**31:  # the radix table holds int32 positions
+            raise ValueError(
+                f"near_dedup: {len(keys):,} band keys in one run (2^31 at most: about 134M "
+                "kept rows at 16 bands); run the build with --partitions"
+            )
         bits = max(1, (len(keys) // 8).bit_length())
         return cls(keys, kept, _kernels().radix_table(keys, 64 - bits), 64 - bits)
 
@@ -256,11 +261,20 @@ def _compact(sig: np.ndarray, bits: int) -> np.ndarray:
     return (sig & np.uint32((1 << bits) - 1)).astype(dtype)
 
 
+def _chance(bits: int) -> float:
+    """The chance that two different ``bits``-bit minhashes are equal, corrected out of the
+    estimate below 32 bits (b-bit minwise hashing); at 32 bits none is, so that a pair
+    reaches the threshold exactly when datasketch's ``jaccard`` does (with the correction,
+    96 of 128 equal fell just short of 0.75)."""
+    return 2.0**-bits if bits < 32 else 0.0
+
+
 def estimated_jaccard(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
     """Jaccard estimates of the rows of ``a`` against the rows of ``b`` (pairwise, or one
-    row against many) from ``bits``-bit minhashes (chance matches, ``2^-bits``, corrected)."""
+    row against many) from ``bits``-bit minhashes (chance matches, ``2^-bits``, corrected
+    below 32 bits; at 32, the plain share of equal minhashes, as datasketch's ``jaccard``)."""
     match = (b == a).mean(axis=-1)
-    chance = 2.0**-bits
+    chance = _chance(bits)
     return (match - chance) / (1 - chance)
 
 
@@ -268,7 +282,7 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
 def _min_matches(num_perm: int, bits: int, threshold: float) -> int:
     """The fewest equal minhashes (of ``num_perm``) whose :func:`estimated_jaccard` reaches
     ``threshold``: the same float arithmetic, so comparing counts decides as the estimate."""
-    chance = 2.0**-bits
+    chance = _chance(bits)
     estimates = (np.arange(num_perm + 1) / num_perm - chance) / (1 - chance)
     reached = np.flatnonzero(estimates >= threshold)
     return int(reached[0]) if len(reached) else num_perm + 1

@@ -7,16 +7,18 @@ space; shingles are its word ``n``-grams
 shingle of all its words (an empty text: the hash of the empty word).
 
 Words are hashed straight from Arrow's string buffers by a Numba kernel: a polynomial hash
-of the bytes (mod 2^64) folded with the word's length, and each n-gram is the :func:`fold`
-of its words' hashes; nothing is made per word or shingle in Python. The kernel takes the
+of the bytes (mod 2^64) folded with the word's length, and each n-gram is the fold
+(FNV-style, with a final splitmix64 step) of its words' hashes; nothing is made per word or
+shingle in Python. The kernel takes the
 runs of word bytes (``[A-Za-z0-9_]``, lower-cased, and any non-ASCII byte) as words, so a
 row that is all ASCII needs no normalisation beforehand (:func:`raw_texts`): Arrow's
 Unicode lower case and regex run only on the few rows with a non-ASCII byte, and the
 shingles are those of :func:`row_texts` (a test checks both on real rows). The result is
 one flat ``uint64`` array plus row offsets, which
 :func:`transforms.response.near_dedup.minhash_matrix` turns into signatures; the stage
-itself fuses the two (its kernel calls :func:`row_words` and :func:`shingle` row by row,
-so no array of every shingle's hash is made).
+itself fuses the two (its kernel calls ``row_words`` and ``shingle`` of
+:mod:`transforms.response.minhash_kernels` row by row, so no array of every shingle's hash
+is made).
 """
 
 from __future__ import annotations
@@ -27,18 +29,6 @@ import pyarrow.compute as pc
 
 from transforms.response.lengths import prompt_plain
 from transforms.text import byte_chunks, combined, rows_with
-
-MIX = np.uint64(0x9E3779B97F4A7C15)
-PRIME = np.uint64(0x100000001B3)
-SPLIT1 = np.uint64(0xBF58476D1CE4E5B9)
-SPLIT2 = np.uint64(0x94D049BB133111EB)
-# Per byte: what the word hash adds for it (its value, lower-cased, plus one) when it is a
-# word byte ([A-Za-z0-9_] or non-ASCII), else 0: a separator.
-WORD_BYTE = np.zeros(256, np.uint64)
-for _c in (*range(48, 58), *range(97, 123), 95, *range(128, 256)):
-    WORD_BYTE[_c] = _c + 1
-WORD_BYTE[65:91] = WORD_BYTE[97:123]
-
 
 _NON_WORD = r"[^\p{L}\p{N}\p{M}_\s]+"
 
@@ -78,20 +68,6 @@ def raw_texts(table: pa.Table) -> tuple[pa.Array, np.ndarray]:
     for first, data, bounds in byte_chunks(text):
         non_ascii.append(first + rows_with(np.flatnonzero(data >= 0x80), bounds))
     return text, np.concatenate(non_ascii) if non_ascii else np.zeros(0, np.int64)
-
-
-def fold(parts: list[np.ndarray]) -> np.ndarray:
-    """Order-sensitive 64-bit combination of equal-length hash arrays (FNV-style, with a
-    final splitmix64 step); ``fold_step`` and ``fold_finish`` of
-    :mod:`transforms.response.minhash_kernels` are the same, compiled."""
-    h = np.full(len(parts[0]), MIX, dtype=np.uint64)
-    for part in parts:
-        h = (h ^ part) * PRIME
-    h ^= h >> np.uint64(30)
-    h *= SPLIT1
-    h ^= h >> np.uint64(27)
-    h *= SPLIT2
-    return h ^ (h >> np.uint64(31))
 
 
 def shingle_hashes(texts: pa.Array, n: int = 5) -> tuple[np.ndarray, np.ndarray]:
