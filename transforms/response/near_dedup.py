@@ -66,6 +66,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from transforms.memory import release_freed_memory
 from transforms.response.shingles import normalised, raw_texts
 from transforms.schema import rejected
 from transforms.stage import StageResult, reject_table
@@ -327,7 +328,10 @@ def near_dedup(
     index: NearDedupIndex = state.setdefault("index", NearDedupIndex())
     n = table.num_rows
     b, r = lsh_shape(params)
-    prepared = prepare(table, params) if prepared is None else prepared
+    release_freed_memory()  # the last shard's temporaries (its tables, kept by nobody now)
+    if prepared is None:
+        prepared = prepare(table, params)
+        release_freed_memory()  # the joined text and full signatures prepare made
     small, keys = prepared["signatures"], prepared["band_keys"]
     if small.shape != (n, params.num_perm) or keys.shape != (n, b):
         raise ValueError(
