@@ -58,7 +58,6 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -70,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 # `python bench/X.py` puts bench/ first on sys.path, where bench/engines.py would shadow the
 # `engines` package: put the repository there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p).resolve() != Path(__file__).parent]
-from bench import harness  # noqa: E402
+from bench import edits, harness  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 CORPORA = [
@@ -82,36 +81,6 @@ CORPORA = [
 ]
 TARGET = SHARED / "instructions" / "gpteacher_roleplay.json"
 SHARD = 20_000
-SENTENCE = re.compile(r"(?<=[.!?])\s+")
-
-
-def _typos(text: str, rng: random.Random) -> str:
-    words = text.split(" ")
-    for _ in range(rng.randint(1, 4)):
-        i = rng.randrange(len(words))
-        w = words[i]
-        if len(w) > 3:
-            j = rng.randrange(len(w) - 1)
-            words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
-    return " ".join(words)
-
-
-def _whitespace(text: str, rng: random.Random) -> str:
-    return "  " + text.replace(" ", "  ", rng.randint(1, 20)) + "\n"
-
-
-def _swap(text: str, rng: random.Random) -> str:
-    parts = SENTENCE.split(text)
-    if len(parts) < 3:
-        return _typos(text, rng)
-    i = rng.randrange(len(parts) - 1)
-    parts[i], parts[i + 1] = parts[i + 1], parts[i]
-    return " ".join(parts)
-
-
-def _cut(text: str, rng: random.Random) -> str:
-    words = text.split(" ")
-    return " ".join(words[: max(1, len(words) // 2)])
 
 
 def make_corpus(path: Path, rows: int, seed: int = 0) -> dict:
@@ -129,7 +98,7 @@ def make_corpus(path: Path, rows: int, seed: int = 0) -> dict:
     if rows <= base.num_rows:
         raise SystemExit(f"--rows must exceed the {base.num_rows} real rows")
     rng = random.Random(seed)
-    light, heavy = [_typos, _whitespace, _swap], [_cut]
+    light, heavy = [edits.typos, edits.whitespace, edits.swap], [edits.cut]
     prompts = base.column("prompt").to_pylist()
     responses = base.column("response").to_pylist()
     copies: dict[str, list] = {"prompt": [], "response": [], "kind": []}

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +52,8 @@ def run_child(script: str, *args: str) -> dict:
     return result
 
 
-def flow_phases(flow_run_id: str) -> dict[str, float]:
-    """Wall seconds of each kind of task in one build (first start to last end), from
-    Prefect's task runs: where the time goes, and which part a runner can spread."""
+def task_runs(flow_run_id: str) -> tuple[list, Any]:
+    """Every task run of one flow run (paged), and the flow run, from the Prefect API."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -62,7 +62,13 @@ def flow_phases(flow_run_id: str) -> dict[str, float]:
         only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
         while page := client.read_task_runs(flow_run_filter=only, limit=200, offset=len(runs)):
             runs.extend(page)
-        flow = client.read_flow_run(flow_run_id)
+        return runs, client.read_flow_run(flow_run_id)
+
+
+def flow_phases(flow_run_id: str) -> dict[str, float]:
+    """Wall seconds of each kind of task in one build (first start to last end), from
+    Prefect's task runs: where the time goes, and which part a runner can spread."""
+    runs, flow = task_runs(flow_run_id)
     spans: dict[str, list] = {}
     for run in runs:
         if run.start_time and run.end_time:

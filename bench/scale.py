@@ -122,15 +122,7 @@ FLOW_TASKS = ("ordered-segment", "commit")
 def serial_phases(flow_run_id: str) -> dict[str, float]:
     """Wall seconds of the build, of its flow-process tasks, and of the time no worker
     task ran (the union of the worker tasks' spans subtracted from the wall)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    runs: list = []
-    with get_client(sync_client=True) as client:
-        only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        while page := client.read_task_runs(flow_run_filter=only, limit=200, offset=len(runs)):
-            runs.extend(page)
-        flow = client.read_flow_run(flow_run_id)
+    runs, flow = harness.task_runs(flow_run_id)
     spans = [
         (r.name.rsplit("-", 1)[0], r.start_time.timestamp(), r.end_time.timestamp())
         for r in runs

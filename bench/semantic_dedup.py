@@ -54,6 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +62,9 @@ REPO = Path(__file__).resolve().parents[1]
 # `engines` package: put the repository there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p).resolve() != Path(__file__).parent]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench import edits  # noqa: E402 (needs the path fixed above)
+
 SHARED = REPO.parent / "shared" / "data"
 CORPORA = [
     "instructions/gpteacher_roleplay.json",
@@ -73,36 +77,13 @@ BATCH = 64
 THRESHOLD = 0.95
 
 
-def _typos(text: str, rng: random.Random) -> str:
-    words = text.split(" ")
-    for _ in range(rng.randint(1, 3)):
-        i = rng.randrange(len(words))
-        w = words[i]
-        if len(w) > 3:
-            j = rng.randrange(len(w) - 1)
-            words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]
-    return " ".join(words)
-
-
-def _whitespace(text: str, rng: random.Random) -> str:
-    return "  " + text.replace(" ", "  ", rng.randint(1, 20)) + "\n"
-
-
-def _swap(text: str, rng: random.Random) -> str:
-    parts = text.split(". ")
-    if len(parts) < 3:
-        return _typos(text, rng)
-    i = rng.randrange(len(parts) - 1)
-    parts[i], parts[i + 1] = parts[i + 1], parts[i]
-    return ". ".join(parts)
-
-
-def _cut(text: str, rng: random.Random) -> str:
-    words = text.split(" ")
-    return " ".join(words[: max(1, len(words) // 2)])
-
-
-EDITS = (_typos, _whitespace, _swap, _cut)
+# the edits of this corpus: at most 3 typos, sentences split and joined at ". "
+EDITS = (
+    partial(edits.typos, most=3),
+    edits.whitespace,
+    partial(edits.swap, split=lambda t: t.split(". "), sep=". ", most_typos=3),
+    edits.cut,
+)
 
 
 def corpus(rows: int, seed: int = 0):
