@@ -54,6 +54,35 @@ mostly distinct: trying a dictionary there costs Parquet's writer a third of its
 the ability to read old versions)."""
 
 
+def statistics_columns(schema: pa.Schema) -> list[str]:
+    """The Parquet columns (leaf paths) whose min/max statistics the data files carry:
+    every column but the text ones, except the few-valued :data:`DICTIONARY_COLUMNS`.
+    Min/max of prompts, responses or hash ids prune nothing and took a sixth of the
+    writer's time (262k rows: 488 ms against 407 ms); values and schema are unchanged."""
+    columns: list[str] = []
+
+    def walk(dtype: pa.DataType, path: str) -> None:
+        if pa.types.is_struct(dtype):
+            for child in dtype:
+                walk(child.type, f"{path}.{child.name}")
+        elif pa.types.is_map(dtype):
+            walk(dtype.key_type, f"{path}.key_value.key")
+            walk(dtype.item_type, f"{path}.key_value.value")
+        elif pa.types.is_list(dtype) or pa.types.is_large_list(dtype):
+            walk(dtype.value_type, f"{path}.list.element")
+        elif path in DICTIONARY_COLUMNS or not (
+            pa.types.is_string(dtype)
+            or pa.types.is_large_string(dtype)
+            or pa.types.is_binary(dtype)
+            or pa.types.is_large_binary(dtype)
+        ):
+            columns.append(path)
+
+    for field in schema:
+        walk(field.type, field.name)
+    return columns
+
+
 class ShardSource(NamedTuple):
     """One shard to commit: its split, its path as given (for messages) and where it is."""
 
@@ -377,6 +406,7 @@ class PartWriter:
         self.target_file_bytes = target_file_bytes
         self.written: list[str] = []
         self.prefix = uuid.uuid4().hex
+        self.statistics = statistics_columns(schema)
 
     def write(self, plan: ShardPlan, threads: int = 1) -> list[AddAction]:
         """Each split's shards in up to ``threads`` runs of consecutive shards, each run
@@ -439,6 +469,7 @@ class PartWriter:
             compression="snappy",
             coerce_timestamps="us",
             use_dictionary=list(DICTIONARY_COLUMNS),
+            write_statistics=self.statistics,
         )
         return relative, stream, writer
 

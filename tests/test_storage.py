@@ -406,6 +406,25 @@ def test_large_builds_roll_over_files(
     assert DeltaTable(store.uri("sft")).count() == 10  # per-file row stats are recorded
 
 
+def test_data_files_keep_statistics_of_the_few_valued_and_numeric_columns(
+    store: DatasetStore, tmp_path: Path
+) -> None:
+    """Min/max statistics are written for numeric and dictionary columns (pruning can use
+    them), not for text; the rows read back the same either way."""
+    table = canonical_table(ids("a", 6), score=[0.5, 0.1, 0.9, 0.2, 0.3, 0.4])
+    commit_build(store, "sft", tmp_path, table, shards=1)
+    (path,) = store.files("sft")
+    group = pq.read_metadata(path).row_group(0)
+    stats = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    with_stats = {name for name, column in stats.items() if column.is_stats_set}
+    assert {"source", "task", "origin", "prompt.list.element.role", "source_index", "score"} <= (
+        with_stats
+    )
+    assert not {"id", "response", "prompt.list.element.content", "reject_reason"} & with_stats
+    assert stats["score"].statistics.min == 0.1 and stats["score"].statistics.max == 0.9
+    assert store.read("sft").select(table.column_names).to_pylist() == table.to_pylist()
+
+
 def test_parallel_writers_keep_shard_and_row_order(
     store: DatasetStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
