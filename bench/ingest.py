@@ -128,6 +128,7 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
     (exact dedup + filter), one Delta commit: the work of a build."""
     from pipelines.build import ingest_source, run_segment
     from pipelines.fingerprint import file_fingerprint
+    from pipelines.parallel import shard_threads
     from pipelines.segments import ChainStep, split_segments
     from pipelines.spec import load_spec
     from storage.dataset import DatasetStore
@@ -148,7 +149,8 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
         train = out.train
     rejected = [p for o in outputs for p in o.rejected]
     store = DatasetStore(str(work / "store"))
-    store.commit("bench", train, rejected, {"bench": True})
+    # the flow's commit task writes with the shard threads (pipelines.build.commit_version)
+    store.commit("bench", train, rejected, {"bench": True}, threads=shard_threads())
     seconds = time.perf_counter() - t0
     rows = store.versions("bench")[-1]
     return {
