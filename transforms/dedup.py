@@ -24,11 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from transforms.ids import content_key
+from transforms.ids import content_key, contiguous
 from transforms.keyset import KeySet, group_keys, hex_words, words_hex
 from transforms.schema import rejected
 from transforms.stage import StageResult, reject_table
-from transforms.text import combined
 
 STAGE = "exact_dedup"
 KEY_ROWS = 8192
@@ -54,7 +53,7 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
     """
     seen: KeySet = state.setdefault("keys", KeySet())
     other_ids: dict[tuple[int, int], str] = state.setdefault("other_ids", {})
-    ids = combined(table.column("id"))
+    ids = contiguous(table.column("id"))
     keys = content_words(table)
     distinct, first, group = group_keys(keys)
     found, earlier = seen.find(distinct)

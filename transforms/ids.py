@@ -16,17 +16,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from transforms.text import combined
-
 Column = pa.Array | pa.ChunkedArray
 
 _SEP = "\x1f"  # unit separator: cannot appear in normalised text (control chars are stripped)
 _TURN = "\x1e"
 
 
+def contiguous(column: Column) -> pa.Array:
+    """One array from a possibly chunked column, without copying a column of one chunk
+    (``ChunkedArray.combine_chunks`` copies it all even then: a full copy of a shard's text
+    per call). The array may be a slice (a non-zero offset)."""
+    if isinstance(column, pa.ChunkedArray):
+        return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    return column
+
+
 def prompt_text(prompt: Column) -> pa.Array:
     """Serialise each conversation as ``role<US>content<RS>role<US>content...`` (one string)."""
-    prompt = combined(prompt)
+    prompt = contiguous(prompt)
     flat = pc.list_flatten(prompt)
     turns = pc.binary_join_element_wise(
         pc.fill_null(flat.field("role"), ""), pc.fill_null(flat.field("content"), ""), _SEP
@@ -53,16 +60,16 @@ def _digest(values: pa.Array) -> pa.Array:
 
 def content_key(prompt: Column, response: Column) -> pa.Array:
     """Hash of (prompt, response): the exact-dedup key."""
-    response = pc.fill_null(combined(response), "")
+    response = pc.fill_null(contiguous(response), "")
     return _digest(pc.binary_join_element_wise(prompt_text(prompt), response, _SEP))
 
 
 def row_ids(source: Column, prompt: Column, response: Column) -> pa.Array:
     """Hash of (source, prompt, response): the stable row id."""
     text = pc.binary_join_element_wise(
-        pc.fill_null(combined(source), ""),
+        pc.fill_null(contiguous(source), ""),
         prompt_text(prompt),
-        pc.fill_null(combined(response), ""),
+        pc.fill_null(contiguous(response), ""),
         _SEP,
     )
     return _digest(text)
@@ -72,6 +79,6 @@ def position_ids(source: Column, source_index: Column) -> pa.Array:
     """Ids for rows rejected before their content could be read: a hash of where they came
     from, (source, source_index), so every row of a version has an id."""
     where = pc.binary_join_element_wise(
-        pc.fill_null(combined(source), ""), combined(source_index).cast(pa.string()), _SEP
+        pc.fill_null(contiguous(source), ""), contiguous(source_index).cast(pa.string()), _SEP
     )
     return _digest(where)

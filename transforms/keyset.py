@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms.text import combined
+from transforms.ids import contiguous
 
 Words = np.ndarray
 """``(n, 2)`` ``uint64``: the 16 raw bytes of a 128-bit digest (memory order)."""
@@ -28,7 +28,7 @@ _DROPPED = np.zeros(0, np.uint64)  # stands in for a merged run's column once it
 def hex_words(values: pa.Array | pa.ChunkedArray) -> tuple[Words, np.ndarray]:
     """The 128-bit values of 32-character lowercase hex strings (XXH3-128 hex digests),
     and a mask of the rows that are such strings; other rows (nulls included) get zeros."""
-    values = pc.cast(combined(values), pa.large_string())
+    values = pc.cast(contiguous(values), pa.large_string())
     n = len(values)
     offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset :][: n + 1]
     data = values.buffers()[2]
