@@ -6,13 +6,16 @@ For a small spec, rounds alternate between:
   (``ALIGNCURATE_PREFECT_SERVER=temporary``; the default when no server runs);
 - ``reused``: the build uses the persistent server of ``aligncurate server start``, started
   once before the rounds (its start-up is reported apart);
+- ``warm``: the same, through the console script, which hands the command to the warm
+  runner that ``server start`` started beside the server (:mod:`pipelines.warm`);
 - ``baseline`` (with ``--baseline-tree DIR``): the same command run from another checkout,
   e.g. ``git archive`` of an older commit, for a before/after comparison.
 
 *Work* is the flow run's own duration (its start to its end, as the Prefect server records
 it); *wall* is the whole command, process start to exit. Every case runs as its own
-``python -m pipelines.cli build`` process with the same ``PREFECT_HOME``, so all flow runs
-land in one database, read through the persistent server at the end.
+``python -m pipelines.cli build`` process (``warm``: ``aligncurate build``) with the same
+``PREFECT_HOME``, so all flow runs land in one database, read through the persistent server
+at the end.
 
 Usage: ``python bench/small_build.py [--spec examples/demo/spec.yaml] [--rounds 3]
 [--baseline-tree DIR]``. Prints a JSON report and markdown rows for docs/performance.md.
@@ -36,10 +39,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _build(tree: Path, spec: Path, store: Path, env: dict[str, str]) -> tuple[float, str]:
-    """One build from ``tree``; its wall seconds and build id."""
-    command = [sys.executable, "-m", "pipelines.cli", "build", str(spec)]
-    full = {**env, "PYTHONPATH": str(tree)}
+CONSOLE_SCRIPT = Path(sys.executable).with_name("aligncurate")
+
+
+def _build(tree: Path | None, spec: Path, store: Path, env: dict[str, str]) -> tuple[float, str]:
+    """One build from ``tree`` (``None``: through the installed console script); its wall
+    seconds and build id."""
+    if tree is None:
+        command, full, tree = [str(CONSOLE_SCRIPT), "build", str(spec)], env, REPO
+    else:
+        command = [sys.executable, "-m", "pipelines.cli", "build", str(spec)]
+        full = {**env, "PYTHONPATH": str(tree)}
     started = time.perf_counter()
     proc = subprocess.run(
         [*command, "--store", str(store), "--json"],
@@ -86,11 +96,12 @@ def main() -> None:
     for name in ("PREFECT_API_URL", "ALIGNCURATE_PREFECT_SERVER", "PYTHONPATH"):
         env.pop(name, None)
     spec = args.spec.resolve()
-    cases: dict[str, tuple[Path, dict[str, str]]] = {}
+    cases: dict[str, tuple[Path | None, dict[str, str]]] = {}
     if args.baseline_tree:
         cases["baseline"] = (args.baseline_tree.resolve(), env)
     cases["temporary"] = (REPO, {**env, "ALIGNCURATE_PREFECT_SERVER": "temporary"})
     cases["reused"] = (REPO, env)
+    cases["warm"] = (None, env)
     # a first build creates the Prefect database: not a round
     _build(REPO, spec, root / "warm-up", cases["temporary"][1])
     started = time.perf_counter()

@@ -49,8 +49,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Literal
 
-from storage.atomic import write_json_atomic
-
 STATE_ENV = "ALIGNCURATE_STATE"
 MODE_ENV = "ALIGNCURATE_PREFECT_SERVER"
 Mode = Literal["reuse", "start", "temporary"]
@@ -213,7 +211,7 @@ def _started(log: Path, *, parent: int | None, env: dict[str, str]) -> tuple[sub
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[Path]:
+def state_lock() -> Iterator[Path]:
     """The state folder, locked against other commands starting or stopping the server."""
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -243,6 +241,8 @@ def _recorded(folder: Path) -> ServerInfo | None:
 
 
 def _write(folder: Path, info: ServerInfo) -> None:
+    from storage.atomic import write_json_atomic  # not at module level: `storage` is heavy
+
     write_json_atomic(folder / "server.json", info.to_dict())
 
 
@@ -250,7 +250,7 @@ def status() -> dict[str, object]:
     """``{"state": "running" | "unhealthy" | "stopped", ...}`` of the persistent server;
     ``reusable`` says whether this environment's commands would use it (the same
     ``PREFECT_HOME`` and database, and no ``PREFECT_API_URL``)."""
-    with _locked() as folder:
+    with state_lock() as folder:
         info = _recorded(folder)
     if info is None:
         return {"state": "stopped", "state_dir": str(folder)}
@@ -267,7 +267,7 @@ def status() -> dict[str, object]:
 def start() -> tuple[ServerInfo, bool]:
     """The persistent server, started unless it runs already; ``(info, started_now)``.
     One that runs for another ``PREFECT_HOME`` or database is an error (stop it first)."""
-    with _locked() as folder:
+    with state_lock() as folder:
         info = _recorded(folder)
         if info is not None:
             if (info.prefect_home, info.database) != _identity():
@@ -296,7 +296,7 @@ def start() -> tuple[ServerInfo, bool]:
 
 def stop() -> ServerInfo | None:
     """Stop the persistent server; the one stopped, or ``None`` when none ran."""
-    with _locked() as folder:
+    with state_lock() as folder:
         info = _recorded(folder)
         if info is not None:
             _terminate(info.pid)
@@ -309,7 +309,7 @@ def _reusable() -> str | None:
     folder = state_dir()
     if not (folder / "server.json").exists():
         return None  # the common case, without taking the lock
-    with _locked() as locked:
+    with state_lock() as locked:
         info = _recorded(locked)
     if info is None or (info.prefect_home, info.database) != _identity():
         return None

@@ -30,9 +30,21 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+WarmOpt = Annotated[
+    bool,
+    typer.Option(
+        "--warm/--no-warm",
+        help="Also start the warm runner: commands then run in a process that has Prefect, "
+        "pyarrow and deltalake imported already (about 1.5 s less per command).",
+    ),
+]
+
+
 @server_app.command()
-def start(as_json: JsonOpt = False) -> None:
-    """Start the local Prefect server (or report the one running); builds then use it."""
+def start(as_json: JsonOpt = False, warm: WarmOpt = True) -> None:
+    """Start the local Prefect server and the warm runner (or report the ones running);
+    commands then use them."""
+    from pipelines import warm as runner
     from pipelines.prefect_server import ServerError, configured_url
     from pipelines.prefect_server import start as start_server
 
@@ -43,10 +55,12 @@ def start(as_json: JsonOpt = False) -> None:
         )
     try:
         info, started = start_server()
-    except ServerError as exc:
+        warm_info = runner.start() if warm else None
+    except (ServerError, runner.RunnerError) as exc:
         raise _fail(str(exc)) from None
     if as_json:
-        _emit({"state": "running", "started": started, **info.to_dict()})
+        warm_state = runner.status() if warm_info else {"state": "off"}
+        _emit({"state": "running", "started": started, **info.to_dict(), "warm": warm_state})
         return
     verb = "started" if started else "already running:"
     out.print(
@@ -56,17 +70,35 @@ def start(as_json: JsonOpt = False) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    if warm_info is not None:
+        verb = "started" if warm_info[1] else "already running:"
+        out.print(
+            f"Warm runner {verb} pid {warm_info[0].pid}; commands run in it "
+            f"({runner.WARM_ENV}=0 turns it off for one)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @server_app.command()
 def stop(as_json: JsonOpt = False) -> None:
-    """Stop the local Prefect server."""
+    """Stop the warm runner and the local Prefect server."""
+    from pipelines import warm as runner
     from pipelines.prefect_server import stop as stop_server
 
+    warm_info = runner.stop()
     info = stop_server()
     if as_json:
-        _emit({"stopped": info is not None, **(info.to_dict() if info else {})})
+        _emit(
+            {
+                "stopped": info is not None,
+                **(info.to_dict() if info else {}),
+                "warm_stopped": warm_info is not None,
+            }
+        )
         return
+    if warm_info is not None:
+        out.print(f"stopped the warm runner (pid {warm_info.pid})", highlight=False)
     if info is None:
         out.print("no local Prefect server was running", highlight=False)
     else:
@@ -76,13 +108,15 @@ def stop(as_json: JsonOpt = False) -> None:
 @server_app.command()
 def status(as_json: JsonOpt = False) -> None:
     """Whether the local Prefect server runs (exit 0) or not (exit 1), and where."""
+    from pipelines import warm as runner
     from pipelines.prefect_server import configured_url
     from pipelines.prefect_server import status as server_status
 
     found = server_status()
     configured = configured_url()
+    warm = runner.status()
     if as_json:
-        _emit({**found, "prefect_api_url": configured})
+        _emit({**found, "prefect_api_url": configured, "warm": warm})
     elif found["state"] == "stopped":
         out.print(f"no local Prefect server (state in {found['state_dir']})", highlight=False)
     else:
@@ -93,6 +127,11 @@ def status(as_json: JsonOpt = False) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    if warm["state"] == "running" and not as_json:
+        use = (
+            "commands here run in it" if warm["serves"] else f"not for commands here: {warm['why']}"
+        )
+        out.print(f"warm runner: pid {warm['pid']}; {use}", highlight=False, soft_wrap=True)
     if configured and not as_json:
         out.print(f"PREFECT_API_URL is set: commands use {configured}", highlight=False)
     if found["state"] != "running":

@@ -315,3 +315,157 @@ def test_a_bad_server_mode_is_one_error_line(env: dict[str, str], tmp_path: Path
     proc = _cli({**env, "ALIGNCURATE_PREFECT_SERVER": "always"}, "build", str(DEMO))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ALIGNCURATE_PREFECT_SERVER")
+
+
+# ------------------------------------------------------------------- the warm runner
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], int]]:
+    """``aligncurate server start``'s Prefect server and warm runner, for the module: the
+    CLI's environment and the runner's pid."""
+    root = tmp_path_factory.mktemp("warm")
+    full = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "ALIGNCURATE_STATE": str(root / "state"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    for name in ("PREFECT_API_URL", "ALIGNCURATE_PREFECT_SERVER", "ALIGNCURATE_WARM"):
+        full.pop(name, None)
+    started = _json(full, "server", "start")
+    try:
+        assert started["warm"]["state"] == "running", started
+        yield full, started["warm"]["pid"]
+    finally:
+        stopped = _json(full, "server", "stop")
+        assert stopped["warm_stopped"] is True
+        assert _wait_gone([started["warm"]["pid"], started["pid"]], timeout=30) == []
+
+
+def _commands_of(runner: int) -> set[int]:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return {child.pid for child in psutil.Process(runner).children()}
+    return set()
+
+
+def _watched(proc: subprocess.Popen, runner: int) -> set[int]:
+    """Wait for ``proc``; the runner's children seen meanwhile (its forked commands)."""
+    seen: set[int] = set()
+    while proc.poll() is None:
+        seen |= _commands_of(runner)
+        time.sleep(0.02)
+    return seen
+
+
+def test_a_command_runs_in_the_warm_runner(
+    warm: tuple[dict[str, str], int], tmp_path: Path
+) -> None:
+    """The build runs in a fork of the runner, in the caller's folder (a relative
+    ``--store``), writing to the caller's stdout; the caller gets its exit code."""
+    env, runner = warm
+    args = [EXE, "build", str(DEMO), "--store", "store", "--json"]
+    proc = subprocess.Popen(
+        args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    forked = _watched(proc, runner)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert forked, "no command ran in the warm runner"
+    assert proc.pid not in forked and not _servers(runner)
+    summary = json.loads(stdout)
+    assert summary["rows"] == {"in": 530, "generated": 0, "train": 507, "rejected": 23}
+    assert (tmp_path / "store" / "demo-sft" / "_delta_log").is_dir()
+
+    status = _json(env, "server", "status")
+    sock = Path(env["ALIGNCURATE_STATE"]) / "prefect-server" / "warm.sock"
+    assert status["warm"] == {
+        "state": "running",
+        "pid": runner,
+        "socket": str(sock),
+        "serves": True,
+        "why": "",
+    }
+    run = _get(f"{status['url']}/flow_runs/{summary['build_id']}")
+    assert run is not None and run["state"]["type"] == "COMPLETED"
+
+    missing = subprocess.run(
+        [EXE, "versions", "nope", "--store", "store"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: unknown dataset 'nope'"), missing.stderr
+
+
+def test_another_prefect_setting_runs_the_command_here(
+    warm: tuple[dict[str, str], int], tmp_path: Path
+) -> None:
+    """Prefect reads its settings when imported: a caller whose differ is not served."""
+    env, runner = warm
+    other = {**env, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    status = _json(other, "server", "status")["warm"]
+    assert status["serves"] is False
+    assert status["why"] == "environment variables differ: PREFECT_LOGGING_LEVEL"
+    args = [EXE, "build", str(DEMO), "--store", str(tmp_path / "store"), "--json"]
+    proc = subprocess.Popen(args, env=other, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert _watched(proc, runner) == set(), "the runner ran a command it should refuse"
+    assert proc.wait() == 0, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+    proc.stdout.close()  # type: ignore[union-attr]
+    proc.stderr.close()  # type: ignore[union-attr]
+
+
+def _forked_build(
+    env: dict[str, str], runner: int, spec: Path, store: Path
+) -> tuple[subprocess.Popen, int]:
+    """A build of ``spec`` through the warm runner, once its forked command runs; the caller
+    and the command's pid."""
+    args = [EXE, "build", str(spec), "--store", str(store), "--json"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (forked := _commands_of(runner)):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "no command ran in the warm runner"
+        time.sleep(0.02)
+    time.sleep(1.0)  # into the flow
+    return proc, forked.pop()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_caller_reaches_the_command(
+    warm: tuple[dict[str, str], int], slow_spec: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Ctrl-C or SIGTERM to ``aligncurate`` stops the command in the runner as it would stop
+    a command run in place: exit 130 or 143, no version left behind."""
+    env, runner = warm
+    proc, command = _forked_build(env, runner, slow_spec, tmp_path / "store")
+    try:
+        proc.send_signal(signum)
+        code = proc.wait(timeout=120)
+        stderr = proc.stderr.read().decode()  # type: ignore[union-attr]
+        assert code == 128 + signum, stderr[-3000:]
+        assert _wait_gone([command], timeout=10) == []
+        assert not (tmp_path / "store" / "slow" / "_delta_log").exists()
+    finally:
+        _kill([proc.pid, command])
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_a_killed_caller_stops_its_command(
+    warm: tuple[dict[str, str], int], slow_spec: Path, tmp_path: Path
+) -> None:
+    env, runner = warm
+    proc, command = _forked_build(env, runner, slow_spec, tmp_path / "store")
+    try:
+        proc.kill()
+        proc.wait()
+        assert _wait_gone([command], timeout=60) == [], "the command outlived its caller"
+        assert not (tmp_path / "store" / "slow" / "_delta_log").exists()
+        assert not _gone(runner)
+    finally:
+        _kill([command])
+        proc.stderr.close()  # type: ignore[union-attr]
