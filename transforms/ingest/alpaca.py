@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from transforms.ids import contiguous
 from transforms.ingest.errors import RowReject
 from transforms.ingest.fields import (
     arrow_text,
@@ -240,7 +241,7 @@ def _instances(value: Any) -> Iterator[dict[str, Any]]:
 
 def build(raw: pa.Table, source: str, task: str = "instruction") -> StageResult:
     """Canonical kept and rejected rows from a raw table."""
-    column = {name: raw.column(name).combine_chunks() for name in RAW_SCHEMA.names}
+    column = {name: contiguous(raw.column(name)) for name in RAW_SCHEMA.names}
     prompt = assemble_prompts(
         user_turns(column["instruction"], column["input"]), column["system"], column["history"]
     )

@@ -118,12 +118,22 @@ def invalid_utf8_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray | None:
     Arrow readers do not check UTF-8, so this runs on every batch; the check is one
     vectorised validation, and only a failing column is searched row by row.
     """
+    if _valid(column):
+        return None
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return np.fromiter((_slice_invalid(array, i) for i in range(len(array))), bool, len(array))
+
+
+def _valid(column: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether every value is valid (UTF-8 included), checked chunk by chunk: combining
+    the chunks first copied all of a batch's text."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     try:
-        array.validate(full=True)
+        for chunk in chunks:
+            chunk.validate(full=True)
     except pa.ArrowInvalid:
-        return np.fromiter((_slice_invalid(array, i) for i in range(len(array))), bool, len(array))
-    return None
+        return False
+    return True
 
 
 def _slice_invalid(array: pa.Array, row: int) -> bool:
@@ -141,7 +151,7 @@ def reason_where(mask: np.ndarray | pa.Array, reason: str) -> pa.Array:
 
 def arrow_text(
     column: pa.Array | pa.ChunkedArray | None, n: int, field: str, *, required: bool
-) -> tuple[pa.Array, pa.Array]:
+) -> tuple[pa.Array | pa.ChunkedArray, pa.Array]:
     """Vectorised :func:`check_text` for one column: ``(strings, reasons)``.
 
     The strings are null where the value was missing or unusable; ``reasons`` is null where
@@ -158,12 +168,23 @@ def arrow_text(
     else:
         values, reasons = _valid_strings(column, field)
     if required:
-        reasons = pc.coalesce(reasons, reason_where(pc.is_null(values), f"missing_field:{field}"))
+        missing = pc.is_null(values)
+        if isinstance(missing, pa.ChunkedArray):
+            missing = missing.combine_chunks()
+        reasons = pc.coalesce(reasons, reason_where(missing, f"missing_field:{field}"))
     return values, reasons
 
 
-def _valid_strings(column: pa.Array | pa.ChunkedArray, field: str) -> tuple[pa.Array, pa.Array]:
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+def _valid_strings(
+    column: pa.Array | pa.ChunkedArray, field: str
+) -> tuple[pa.Array | pa.ChunkedArray, pa.Array]:
+    """The strings (chunked as they came when all are valid: no copy) and the reasons."""
+    if isinstance(column, pa.ChunkedArray) and not pa.types.is_dictionary(column.type):
+        if _valid(column):
+            return column.cast(pa.string()), pa.nulls(len(column), pa.string())
+        column = column.combine_chunks()
+    elif isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
     bad = invalid_utf8_rows(column)
