@@ -8,15 +8,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from servers import migrated_home
+
 # Prefect reads its settings at import: isolate it before anything imports prefect. Under
 # pytest-xdist (`make test` runs two workers) each worker gets its own PREFECT_HOME, so the
 # builds' temporary servers never share a SQLite database across workers.
-if worker := os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix=f"aligncurate-prefect-{worker}-")
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="aligncurate-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# A new home starts with a migrated database (servers.migrated_home).
+if (worker := os.environ.get("PYTEST_XDIST_WORKER")) or "PREFECT_HOME" not in os.environ:
+    home = tempfile.mkdtemp(prefix=f"aligncurate-prefect-{worker or 'main'}-")
+    os.environ["PREFECT_HOME"] = str(migrated_home(Path(home)))
 
 import pytest
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 import yaml
 from conftest import build_demo_with_console_script
+from servers import migrated_home
 from test_storage import canonical_table, commit_build, ids, rejected_table
 from typer.testing import CliRunner
 
@@ -169,7 +170,7 @@ def test_bad_spec_fails_before_prefect_with_the_key(tmp_path: Path) -> None:
 
 def test_console_script_builds_the_shipped_demo(tmp_path: Path) -> None:
     """The installed ``aligncurate`` script, as a user runs it (own process, ephemeral Prefect)."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env = {**os.environ, "PREFECT_HOME": str(migrated_home(tmp_path / "prefect"))}
     summary = build_demo_with_console_script(tmp_path / "store", env)
     assert summary["name"] == "demo-sft" and summary["version"] == 0
     assert {"hits", "misses", "engine_calls"} <= set(summary)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from servers import migrated_home
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo" / "spec.yaml"
@@ -125,7 +126,7 @@ def _on_a_terminal(
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    home = tmp_path_factory.mktemp("prefect-home")
+    home = migrated_home(tmp_path_factory.mktemp("prefect-home"))
     environment = {**os.environ, "PREFECT_HOME": str(home), "COLUMNS": "120"}
     environment.pop("PREFECT_API_URL", None)
     return environment

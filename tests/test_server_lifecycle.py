@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import REPO
-from servers import prefect_server
+from servers import migrated_home, prefect_server
 
 EXE = str(Path(sys.executable).with_name("aligncurate"))
 DEMO = REPO / "examples" / "demo" / "spec.yaml"
@@ -41,7 +41,7 @@ def env(tmp_path: Path) -> dict[str, str]:
     """The CLI's environment: its own Prefect home and server state, no API URL."""
     full = {
         **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_HOME": str(migrated_home(tmp_path / "prefect-home")),
         "ALIGNCURATE_STATE": str(tmp_path / "state"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
@@ -327,7 +327,7 @@ def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, s
     root = tmp_path_factory.mktemp("warm")
     full = {
         **os.environ,
-        "PREFECT_HOME": str(root / "prefect-home"),
+        "PREFECT_HOME": str(migrated_home(root / "prefect-home")),
         "ALIGNCURATE_STATE": str(root / "state"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
