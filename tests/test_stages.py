@@ -251,6 +251,35 @@ def test_hex_words_round_trip(gsm8k: pa.Table) -> None:
     assert plain.tolist() == [False, False, False, True] and not words[:3].any()
 
 
+def test_ids_and_key_words_are_xxh3_128_of_the_joined_text(gsm8k: pa.Table) -> None:
+    """Ids are per-row ``xxh3_128_hexdigest`` of source, prompt and response (also from a
+    slice, and with a null response); the key's words are its digest's raw bytes."""
+    import xxhash
+
+    from transforms.ids import content_key_words
+
+    table = gsm8k.slice(3, 40)
+    rows = table.to_pylist()
+
+    def text(row: dict, *head: str) -> str:
+        turns = "\x1e".join(f"{t['role']}\x1f{t['content']}" for t in row["prompt"])
+        return "\x1f".join([*head, turns, row["response"] or ""])
+
+    def hexdigest(value: str) -> str:
+        return xxhash.xxh3_128_hexdigest(value.encode())
+
+    ids = row_ids(table.column("source"), table.column("prompt"), table.column("response"))
+    assert ids.to_pylist() == [hexdigest(text(r, r["source"])) for r in rows]
+    key = content_key(table.column("prompt"), table.column("response"))
+    assert key.to_pylist() == [hexdigest(text(r)) for r in rows]
+    words = content_key_words(table.column("prompt"), table.column("response"))
+    assert words.tolist() == hex_words(key)[0].tolist()
+    nulls = pa.nulls(len(table), pa.string())
+    assert content_key(table.column("prompt"), nulls).to_pylist() == [
+        hexdigest(text({**r, "response": None})) for r in rows
+    ]
+
+
 def test_filter_reasons_in_rule_order(gsm8k: pa.Table) -> None:
     table = with_text(
         gsm8k,

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from transforms.ids import content_key, contiguous
+from transforms.ids import content_key_words, contiguous
 from transforms.keyset import KeySet, group_keys, hex_words, words_hex
 from transforms.schema import rejected
 from transforms.stage import StageResult, reject_table
@@ -87,7 +87,7 @@ def content_words(table: pa.Table) -> np.ndarray:
     hashed text is joined into one buffer and copied once more: for a whole shard, two
     transient copies of all its text)."""
     parts = [
-        hex_words(content_key(part.column("prompt"), part.column("response")))[0]
+        content_key_words(part.column("prompt"), part.column("response"))
         for part in (table.slice(start, KEY_ROWS) for start in range(0, table.num_rows, KEY_ROWS))
     ]
     return np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)

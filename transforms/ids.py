@@ -44,24 +44,45 @@ def prompt_text(prompt: Column) -> pa.Array:
     return pc.binary_join(pa.ListArray.from_arrays(offsets, turns), _TURN)
 
 
-def _digest(values: pa.Array) -> pa.Array:
-    """XXH3-128 hex digest of each string (null hashes as empty), read from Arrow buffers."""
-    values = pc.fill_null(values, "").cast(pa.large_string())
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)
+def _digests(values: pa.Array) -> bytes:
+    """The XXH3-128 digests of the strings (null hashes as empty), 16 bytes each in order,
+    read from Arrow buffers. The digest's bytes are the canonical (big-endian) ones, whose
+    hex is ``hexdigest``."""
+    values = pc.fill_null(values, "")
+    width = np.int64 if pa.types.is_large_string(values.type) else np.int32
+    offsets = np.frombuffer(values.buffers()[1], dtype=width)
     offsets = offsets[values.offset : values.offset + len(values) + 1].tolist()
     data = values.buffers()[2]
     view = memoryview(data) if data is not None else memoryview(b"")
-    digest = xxhash.xxh3_128_hexdigest
-    return pa.array(
-        [digest(view[a:b]) for a, b in itertools.pairwise(offsets)],
-        pa.string(),
-    )
+    digest = xxhash.xxh3_128_digest
+    return b"".join([digest(view[a:b]) for a, b in itertools.pairwise(offsets)])
+
+
+def _digest(values: pa.Array) -> pa.Array:
+    """XXH3-128 hex digest of each string (null hashes as empty): the digests' bytes in hex
+    at once, not a Python string per row."""
+    raw = _digests(values)
+    n = len(raw) // 16
+    offsets = np.arange(0, 32 * n + 1, 32, dtype=np.int32)
+    text = raw.hex().encode("ascii")
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(text)])
+
+
+def _content_text(prompt: Column, response: Column) -> pa.Array:
+    response = pc.fill_null(contiguous(response), "")
+    return pc.binary_join_element_wise(prompt_text(prompt), response, _SEP)
 
 
 def content_key(prompt: Column, response: Column) -> pa.Array:
     """Hash of (prompt, response): the exact-dedup key."""
-    response = pc.fill_null(contiguous(response), "")
-    return _digest(pc.binary_join_element_wise(prompt_text(prompt), response, _SEP))
+    return _digest(_content_text(prompt, response))
+
+
+def content_key_words(prompt: Column, response: Column) -> np.ndarray:
+    """:func:`content_key` as ``(n, 2)`` ``uint64`` words, the digests' raw 16 bytes each
+    (what :func:`transforms.keyset.hex_words` makes of its hex), without the hex."""
+    raw = _digests(_content_text(prompt, response))
+    return np.frombuffer(raw, dtype=np.uint64).reshape(-1, 2)
 
 
 def row_ids(source: Column, prompt: Column, response: Column) -> pa.Array:
