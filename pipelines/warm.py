@@ -218,9 +218,7 @@ class Request:
         sys.path[:] = self.path  # the project's modules are found where the caller finds them
         for stream in (sys.stdout, sys.stderr):
             stream.reconfigure(line_buffering=stream.isatty())
-        from prefect.logging.configuration import setup_logging
-
-        setup_logging(incremental=False)  # its console handler, for the caller's terminal
+        _recolour_prefect_consoles()
         sys.argv = ["aligncurate", *self.argv]
         from pipelines.cli import main
 
@@ -233,6 +231,18 @@ class Request:
             print(code, file=sys.stderr)
             return 1
         return 0
+
+
+def _recolour_prefect_consoles() -> None:
+    """Prefect's console log handlers chose their colours when the runner imported Prefect,
+    writing to its log file: none. Let them choose again for the caller's stream (rich keeps
+    the choice in a private attribute; re-running Prefect's logging set-up costs 0.1 s)."""
+    from pipelines.progress import console_handlers
+
+    for handler in console_handlers():
+        console = handler.console
+        with contextlib.suppress(AttributeError):
+            console._color_system = console._detect_color_system()
 
 
 class Runner:
