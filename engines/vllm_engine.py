@@ -18,15 +18,21 @@ Only one engine per process can run that way: vLLM keeps its parallel state in m
 globals, and closing an in-process engine tears them down. So while one in-process engine
 is open, a second gets an engine-core process of its own, as on a GPU, where vLLM always
 uses one; a script that starts this engine needs an ``if __name__ == "__main__":`` guard.
+
+Engines open at the same time on the same model files with the same settings (the same
+``llm_args`` and fingerprint) share one loaded ``vllm.LLM``: a second costs no start-up and
+no memory. Their calls take turns (``vllm.LLM`` is not safe to call from two threads at
+once), and the last ``close`` shuts it down.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -41,8 +47,20 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 DEFAULT_KV_CACHE_BYTES = 256 * 2**20
 MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
-_in_process: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()  # open, engine core in-process
 _starting = threading.Lock()
+
+
+@dataclass
+class _Loaded:
+    """One ``vllm.LLM`` and the open engines that share it."""
+
+    llm: Any
+    in_process: bool
+    users: int = 1
+    turn: threading.Lock = field(default_factory=threading.Lock)
+
+
+_loaded: dict[str, _Loaded] = {}  # by VLLMEngine.sharing_key
 
 
 def on_cpu() -> bool:
@@ -103,20 +121,35 @@ class VLLMEngine:
             args["dtype"] = self.dtype
         return args | self.llm_kwargs
 
+    def sharing_key(self) -> str:
+        """Engines with equal keys share one loaded model: the model files' fingerprint, the
+        vLLM release and every argument ``vllm.LLM`` gets."""
+        return f"{self.fingerprint}|{json.dumps(self.llm_args(), sort_keys=True, default=str)}"
+
     @cached_property
-    def llm(self) -> Any:
+    def _loaded(self) -> _Loaded:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        key = self.sharing_key()
         with _starting:
+            if (shared := _loaded.get(key)) is not None:
+                shared.users += 1
+                self._key = key
+                return shared
             managed = os.environ.get(MULTIPROCESSING) is None and on_cpu()  # a user's wins
-            in_process = managed and not _in_process
+            in_process = managed and not any(x.in_process for x in _loaded.values())
             try:
                 with _multiprocessing(not in_process if managed else None), _process_state():
                     llm = self._make_llm()
             except Exception as exc:  # vLLM raises many kinds; the cause is in its message
                 raise EngineError(f"vLLM could not load {self.model_path!r}: {exc}") from exc
-            if in_process:
-                _in_process.add(self)
-            return llm
+            self._key = key
+            _loaded[key] = loaded = _Loaded(llm, in_process)
+            return loaded
+
+    @property
+    def llm(self) -> Any:
+        """The ``vllm.LLM``, loaded on first use (or the one an equal open engine loaded)."""
+        return self._loaded.llm
 
     def _make_llm(self) -> Any:
         from vllm import LLM
@@ -163,24 +196,31 @@ class VLLMEngine:
     def _run(self, prompts: list[Any], params: list[Any]) -> list[Any]:
         from vllm.exceptions import VLLMError
 
+        loaded = self._loaded
         try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
+            with loaded.turn:
+                return loaded.llm.generate(prompts, params, use_tqdm=False)
         except VLLMError as exc:
             raise EngineError(f"vLLM rejected the request: {exc}") from exc
 
     def close(self) -> None:
-        """Stop vLLM's engine processes (they would otherwise hang interpreter exit)."""
-        llm = self.__dict__.pop("llm", None)
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            finally:
-                _in_process.discard(self)
+        """Let go of the model; the last engine sharing it stops vLLM's engine processes
+        (they would otherwise hang interpreter exit)."""
+        loaded = self.__dict__.pop("_loaded", None)
+        if loaded is None:
+            return
+        with _starting:
+            loaded.users -= 1
+            if loaded.users:
+                return
+            del _loaded[self._key]
+        loaded.llm.llm_engine.engine_core.shutdown()
 
 
 def in_process(engine: VLLMEngine) -> bool:
     """Whether ``engine`` is open with its engine core in this process."""
-    return engine in _in_process
+    loaded = engine.__dict__.get("_loaded")
+    return loaded is not None and loaded.in_process
 
 
 @contextmanager

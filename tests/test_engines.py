@@ -69,12 +69,33 @@ def test_a_second_engine_in_one_process_leaves_the_first_working(
     ]
     first = vllm_engine.generate(requests)
     assert in_process(vllm_engine) == on_cpu()
-    second = VLLMEngine(fact_world.model_dir, max_model_len=512)
+    # another KV-cache size: other settings, so not the first engine's model (below)
+    second = VLLMEngine(fact_world.model_dir, max_model_len=512, kv_cache_bytes=128 * 2**20)
     try:
         assert second.generate(requests) == first
+        assert second.llm is not vllm_engine.llm
         assert not in_process(second)
     finally:
         second.close()
+    assert vllm_engine.generate(requests) == first
+
+
+def test_an_equal_engine_shares_the_loaded_model(vllm_engine: VLLMEngine, fact_world) -> None:
+    """A second engine on the same model with the same settings loads nothing: it uses the
+    open one's ``vllm.LLM``, and closing it leaves that one open and working."""
+    requests = [
+        Request(p, OEQA, row_seed(f["id"], "share")) for p, f in prompts_of(fact_world, "known", 4)
+    ]
+    first = vllm_engine.generate(requests)
+    twin = VLLMEngine(fact_world.model_dir, max_model_len=512)
+    assert twin.sharing_key() == vllm_engine.sharing_key()
+    try:
+        assert twin.generate(requests) == first
+        assert twin.llm is vllm_engine.llm
+        assert in_process(twin) == in_process(vllm_engine)
+    finally:
+        twin.close()
+    twin.close()  # a second close lets go of nothing more
     assert vllm_engine.generate(requests) == first
 
 
