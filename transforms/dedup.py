@@ -57,20 +57,17 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
     keys = content_words(table)
     distinct, first, group = group_keys(keys)
     found, earlier = seen.find(distinct)
-    # The id each key's rows are duplicates of: the kept row's of an earlier shard, else
-    # this shard's first row with the key.
-    owner = pc.take(ids, pa.array(first))
-    if found.any():
-        owner = pc.replace_with_mask(
-            owner, pa.array(found), _ids_of(earlier, found, distinct, other_ids).cast(owner.type)
-        )
     new_keys, new_rows = distinct[~found], first[~found]
     keep = np.zeros(table.num_rows, dtype=bool)
     keep[new_rows] = True
     duplicates = np.flatnonzero(~keep)
-    owners = pc.fill_null(pc.take(owner, pa.array(group[duplicates])), NO_ID)
-    reasons = pc.binary_join_element_wise("duplicate_of", owners, ":")
-    kept_ids, plain = hex_words(pc.take(ids, pa.array(new_rows)))
+    reasons = pc.binary_join_element_wise(
+        "duplicate_of",
+        _owners(ids, group[duplicates], first, found, earlier, distinct, other_ids),
+        ":",
+    )
+    words, plain = hex_words(ids)  # every row's, then the kept ones' (no copy of their ids)
+    kept_ids, plain = words[new_rows], plain[new_rows]
     for k in np.flatnonzero(~plain):
         other_ids[(int(new_keys[k, 0]), int(new_keys[k, 1]))] = ids[int(new_rows[k])].as_py()
     seen.add(new_keys, kept_ids)
@@ -93,14 +90,38 @@ def content_words(table: pa.Table) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, 2), np.uint64)
 
 
-def _ids_of(
-    earlier: np.ndarray, found: np.ndarray, keys: np.ndarray, other_ids: dict[tuple[int, int], str]
+def _owners(
+    ids: pa.Array,
+    groups: np.ndarray,
+    first: np.ndarray,
+    found: np.ndarray,
+    earlier: np.ndarray,
+    keys: np.ndarray,
+    other_ids: dict[tuple[int, int], str],
 ) -> pa.Array:
-    """The kept ids of the ``found`` keys, from their 16 bytes or ``other_ids``."""
-    hexes = words_hex(earlier[found])
+    """The id each duplicate row (given by its key's number in ``keys``) is a duplicate of:
+    the kept row's of an earlier shard (``found``), else this shard's first row with the
+    key; :data:`NO_ID` for a row without id. Only the duplicates' owners are looked up."""
+    owners = pc.take(ids, pa.array(first[groups]))
+    from_earlier = found[groups]
+    if from_earlier.any():
+        known = groups[from_earlier]
+        owners = pc.replace_with_mask(
+            owners,
+            pa.array(from_earlier),
+            _ids_of(earlier[known], keys[known], other_ids).cast(owners.type),
+        )
+    return pc.fill_null(owners, NO_ID)
+
+
+def _ids_of(
+    earlier: np.ndarray, keys: np.ndarray, other_ids: dict[tuple[int, int], str]
+) -> pa.Array:
+    """The kept ids of ``keys``, from their 16 bytes (``earlier``) or ``other_ids``."""
+    hexes = words_hex(earlier)
     if not other_ids:
         return hexes
     names = hexes.to_pylist()
-    for i, key in enumerate(keys[found].tolist()):
+    for i, key in enumerate(keys.tolist()):
         names[i] = other_ids.get((key[0], key[1]), names[i])
     return pa.array(names, pa.string())
