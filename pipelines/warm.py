@@ -70,6 +70,8 @@ PROJECT_PACKAGES = ("pipelines", "storage", "transforms", "engines", "examples")
 PRELOAD = ("pipelines.cli", "pipelines.build", "pipelines.spec", "storage.dataset")
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 START_TIMEOUT = 120.0
+#: How long a caller waits for the runner to say it started the command.
+REPLY_TIMEOUT = 30.0
 #: How long ``stop`` waits for the commands the runner still runs.
 STOP_TIMEOUT = 30.0
 _LENGTH = struct.Struct("!I")
@@ -163,13 +165,22 @@ def run_remote(argv: list[str]) -> int | None:
             "fingerprint": fingerprint(),
         }
         _send(sock, request, [0, 1, 2])
+        sock.settimeout(REPLY_TIMEOUT)
         reply, _ = _receive(sock)
-    except (OSError, EOFError, ValueError):
+    except TimeoutError:
+        # It may have started the command: running it here as well could run it twice.
+        sys.stderr.write(
+            f"error: the warm runner did not answer in {REPLY_TIMEOUT:.0f} s; "
+            f"{WARM_ENV}=0 runs the command without it\n"
+        )
+        return 1
+    except (OSError, EOFError, ValueError):  # refused before it started anything
         sock.close()
         return None
     if "pid" not in reply:
         sock.close()
         return None
+    sock.settimeout(None)
     return _follow(sock, int(reply["pid"]))
 
 
@@ -369,14 +380,16 @@ class Runner:
             conn.close()
 
     def _restart(self) -> None:
-        """Packages changed: start a fresh runner in place of this one (same pid), once the
-        commands running have ended."""
-        while self.children:
-            time.sleep(0.1)
-            self._reap()
+        """Packages changed: stop taking commands (callers meanwhile run theirs in place),
+        and once the running ones have ended, start a fresh runner in place of this one
+        (same pid)."""
+        self.selector.unregister(self.listener)
         self.listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path())
+        while self.children:
+            time.sleep(0.1)
+            self._reap()
         os.execv(sys.executable, [sys.executable, "-m", "pipelines.warm"])
 
 
@@ -443,7 +456,8 @@ def _recorded() -> RunnerInfo | None:
     return info if b"pipelines.warm" in cmdline and alive(info.pid) else None
 
 
-def _answers(path: Path) -> bool:
+def answers(path: Path) -> bool:
+    """Whether a runner listens at ``path`` (it binds before its preload, listens after)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(str(path))
@@ -477,7 +491,7 @@ def _spawn() -> RunnerInfo:
     path = folder / SOCKET_NAME
     deadline = time.monotonic() + START_TIMEOUT
     # The socket is bound before the preload and listened on after it.
-    while not (path.exists() and _answers(path)):
+    while not (path.exists() and answers(path)):
         if proc.poll() is not None or time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -29,6 +29,8 @@ import pytest
 from conftest import REPO
 from servers import migrated_home, prefect_server
 
+from pipelines.warm import answers
+
 EXE = str(Path(sys.executable).with_name("aligncurate"))
 DEMO = REPO / "examples" / "demo" / "spec.yaml"
 #: What a Prefect server process runs: Prefect's own temporary server (uvicorn serving
@@ -469,3 +471,29 @@ def test_a_killed_caller_stops_its_command(
     finally:
         _kill([command])
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_an_install_restarts_the_runner(warm: tuple[dict[str, str], int], tmp_path: Path) -> None:
+    """A package installed, upgraded or removed changes site-packages: the runner refuses
+    the next command (which runs in place), restarts itself (same pid) and serves again."""
+    import site
+
+    env, runner = warm
+    folder = Path(site.getsitepackages()[0])
+    os.utime(folder)  # what pip's adding or removing a *.dist-info folder does
+    args = [EXE, "versions", "nope", "--store", str(tmp_path / "store")]
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert _watched(first, runner) == set(), "a runner with stale packages ran a command"
+    assert first.wait() == 2, first.stderr.read()  # type: ignore[union-attr]
+    first.stderr.close()  # type: ignore[union-attr]
+
+    sock = Path(env["ALIGNCURATE_STATE"]) / "prefect-server" / "warm.sock"
+    deadline = time.monotonic() + 120
+    while not (sock.exists() and answers(sock)):  # bound, preloaded, listening
+        assert time.monotonic() < deadline, "the runner did not come back"
+        time.sleep(0.1)
+    assert not _gone(runner)
+    again = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert _watched(again, runner), "the restarted runner did not run the command"
+    assert again.wait() == 2, again.stderr.read()  # type: ignore[union-attr]
+    again.stderr.close()  # type: ignore[union-attr]
