@@ -43,6 +43,7 @@ from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from storage.metadata import commit_id_of, encode_metadata
 from storage.names import SPLITS, StoreError
+from transforms.memory import release_freed_memory
 from transforms.schema import REJECT_FIELDS, SCHEMA
 
 TABLE_CONFIG = {"delta.enableExpiredLogCleanup": "false"}
@@ -128,6 +129,10 @@ def commit_shards(
     if not created:
         target.open_table()  # a damaged latest version fails now, before any file is written
 
+    # The build's stages are done: hand the pages their temporaries freed back first, so
+    # that the writer threads' new heaps do not come on top of them (1M rows: the commit's
+    # peak RSS 734-806 -> 641-649 MiB)
+    release_freed_memory()
     parts = PartWriter(target.filesystem, target.path, plan.file_schema, target_file_bytes)
     try:
         actions = parts.write(plan, threads)
