@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import importlib
 import json
 import os
@@ -99,14 +100,34 @@ def socket_path() -> Path:
     return _state_folder() / SOCKET_NAME
 
 
-def fingerprint(env: dict[str, str] | os._Environ[str] | None = None) -> dict[str, Any]:
-    """What must match between a caller and the runner: the interpreter and the
-    environment variables read at import time."""
-    env = os.environ if env is None else env
+def fingerprint() -> dict[str, Any]:
+    """What must match between a caller and the runner: the interpreter, the environment
+    variables read at import time, and the Prefect settings files Prefect read then (its
+    profiles, and ``prefect.toml``, ``.env`` or ``pyproject.toml`` in the working folder
+    where they hold Prefect settings)."""
     return {
         "executable": f"{os.path.realpath(sys.executable)} ({sys.prefix})",
-        "env": {k: v for k, v in sorted(env.items()) if k.startswith(IMPORT_TIME_PREFIXES)},
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(IMPORT_TIME_PREFIXES)},
+        "prefect_files": _prefect_files(),
     }
+
+
+def _prefect_files() -> dict[str, str | None]:
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml")
+    found: dict[str, str | None] = {}
+    for path, mark in (
+        (profiles.expanduser(), b""),
+        (Path("prefect.toml"), b""),
+        (Path(".env"), b"PREFECT_"),
+        (Path("pyproject.toml"), b"[tool.prefect"),
+    ):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = None
+        found[str(path)] = hashlib.sha256(data).hexdigest() if data and mark in data else None
+    return found
 
 
 def _packages_stamp() -> list[tuple[str, int]]:
@@ -564,10 +585,15 @@ def _mismatch(runner: dict[str, Any], caller: dict[str, Any]) -> str:
     """Why a caller with ``caller``'s fingerprint is refused ("" when it is not)."""
     if runner["executable"] != caller["executable"]:
         return f"another interpreter ({runner['executable']})"
-    names = sorted(
-        k for k in {*runner["env"], *caller["env"]} if runner["env"].get(k) != caller["env"].get(k)
-    )
-    return f"environment variables differ: {', '.join(names)}" if names else ""
+    names = _differing(runner["env"], caller["env"])
+    if names:
+        return f"environment variables differ: {names}"
+    files = _differing(runner["prefect_files"], caller["prefect_files"])
+    return f"Prefect settings files differ: {files}" if files else ""
+
+
+def _differing(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    return ", ".join(sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k)))
 
 
 if __name__ == "__main__":

@@ -407,7 +407,8 @@ def test_a_command_runs_in_the_warm_runner(
 def test_another_prefect_setting_runs_the_command_here(
     warm: tuple[dict[str, str], int], tmp_path: Path
 ) -> None:
-    """Prefect reads its settings when imported: a caller whose differ is not served."""
+    """Prefect reads its settings when imported: a caller whose settings differ (in the
+    environment or in a settings file) is not served."""
     env, runner = warm
     other = {**env, "PREFECT_LOGGING_LEVEL": "WARNING"}
     status = _json(other, "server", "status")["warm"]
@@ -419,6 +420,18 @@ def test_another_prefect_setting_runs_the_command_here(
     assert proc.wait() == 0, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
     proc.stdout.close()  # type: ignore[union-attr]
     proc.stderr.close()  # type: ignore[union-attr]
+
+    # Prefect also reads prefect.toml in the working folder when it is imported
+    (tmp_path / "prefect.toml").write_text('[logging]\nlevel = "WARNING"\n')
+    status = json.loads(_cli_in(env, tmp_path, "server", "status", "--json").stdout)["warm"]
+    assert status["serves"] is False
+    assert status["why"] == "Prefect settings files differ: prefect.toml"
+
+
+def _cli_in(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [EXE, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def _forked_build(
