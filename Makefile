@@ -109,6 +109,7 @@ bench: setup
 	$(BIN)/python bench/dedup.py
 	$(BIN)/python bench/semantic_dedup.py --json
 	$(BIN)/python bench/report.py
+	$(BIN)/python bench/small_build.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/scale.py --serial-share --rows 1000000
 
