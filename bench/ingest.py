@@ -245,7 +245,7 @@ def child_phases(corpus: Path, work: Path) -> dict:
         clock.patch(alpaca, name, "assemble (field checks, prompts)")
     for owner, name in ((results, "row_ids"), (results, "position_ids"), (normalize, "row_ids")):
         clock.patch(owner, name, "ids (XXH3-128 of source, prompt, response)")
-    clock.patch(dedup, "content_key", "exact dedup: key hashing")
+    clock.patch(dedup, "content_key_words", "exact dedup: key hashing")
     for name, phase in (
         ("normalize", "normalize"),
         ("exact_dedup", "exact dedup: key set, splits"),
