@@ -1,8 +1,9 @@
 """The ``aligncurate`` console script: runs the command in the warm runner when one serves
 this caller (:mod:`pipelines.warm`, started by ``aligncurate server start``), else here.
 
-Only the standard library and :mod:`pipelines.warm` are imported before that choice, so a
-command the runner serves costs an interpreter start and a socket, not Prefect's import.
+Only the standard library and :mod:`pipelines.warm_client` (standard library only) are
+imported before that choice, so a command the runner serves costs an interpreter start and
+a socket, not Prefect's import.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(sig) is not signal.SIG_IGN:  # under nohup SIGHUP stays ignored
             signal.signal(sig, _exit_on_signal)
-    from pipelines.warm import run_remote
+    from pipelines.warm_client import run_remote
 
     code = run_remote(sys.argv[1:])
     if code is not None:

@@ -19,6 +19,7 @@ server_app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
+WARM_ENV = "ALIGNCURATE_WARM"
 
 
 def _emit(data: dict[str, Any]) -> None:
@@ -55,12 +56,20 @@ def start(as_json: JsonOpt = False, warm: WarmOpt = True) -> None:
         )
     try:
         info, started = start_server()
-        warm_info = runner.start() if warm else None
-    except (ServerError, runner.RunnerError) as exc:
+    except ServerError as exc:
         raise _fail(str(exc)) from None
+    problem = None
+    if warm:
+        try:
+            runner.start()
+        except runner.RunnerError as exc:  # the server runs: commands still use it
+            problem = str(exc)
+    warm_state = runner.status()
     if as_json:
-        warm_state = runner.status() if warm_info else {"state": "off"}
-        _emit({"state": "running", "started": started, **info.to_dict(), "warm": warm_state})
+        extra = {"warm_error": problem} if problem else {}
+        _emit(
+            {"state": "running", "started": started, **info.to_dict(), "warm": warm_state, **extra}
+        )
         return
     verb = "started" if started else "already running:"
     out.print(
@@ -70,11 +79,12 @@ def start(as_json: JsonOpt = False, warm: WarmOpt = True) -> None:
         highlight=False,
         soft_wrap=True,
     )
-    if warm_info is not None:
-        verb = "started" if warm_info[1] else "already running:"
+    if problem:
+        err.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False, soft_wrap=True)
+    elif warm_state["state"] == "running":
         out.print(
-            f"Warm runner {verb} pid {warm_info[0].pid}; commands run in it "
-            f"({runner.WARM_ENV}=0 turns it off for one)",
+            f"Warm runner: pid {warm_state['pid']}; commands run in it "
+            f"({WARM_ENV}=0 turns it off for one)",
             highlight=False,
             soft_wrap=True,
         )
@@ -86,19 +96,28 @@ def stop(as_json: JsonOpt = False) -> None:
     from pipelines import warm as runner
     from pipelines.prefect_server import stop as stop_server
 
-    warm_info = runner.stop()
+    warm_info, warm_stopped = runner.stop()
     info = stop_server()
     if as_json:
         _emit(
             {
                 "stopped": info is not None,
                 **(info.to_dict() if info else {}),
-                "warm_stopped": warm_info is not None,
+                "warm_stopped": warm_info is not None and warm_stopped,
             }
         )
+        if not warm_stopped:
+            raise typer.Exit(1)
         return
-    if warm_info is not None:
+    if warm_info is not None and warm_stopped:
         out.print(f"stopped the warm runner (pid {warm_info.pid})", highlight=False)
+    elif warm_info is not None:
+        err.print(
+            f"the warm runner (pid {warm_info.pid}) still runs commands; it takes no new "
+            "ones and stops when they end",
+            highlight=False,
+            soft_wrap=True,
+        )
     if info is None:
         out.print("no local Prefect server was running", highlight=False)
     else:

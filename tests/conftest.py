@@ -44,6 +44,7 @@ FAST_MODULES = frozenset(
         "test_storage.py",
         "test_synthesis_transforms.py",
         "test_system_deps.py",
+        "test_warm_protocol.py",
     }
 )
 #: A test in those modules that asks for one of these is not fast.

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from conftest import REPO
 from servers import migrated_home, prefect_server
 
 from pipelines.warm import answers
+from pipelines.warm_client import receive, send
 
 EXE = str(Path(sys.executable).with_name("aligncurate"))
 DEMO = REPO / "examples" / "demo" / "spec.yaml"
@@ -392,6 +394,15 @@ def test_a_command_runs_in_the_warm_runner(
     run = _get(f"{status['url']}/flow_runs/{summary['build_id']}")
     assert run is not None and run["state"]["type"] == "COMPLETED"
 
+    # the command takes the caller's environment: the store from ALIGNCURATE_STORE
+    store_env = {**env, "ALIGNCURATE_STORE": str(tmp_path / "store")}
+    args = [EXE, "versions", "demo-sft", "--json"]
+    listed = subprocess.Popen(args, env=store_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert _watched(listed, runner), "the command did not run in the warm runner"
+    stdout, stderr = listed.communicate()
+    assert listed.returncode == 0, stderr
+    assert [v["version"] for v in json.loads(stdout)] == [0]
+
     missing = subprocess.run(
         [EXE, "versions", "nope", "--store", "store"],
         env=env,
@@ -402,6 +413,31 @@ def test_a_command_runs_in_the_warm_runner(
     )
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: unknown dataset 'nope'"), missing.stderr
+
+
+def test_bad_requests_and_vanished_callers_do_not_stop_the_runner(
+    warm: tuple[dict[str, str], int], tmp_path: Path
+) -> None:
+    env, runner = warm
+    sock_path = str(Path(env["ALIGNCURATE_STATE"]) / "prefect-server" / "warm.sock")
+    with socket.socket(socket.AF_UNIX) as sock:  # not JSON, no descriptors
+        sock.connect(sock_path)
+        sock.sendall(b"\x00\x00\x00\x05hello")
+        assert receive(sock)[0]["refused"].startswith("bad request")
+    with socket.socket(socket.AF_UNIX) as sock:  # a caller that goes before saying anything
+        sock.connect(sock_path)
+    recorded = Path(env["ALIGNCURATE_STATE"]) / "prefect-server" / "warm.json"
+    matching = json.loads(recorded.read_text())["fingerprint"]
+    with socket.socket(socket.AF_UNIX) as sock:  # a request without its fields
+        sock.connect(sock_path)
+        send(sock, {"fingerprint": matching}, [0, 1, 2])
+        assert receive(sock)[0]["refused"].startswith("bad request")
+    assert not _gone(runner)
+    args = [EXE, "versions", "nope", "--store", str(tmp_path / "store")]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert _watched(proc, runner), "the runner stopped serving"
+    assert proc.wait() == 2
+    proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_another_prefect_setting_runs_the_command_here(
