@@ -17,8 +17,9 @@ it); *wall* is the whole command, process start to exit. Every case runs as its 
 ``PREFECT_HOME``, so all flow runs land in one database, read through the persistent server
 at the end.
 
-Usage: ``python bench/small_build.py [--spec examples/demo/spec.yaml] [--rounds 3]
-[--baseline-tree DIR]``. Prints a JSON report and markdown rows for docs/performance.md.
+Usage: ``python bench/small_build.py [--spec examples/demo/spec.yaml | --one-row]
+[--rounds 3] [--baseline-tree DIR]``. Prints a JSON report and markdown rows for
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -79,9 +80,27 @@ def _work(url: str, build_id: str) -> float:
     return (end - start).total_seconds()
 
 
+def _one_row_spec(root: Path) -> Path:
+    rows = REPO / "examples" / "demo" / "data" / "gsm8k_sample.jsonl"
+    with rows.open() as source:
+        (root / "one.jsonl").write_text(source.readline())
+    spec = root / "one-row.yaml"
+    spec.write_text(
+        "name: one-row\nsources:\n  - path: one.jsonl\n"
+        "stages:\n  - normalize: {}\n  - exact_dedup: {}\n  - filter: {}\n"
+    )
+    return spec
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=REPO / "examples" / "demo" / "spec.yaml")
+    parser.add_argument(
+        "--one-row",
+        action="store_true",
+        help="instead of --spec: the first row of the demo's gsm8k_sample.jsonl through "
+        "normalize, exact_dedup and filter",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-tree", type=Path, help="a checkout to time as 'baseline'")
     args = parser.parse_args()
@@ -93,9 +112,9 @@ def main() -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
     }
-    for name in ("PREFECT_API_URL", "ALIGNCURATE_PREFECT_SERVER", "PYTHONPATH"):
+    for name in ("PREFECT_API_URL", "ALIGNCURATE_PREFECT_SERVER", "ALIGNCURATE_WARM", "PYTHONPATH"):
         env.pop(name, None)
-    spec = args.spec.resolve()
+    spec = _one_row_spec(root) if args.one_row else args.spec.resolve()
     cases: dict[str, tuple[Path | None, dict[str, str]]] = {}
     if args.baseline_tree:
         cases["baseline"] = (args.baseline_tree.resolve(), env)
