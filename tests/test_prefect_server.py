@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,3 +41,35 @@ def test_build_runs_on_a_real_server_and_records_its_flow_run(
         artifacts = json.loads(response.read())
     keys = {a["key"] for a in artifacts if a["flow_run_id"] == build_id}
     assert keys == {"demo-sft-build-summary", "demo-sft-stage-counts", "demo-sft-report"}
+
+
+def _heartbeats(url: str, flow_run: str, wait: float) -> int:
+    """The heartbeat events the server holds for ``flow_run`` (waiting up to ``wait`` s for
+    one: events are stored a moment after they are sent)."""
+    query = {"filter": {"event": {"prefix": ["prefect.flow-run.heartbeat"]}}, "limit": 50}
+    deadline = time.monotonic() + wait
+    while True:
+        request = urllib.request.Request(
+            f"{url}/events/filter",
+            data=json.dumps(query).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            events = json.loads(response.read())["events"]
+        found = [e for e in events if e["resource"]["prefect.resource.id"].endswith(flow_run)]
+        if found or time.monotonic() > deadline:
+            return len(found)
+        time.sleep(0.5)
+
+
+def test_a_build_sends_heartbeats_only_when_asked(prefect_server: str, tmp_path: Path) -> None:
+    """Prefect's default heartbeat makes every flow run wait for its thread at the end
+    (pipelines/prefect_server.py): builds send none unless the environment asks."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "h")}
+    env.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
+    asked = {**env, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    with_beats = build_demo_with_console_script(tmp_path / "a", asked)["build_id"]
+    assert _heartbeats(prefect_server, with_beats, wait=30) >= 1
+    without = build_demo_with_console_script(tmp_path / "b", env)["build_id"]
+    assert _heartbeats(prefect_server, without, wait=3) == 0
