@@ -186,7 +186,7 @@ class _AboveBars(io.TextIOBase):
         return self.terminal.fileno()
 
 
-def console_handlers() -> list[Any]:
+def _console_handlers() -> list[Any]:
     """Every Prefect console handler of every logger, each once."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
@@ -205,7 +205,7 @@ def _logs_above(console: Console) -> Iterator[None]:
     """Prefect's console handlers that write to a terminal print through ``console``
     while the block runs; one that writes elsewhere (a file) keeps its stream."""
     routed = []
-    for handler in console_handlers():
+    for handler in _console_handlers():
         own = handler.console
         if own.file.isatty():
             routed.append((own, own.file))
