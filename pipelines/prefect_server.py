@@ -364,8 +364,9 @@ def _using(url: str, *, ui: bool) -> Iterator[None]:
 
 
 def _drain() -> None:
-    """Send the flow's queued logs and events while the server still answers: sent at exit
-    instead, they would meet a stopped server and Prefect's retries."""
+    """Send the flow's queued logs and events while the server still answers and before
+    the command's own last lines: sent at exit instead, they would meet a stopped temporary
+    server and Prefect's retries, or print Prefect's warnings after the command's error."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
@@ -442,22 +443,20 @@ def prefect_api() -> Iterator[str]:
     """The API URL for this command's flows (module docstring), active in Prefect's settings
     for the block; a temporary server is stopped when the block ends, however it ends.
     Flow runs send no heartbeats unless asked (:func:`heartbeats_as_asked`)."""
-    with signals_as_exit(), heartbeats_as_asked():
+    with signals_as_exit(), heartbeats_as_asked(), contextlib.ExitStack() as stack:
         url = configured_url()
-        if url:
-            yield url
-            return
-        chosen = mode()
-        reused = None if chosen == "temporary" else _reusable()
-        if reused is None and chosen == "start":
-            reused = start()[0].url
-        with contextlib.ExitStack() as stack:
+        if not url:
+            chosen = mode()
+            reused = None if chosen == "temporary" else _reusable()
+            if reused is None and chosen == "start":
+                reused = start()[0].url
             ui = reused is not None
-            if reused is None:
-                reused = stack.enter_context(temporary_server())
-                stack.callback(_drain)  # before the server stops (the stack unwinds LIFO)
-            stack.enter_context(_using(reused, ui=ui))
-            yield reused
+            url = reused or stack.enter_context(temporary_server())
+            stack.enter_context(_using(url, ui=ui))
+        # The flow's queued logs and events are sent before the command prints its last
+        # words (which stay last on stderr), and before a temporary server stops.
+        stack.callback(_drain)
+        yield url
 
 
 # ------------------------------------------------------------------------- the server

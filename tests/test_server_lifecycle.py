@@ -476,7 +476,15 @@ def _forked_build(
     """A build of ``spec`` through the warm runner, once its forked command runs; the caller
     and the command's pid."""
     args = [EXE, "build", str(spec), "--store", str(store), "--json"]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        # a suite started as a background job (`make test &`) hands SIGINT down ignored,
+        # and a caller that starts with it ignored rightly keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
     while not (forked := _commands_of(runner)):
         assert proc.poll() is None, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
