@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from pipelines.warm_client import WARM_ENV
+
 server_app = typer.Typer(
     name="server",
     help="A local Prefect server that builds reuse instead of starting one each time.",
@@ -19,7 +21,6 @@ server_app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object, for scripts.")]
-WARM_ENV = "ALIGNCURATE_WARM"
 
 
 def _emit(data: dict[str, Any]) -> None:

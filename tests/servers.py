@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 POSTGRES_BIN = Path("/usr/lib/postgresql")
@@ -25,6 +27,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def api(url: str, path: str, body: dict[str, Any] | None = None, timeout: float = 20) -> Any:
+    """A Prefect API call: GET ``url + path``, or POST ``body`` as JSON; the decoded reply."""
+    request = urllib.request.Request(
+        f"{url}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
 
 
 def migrated_home(home: Path) -> Path:

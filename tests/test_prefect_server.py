@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import build_demo_with_console_script
+from servers import api
 from servers import prefect_server as start_prefect_server
 
 
@@ -31,14 +32,7 @@ def test_build_runs_on_a_real_server_and_records_its_flow_run(
         run = json.loads(response.read())
     assert run["id"] == build_id
     assert run["state"]["type"] == "COMPLETED"
-    request = urllib.request.Request(
-        f"{prefect_server}/artifacts/filter",
-        data=json.dumps({}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        artifacts = json.loads(response.read())
+    artifacts = api(prefect_server, "/artifacts/filter", {})
     keys = {a["key"] for a in artifacts if a["flow_run_id"] == build_id}
     assert keys == {"demo-sft-build-summary", "demo-sft-stage-counts", "demo-sft-report"}
 
@@ -49,14 +43,7 @@ def _heartbeats(url: str, flow_run: str, wait: float) -> int:
     query = {"filter": {"event": {"prefix": ["prefect.flow-run.heartbeat"]}}, "limit": 50}
     deadline = time.monotonic() + wait
     while True:
-        request = urllib.request.Request(
-            f"{url}/events/filter",
-            data=json.dumps(query).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            events = json.loads(response.read())["events"]
+        events = api(url, "/events/filter", query)["events"]
         found = [e for e in events if e["resource"]["prefect.resource.id"].endswith(flow_run)]
         if found or time.monotonic() > deadline:
             return len(found)

@@ -12,14 +12,13 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from servers import postgres_cluster, prefect_server
+from servers import api, postgres_cluster, prefect_server
 from system_deps import require
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,17 +75,6 @@ def _aligncurate(*args: str, env: dict[str, str]) -> Any:
     return json.loads(_run([str(BIN / "aligncurate"), *args, "--json"], env).stdout)
 
 
-def _api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    request = urllib.request.Request(
-        f"{url}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="GET" if body is None else "POST",
-    )
-    with urllib.request.urlopen(request, timeout=20) as response:
-        return json.loads(response.read())
-
-
 def test_scheduled_build_runs_on_a_worker_and_records_its_flow_run(
     server: str, database: str, tmp_path: Path
 ) -> None:
@@ -120,14 +108,14 @@ def test_scheduled_build_runs_on_a_worker_and_records_its_flow_run(
     for when in runs:
         assert when > now
         assert (when.weekday(), when.hour, when.minute) == (0, 4, 30)
-    pool = _api(server, f"/work_pools/{POOL}")
+    pool = api(server, f"/work_pools/{POOL}")
     assert pool["type"] == "process"
 
-    flow_run = _api(server, f"/deployments/{created['id']}/create_flow_run", {})
+    flow_run = api(server, f"/deployments/{created['id']}/create_flow_run", {})
     worker = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--run-once"]
     _run(worker, env, timeout=420)
 
-    state = _api(server, f"/flow_runs/{flow_run['id']}")["state"]
+    state = api(server, f"/flow_runs/{flow_run['id']}")["state"]
     assert state["type"] == "COMPLETED", state
     (version,) = DatasetStore(str(store)).versions("demo-sft")
     assert version.metadata["build_id"] == flow_run["id"]
@@ -156,7 +144,7 @@ def test_prefect_yaml_deploys_every_example_spec(server: str, tmp_path: Path) ->
     _run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process"], env)
     _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
     stored = {
-        d["name"]: d for d in _api(server, "/deployments/filter", {}) if d["work_pool_name"] == pool
+        d["name"]: d for d in api(server, "/deployments/filter", {}) if d["work_pool_name"] == pool
     }
     assert set(stored) == {d["name"] for d in config["deployments"]}
     for deployment in config["deployments"]:
@@ -173,12 +161,12 @@ def test_prefect_yaml_deploys_every_example_spec(server: str, tmp_path: Path) ->
 
     store = tmp_path / "store"
     demo = stored["demo-sft"]["id"]
-    flow_run = _api(
+    flow_run = api(
         server, f"/deployments/{demo}/create_flow_run", {"parameters": {"store": str(store)}}
     )
     worker = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--run-once"]
     _run(worker, {**env, "ALIGNCURATE_HOME": str(REPO)}, timeout=420, cwd=tmp_path)
-    assert _api(server, f"/flow_runs/{flow_run['id']}")["state"]["type"] == "COMPLETED"
+    assert api(server, f"/flow_runs/{flow_run['id']}")["state"]["type"] == "COMPLETED"
     (version,) = DatasetStore(str(store)).versions("demo-sft")
     assert version.metadata["build_id"] == flow_run["id"]
 

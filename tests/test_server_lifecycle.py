@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import REPO
-from servers import migrated_home, prefect_server
+from servers import api, migrated_home, prefect_server
 
 from pipelines.warm import answers
 from pipelines.warm_client import receive, send
@@ -116,14 +116,7 @@ def _get(url: str) -> dict | None:
 
 def _running_flow_runs(url: str) -> list[dict]:
     query = {"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}
-    request = urllib.request.Request(
-        f"{url}/flow_runs/filter",
-        data=json.dumps(query).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
+    return api(url, "/flow_runs/filter", query, timeout=5)
 
 
 def _api_urls(server: psutil.Process) -> list[str]:
