@@ -18,8 +18,8 @@ it); *wall* is the whole command, process start to exit. Every case runs as its 
 at the end.
 
 Usage: ``python bench/small_build.py [--spec examples/demo/spec.yaml | --one-row]
-[--rounds 3] [--baseline-tree DIR]``. Prints a JSON report and markdown rows for
-docs/performance.md.
+[--rounds 3] [--baseline-tree DIR] [--cases warm,reused]``. Prints a JSON report and
+markdown rows for docs/performance.md.
 """
 
 from __future__ import annotations
@@ -103,6 +103,11 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-tree", type=Path, help="a checkout to time as 'baseline'")
+    parser.add_argument(
+        "--cases",
+        default="baseline,temporary,reused,warm",
+        help="which cases to time, comma-separated (baseline needs --baseline-tree)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="aligncurate-bench-small-"))
     env = {
@@ -121,6 +126,7 @@ def main() -> None:
     cases["temporary"] = (REPO, {**env, "ALIGNCURATE_PREFECT_SERVER": "temporary"})
     cases["reused"] = (REPO, env)
     cases["warm"] = (None, env)
+    cases = {name: case for name, case in cases.items() if name in args.cases.split(",")}
     # a first build creates the Prefect database: not a round
     _build(REPO, spec, root / "warm-up", cases["temporary"][1])
     started = time.perf_counter()

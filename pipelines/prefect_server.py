@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Literal
+from typing import Any, Literal
 
 STATE_ENV = "ALIGNCURATE_STATE"
 MODE_ENV = "ALIGNCURATE_PREFECT_SERVER"
@@ -344,23 +344,26 @@ def temporary_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _using(url: str, *, ui: bool) -> Iterator[None]:
-    """Point Prefect at ``url``: the settings of this context and, for threads that do not
-    inherit it and child processes (Dask workers), the environment. Without a UI (a
-    temporary server), no "View at <url>" links are logged."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
-
+def _api_url_in_environment(url: str) -> Iterator[None]:
+    """``PREFECT_API_URL`` in the environment for the block: for threads that do not inherit
+    Prefect's settings context, and for child processes (Dask workers)."""
     saved = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url
-    updates: dict = {PREFECT_API_URL: url, **({} if ui else {PREFECT_UI_URL: ""})}
     try:
-        with temporary_settings(updates=updates):
-            yield
+        yield
     finally:
         if saved is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = saved
+
+
+def _api_settings(url: str, *, ui: bool) -> dict[Any, Any]:
+    """Prefect's settings that point it at ``url``. Without a UI (a temporary server), no
+    "View at <url>" links are logged."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    return {PREFECT_API_URL: url, **({} if ui else {PREFECT_UI_URL: ""})}
 
 
 def _drain() -> None:
@@ -416,34 +419,35 @@ def signals_as_exit() -> Iterator[None]:
         raise SystemExit(128 + received[0])
 
 
-#: Where a user asks for flow-run heartbeats (:func:`heartbeats_as_asked`).
+#: Where a user asks for flow-run heartbeats (:func:`heartbeat_settings`).
 HEARTBEAT_VARIABLES = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 
 
-@contextlib.contextmanager
-def heartbeats_as_asked() -> Iterator[None]:
-    """No flow-run heartbeats for the block unless the environment or the active Prefect
-    profile asks for them. Prefect 3.6 sends one every 180 s by default, for automations
-    that detect crashed runs of deployments (scheduled builds run by a worker keep them);
-    its heartbeat thread sleeps in 1 s steps and the end of every flow run waits for it:
-    0.5 s on average, half of what a small build spends outside its flow."""
+def heartbeat_settings() -> dict[Any, Any]:
+    """The settings that turn flow-run heartbeats off, unless the environment or the active
+    Prefect profile asks for them. Prefect 3.6 sends one every 180 s by default, for
+    automations that detect crashed runs of deployments (scheduled builds run by a worker
+    keep them); its heartbeat thread sleeps in 1 s steps and the end of every flow run waits
+    for it: 0.5 s on average, half of what a small build spends outside its flow."""
     from prefect.context import get_settings_context
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
     profile = {setting.name for setting in get_settings_context().profile.settings}
     if any(name in os.environ or name in profile for name in HEARTBEAT_VARIABLES):
-        yield
-        return
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
+        return {}
+    return {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
 
 
 @contextlib.contextmanager
 def prefect_api() -> Iterator[str]:
     """The API URL for this command's flows (module docstring), active in Prefect's settings
     for the block; a temporary server is stopped when the block ends, however it ends.
-    Flow runs send no heartbeats unless asked (:func:`heartbeats_as_asked`)."""
-    with signals_as_exit(), heartbeats_as_asked(), contextlib.ExitStack() as stack:
+    Flow runs send no heartbeats unless asked (:func:`heartbeat_settings`). The settings
+    change in one step: each copy of Prefect's settings costs about 15 ms."""
+    from prefect.settings import temporary_settings
+
+    with signals_as_exit(), contextlib.ExitStack() as stack:
+        updates = heartbeat_settings()
         url = configured_url()
         if not url:
             chosen = mode()
@@ -452,7 +456,10 @@ def prefect_api() -> Iterator[str]:
                 reused = start()[0].url
             ui = reused is not None
             url = reused or stack.enter_context(temporary_server())
-            stack.enter_context(_using(url, ui=ui))
+            stack.enter_context(_api_url_in_environment(url))
+            updates |= _api_settings(url, ui=ui)
+        if updates:
+            stack.enter_context(temporary_settings(updates=updates))
         # The flow's queued logs and events are sent before the command prints its last
         # words (which stay last on stderr), and before a temporary server stops.
         stack.callback(_drain)

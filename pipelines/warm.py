@@ -8,9 +8,11 @@ stop`` stops both. The console script (:mod:`pipelines.launch`, through
 state folder, and sends the command line, the working folder, the environment,
 ``sys.path``, its umask, CPU affinity, niceness and resource limits, and its own standard
 input, output and error (the descriptors themselves, ``SCM_RIGHTS``). The runner forks; the
-copy takes all of those, imports this project's modules afresh (the runner never keeps
-them, so an edited checkout is what runs; an edited :mod:`pipelines.warm_client` makes the
-runner refuse and restart) and runs the command as the console script would. Output goes
+copy takes all of those and runs the command as the console script would. The runner keeps
+this project's modules imported too, and a command uses them only when the caller would
+import the very same files, unchanged since the runner imported them (:class:`Project`);
+otherwise it imports them all afresh, so an edited checkout is what runs (an edited
+:mod:`pipelines.warm_client` makes the runner refuse and restart). Output goes
 straight to the caller's terminal or pipe, and the caller exits with the command's exit
 code. The caller forwards its signals to the command; if the caller dies, the runner sends
 the command SIGTERM, and if the runner dies, its commands get SIGTERM.
@@ -30,6 +32,7 @@ The runner runs no Python thread; the native threads that pyarrow and numpy star
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import importlib
@@ -60,11 +63,15 @@ from pipelines.warm_client import (
 )
 
 STATE_NAME = "warm.json"
-#: The project's own packages: imported afresh by every command, never kept in the runner.
+#: The project's own packages: kept by the runner, used by a command only while unchanged.
 PROJECT_PACKAGES = ("pipelines", "storage", "transforms", "engines", "examples")
-#: What the runner imports (and then forgets the project's modules, keeping the libraries
-#: they imported): the command line, what a build imports, and the libraries a build
-#: imports only when it runs (the report's matplotlib, Prefect's encoders and graphs).
+#: Imported afresh by every command: they make rich Consoles at import, which read the
+#: terminal and the environment (colours, width, ``NO_COLOR``) of the process they are in.
+FRESH = ("pipelines.cli", "pipelines.server_cli")
+#: Never forgotten: the runner's own modules, and the package that holds them.
+RUNNER_MODULES = ("pipelines", "pipelines.warm", "pipelines.warm_client")
+#: What the runner imports: the command line, what a build imports, and the libraries a
+#: build imports only when it runs (the report's matplotlib, Prefect's encoders and graphs).
 PRELOAD = (
     "pipelines.cli",
     "pipelines.build",
@@ -95,6 +102,83 @@ def _packages_stamp() -> list[tuple[str, int]]:
         with contextlib.suppress(OSError):
             stamp.append((folder, os.stat(folder).st_mtime_ns))
     return stamp
+
+
+# ------------------------------------------------------------- the project's own modules
+
+
+@dataclass(frozen=True)
+class Project:
+    """Where this project's packages are found, and every file in their folders (its
+    modification time and size): taken by the runner before it imports them, and again by
+    each command with the caller's ``sys.path``. A command uses the runner's imported
+    modules only when the two agree. Kept modules must not read the environment or the
+    terminal when imported (those are the caller's: :data:`FRESH`)."""
+
+    origins: dict[str, str]
+    files: dict[str, tuple[int, int]]
+
+    @classmethod
+    def now(cls) -> Project:
+        origins = {name: origin for name in PROJECT_PACKAGES if (origin := _origin(name))}
+        files: dict[str, tuple[int, int]] = {}
+        for origin in origins.values():
+            for root, folders, names in os.walk(os.path.dirname(origin)):
+                folders[:] = [f for f in folders if f != "__pycache__"]
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        stat = os.stat(path := os.path.join(root, name))
+                        files[path] = (stat.st_mtime_ns, stat.st_size)
+        return cls(origins, files)
+
+    def use_or_forget(self) -> None:
+        """In a command: keep the runner's modules if this caller would import the same
+        unchanged files, else forget them all; forget the :data:`FRESH` ones either way."""
+        unchanged = Project.now() == self
+        _forget(FRESH if unchanged else PROJECT_PACKAGES)
+
+
+def _origin(package: str) -> str | None:
+    """The file a fresh ``import package`` would load, from ``sys.path`` and the import
+    hooks (an editable install's finder), whether or not it is imported already."""
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        spec = find_spec(package, None) if find_spec else None
+        if spec is not None:
+            return spec.origin
+    return None
+
+
+def _forget(prefixes: tuple[str, ...]) -> None:
+    """Drop the modules named by ``prefixes`` (and their submodules) from ``sys.modules``,
+    so that they are imported again; never the runner's own."""
+    for name in list(sys.modules):
+        if name not in RUNNER_MODULES and any(
+            name == p or name.startswith(p + ".") for p in prefixes
+        ):
+            del sys.modules[name]
+
+
+def _remember_logging_config() -> None:
+    """Work Prefect's logging configuration out once. Each command redoes Prefect's logging
+    set-up for its own terminal (:meth:`Request._adopt`), from the same settings and
+    environment variables as the runner's (:func:`fingerprint` makes sure), so only the
+    settings file can make the configuration differ; working it out from Prefect's
+    settings costs about 30 ms."""
+    from prefect.logging import configuration
+
+    load = configuration.load_logging_config
+    known: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+    def remembered(path: Path) -> dict[str, Any]:
+        stat = os.stat(path)
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in known:
+            known[key] = load(path)
+        return copy.deepcopy(known[key])
+
+    configuration.load_logging_config = remembered
+    configuration.setup_logging(incremental=False)
 
 
 # --------------------------------------------------------------------- a forked command
@@ -129,10 +213,12 @@ class Request:
             raise ValueError("a request carries the caller's stdin, stdout and stderr")
         return request
 
-    def run(self) -> int:
-        """Become the caller's command, then run the console script's ``main``; its exit
-        code (an exception escaping it prints its traceback and gives 1)."""
+    def run(self, project: Project) -> int:
+        """Become the caller's command, then run the console script's ``main`` with the
+        runner's ``project`` modules or fresh ones; its exit code (an exception escaping
+        it prints its traceback and gives 1)."""
         self._adopt()
+        project.use_or_forget()
         sys.argv = ["aligncurate", *self.argv]
         try:
             from pipelines.cli import main
@@ -204,8 +290,7 @@ def _exit_now(code: int) -> NoReturn:
 
 
 class Runner:
-    """The runner's accept loop: one process, no Python threads, none of the project's
-    modules."""
+    """The runner's accept loop: one process, no Python threads."""
 
     def __init__(self, listener: socket.socket) -> None:
         self.listener = listener
@@ -380,15 +465,15 @@ def _peer_uid(conn: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def preload() -> None:
-    """Import what commands import, then forget the project's own modules."""
+def preload() -> Project:
+    """Import what commands import; the project's files as they were before."""
+    project = Project.now()
     for name in PRELOAD:
         importlib.import_module(name)
-    for name in [n for n in sys.modules if n.split(".")[0] in PROJECT_PACKAGES]:
-        if name not in ("pipelines", "pipelines.warm", "pipelines.warm_client"):
-            del sys.modules[name]
+    _remember_logging_config()
     gc.collect()
     gc.freeze()  # the forked commands then share these pages instead of copying them
+    return project
 
 
 def main() -> int:
@@ -403,12 +488,12 @@ def main() -> int:
         listener.bind(str(path))
     finally:
         os.umask(old_umask)
-    preload()
+    project = preload()
     listener.listen(16)
     request = Runner(listener).serve()
     if request is None:
         return 0
-    _exit_now(request.run())
+    _exit_now(request.run(project))
 
 
 # ------------------------------------------------------------------- start, stop, status

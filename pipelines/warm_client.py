@@ -165,7 +165,8 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
     frame = _LENGTH.pack(len(data)) + data
     if fds:
         sent = socket.send_fds(sock, [frame], fds)
-        sock.sendall(frame[sent:])
+        if sent < len(frame):  # sendall(b"") still writes, and fails once the peer has gone
+            sock.sendall(frame[sent:])
     else:
         sock.sendall(frame)
 

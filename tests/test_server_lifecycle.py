@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -30,7 +31,7 @@ import pytest
 from conftest import REPO
 from servers import api, migrated_home, prefect_server
 
-from pipelines.warm import answers
+from pipelines.warm import PROJECT_PACKAGES, answers
 from pipelines.warm_client import receive, send
 
 EXE = str(Path(sys.executable).with_name("aligncurate"))
@@ -547,3 +548,47 @@ def test_an_install_restarts_the_runner(warm: tuple[dict[str, str], int], tmp_pa
     assert _watched(again, runner), "the restarted runner did not run the command"
     assert again.wait() == 2, again.stderr.read()  # type: ignore[union-attr]
     again.stderr.close()  # type: ignore[union-attr]
+
+
+def test_an_edited_checkout_is_what_a_command_runs(tmp_path: Path) -> None:
+    """The runner keeps the project's modules imported; a command uses them only while the
+    files it would import are the ones the runner imported, unchanged. Edit one, and the
+    next command runs the edit (a runner alone, on a copy of the checkout)."""
+    checkout = tmp_path / "checkout"
+    for package in PROJECT_PACKAGES:
+        shutil.copytree(
+            REPO / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    env = {**os.environ, "PYTHONPATH": str(checkout), "ALIGNCURATE_STATE": str(tmp_path)}
+    env.pop("ALIGNCURATE_WARM", None)
+    sock = tmp_path / "prefect-server" / "warm.sock"
+    with (tmp_path / "warm.log").open("wb") as log:
+        runner = subprocess.Popen(
+            [sys.executable, "-P", "-m", "pipelines.warm"], env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (sock.exists() and answers(sock)):
+            assert runner.poll() is None, (tmp_path / "warm.log").read_text()
+            assert time.monotonic() < deadline, "the runner did not start"
+            time.sleep(0.1)
+
+        def unknown_dataset() -> str:
+            args = [EXE, "versions", "nope", "--store", str(tmp_path / "store")]
+            proc = subprocess.Popen(
+                args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            assert _watched(proc, runner.pid), "the command did not run in the runner"
+            _, stderr = proc.communicate()
+            assert proc.returncode == 2, stderr
+            return stderr
+
+        assert unknown_dataset().startswith("error: unknown dataset 'nope'")
+        source = checkout / "storage" / "dataset.py"
+        text = source.read_text()
+        assert 'f"unknown dataset {name!r}' in text
+        source.write_text(text.replace('f"unknown dataset {name!r}', 'f"no dataset {name!r}'))
+        assert unknown_dataset().startswith("error: no dataset 'nope'")
+    finally:
+        runner.terminate()
+        runner.wait(timeout=60)
