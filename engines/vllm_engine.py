@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -138,6 +139,7 @@ class VLLMEngine:
             managed = os.environ.get(MULTIPROCESSING) is None and on_cpu()  # a user's wins
             in_process = managed and not any(x.in_process for x in _loaded.values())
             try:
+                _llvmlite_readable()
                 with _multiprocessing(not in_process if managed else None), _process_state():
                     llm = self._make_llm()
             except Exception as exc:  # vLLM raises many kinds; the cause is in its message
@@ -221,6 +223,23 @@ def in_process(engine: VLLMEngine) -> bool:
     """Whether ``engine`` is open with its engine core in this process."""
     loaded = engine.__dict__.get("_loaded")
     return loaded is not None and loaded.in_process
+
+
+def _llvmlite_readable() -> None:
+    """Let vLLM start in a process that has imported Numba (near dedup's kernels).
+
+    On CPU, vLLM 0.32 rebinds its kernel overrides by reading ``vars(value).get("kernel")``
+    for every attribute of every loaded module that has a ``__dict__``
+    (``vllm.triton_utils.dispatcher._rebind_kernels``). llvmlite's library object
+    (``llvmlite.binding.ffi.lib``, 0.47) answers any attribute name with a wrapped C
+    function, ``__dict__`` included, so the engine failed to start with "'_lib_fn_wrapper'
+    object has no attribute 'get'". An empty ``__dict__`` entry in that object's function
+    table (where its ``__getattr__`` looks first) changes nothing for llvmlite, which never
+    asks for it."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict) and not isinstance(table.get("__dict__"), dict):
+        table["__dict__"] = {}  # replaces the wrapper an earlier look-up may have made
 
 
 @contextmanager

@@ -23,6 +23,22 @@ OEQA = Sampling(n=10, temperature=1.0, max_tokens=50)  # CRaFT's open-QA query
 GREEDY = Sampling(n=1, temperature=0.0, max_tokens=20)
 
 
+def test_vllm_starts_in_a_process_that_ran_near_dedup() -> None:
+    """Near dedup's kernels import Numba, and with it llvmlite, whose library object answers
+    every attribute name, ``__dict__`` included; vLLM's CPU start-up reads ``vars(value)``
+    of every module attribute (``_rebind_kernels``) and failed ("'_lib_fn_wrapper' object
+    has no attribute 'get'"): a build with near dedup then CRaFT in one process could not
+    start its engine. vLLM's own scan, as an engine start runs it, after what an engine
+    does first (:func:`engines.vllm_engine._llvmlite_readable`)."""
+    from vllm.triton_utils.dispatcher import _rebind_kernels
+
+    import transforms.response.minhash_kernels  # noqa: F401  (Numba, llvmlite)
+    from engines.vllm_engine import _llvmlite_readable
+
+    _llvmlite_readable()
+    _rebind_kernels([])  # every attribute of every loaded module, no kernel to replace
+
+
 def prompts_of(world, group: str, k: int) -> list[tuple[str, dict]]:
     facts = [f for f in world.facts() if f["group"] == group][:k]
     return [(render(world.model_dir, query_prompt(f["question"])), f) for f in facts]
