@@ -18,8 +18,8 @@ it); *wall* is the whole command, process start to exit. Every case runs as its 
 at the end.
 
 Usage: ``python bench/small_build.py [--spec examples/demo/spec.yaml | --one-row]
-[--rounds 3] [--baseline-tree DIR] [--cases warm,reused]``. Prints a JSON report and
-markdown rows for docs/performance.md.
+[--rounds 3] [--baseline-tree DIR] [--tree DIR] [--cases warm,reused]``. Prints a JSON
+report and markdown rows for docs/performance.md.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def _build(tree: Path | None, spec: Path, store: Path, env: dict[str, str]) -> t
     return wall, json.loads(proc.stdout)["build_id"]
 
 
-def _server(args: list[str], env: dict[str, str]) -> dict:
+def _server(args: list[str], env: dict[str, str], code: Path) -> dict:
     command = [sys.executable, "-m", "pipelines.cli", "server", *args, "--json"]
-    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.run(command, env=env, cwd=code, capture_output=True, text=True, check=False)
     return json.loads(proc.stdout)
 
 
@@ -104,6 +104,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-tree", type=Path, help="a checkout to time as 'baseline'")
     parser.add_argument(
+        "--tree",
+        type=Path,
+        default=REPO,
+        help="the checkout whose code the temporary, reused and warm cases run (its server, "
+        "warm runner and console-script imports: PYTHONPATH); default: this one",
+    )
+    parser.add_argument(
         "--cases",
         default="baseline,temporary,reused,warm",
         help="which cases to time, comma-separated (baseline needs --baseline-tree)",
@@ -119,18 +126,21 @@ def main() -> None:
     }
     for name in ("PREFECT_API_URL", "ALIGNCURATE_PREFECT_SERVER", "ALIGNCURATE_WARM", "PYTHONPATH"):
         env.pop(name, None)
+    code = args.tree.resolve()
+    if code != REPO:
+        env["PYTHONPATH"] = str(code)
     spec = _one_row_spec(root) if args.one_row else args.spec.resolve()
     cases: dict[str, tuple[Path | None, dict[str, str]]] = {}
     if args.baseline_tree:
         cases["baseline"] = (args.baseline_tree.resolve(), env)
-    cases["temporary"] = (REPO, {**env, "ALIGNCURATE_PREFECT_SERVER": "temporary"})
-    cases["reused"] = (REPO, env)
+    cases["temporary"] = (code, {**env, "ALIGNCURATE_PREFECT_SERVER": "temporary"})
+    cases["reused"] = (code, env)
     cases["warm"] = (None, env)
-    cases = {name: case for name, case in cases.items() if name in args.cases.split(",")}
     # a first build creates the Prefect database: not a round
-    _build(REPO, spec, root / "warm-up", cases["temporary"][1])
+    _build(code, spec, root / "warm-up", cases["temporary"][1])
+    cases = {name: case for name, case in cases.items() if name in args.cases.split(",")}
     started = time.perf_counter()
-    server = _server(["start"], env)
+    server = _server(["start"], env, code)
     server_start = time.perf_counter() - started
     runs: dict[str, list[tuple[float, str]]] = {name: [] for name in cases}
     try:
@@ -147,14 +157,19 @@ def main() -> None:
                 "wall_over_work": round(statistics.median(walls) / statistics.median(works), 2),
             }
     finally:
-        _server(["stop"], env)
+        _server(["stop"], env, code)
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "load_average": os.getloadavg(),
         "python": platform.python_version(),
     }
-    result = {"spec": str(spec), "server_start_s": round(server_start, 2), "machine": machine}
+    result = {
+        "spec": str(spec),
+        "tree": str(code),
+        "server_start_s": round(server_start, 2),
+        "machine": machine,
+    }
     print(json.dumps({**result, "cases": report}, indent=2))
     for name, row in report.items():
         print(
