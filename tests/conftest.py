@@ -83,6 +83,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda i: _start_order(i.path.name))
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """This process's CPU seconds (user + system), and its reaped children's."""
+    import resource
+
+    own, children = (
+        resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_cpu(request: pytest.FixtureRequest) -> Iterator[None]:
+    """With ``ALIGNCURATE_TEST_CPU=FILE``, one JSON line per test module appended to FILE:
+    the CPU seconds of the module (set-up, tests, teardown), in the pytest process and in
+    the child processes it started and reaped meanwhile. The suite is CPU-bound on two
+    workers, so these, not wall times, say where its time goes. A session fixture's set-up
+    counts to the first module that uses it; its processes are reaped at the session's end
+    and counted to no module."""
+    path = os.environ.get("ALIGNCURATE_TEST_CPU")
+    if not path:
+        yield
+        return
+    import json
+    import time
+
+    own, children = _cpu_seconds()
+    started = time.monotonic()
+    yield
+    own_after, children_after = _cpu_seconds()
+    line = {
+        "module": request.node.name,
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "wall_s": round(time.monotonic() - started, 2),
+        "cpu_s": round(own_after - own, 2),
+        "children_cpu_s": round(children_after - children, 2),
+    }
+    with open(path, "a") as sink:
+        sink.write(json.dumps(line) + "\n")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real public corpora in ../shared/data."""
