@@ -43,11 +43,13 @@ REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = Path(sys.executable).with_name("aligncurate")
 
 
-def _build(tree: Path | None, spec: Path, store: Path, env: dict[str, str]) -> tuple[float, str]:
-    """One build from ``tree`` (``None``: through the installed console script); its wall
-    seconds and build id."""
-    if tree is None:
-        command, full, tree = [str(CONSOLE_SCRIPT), "build", str(spec)], env, REPO
+def _build(
+    tree: Path, spec: Path, store: Path, env: dict[str, str], console: bool = False
+) -> tuple[float, str]:
+    """One build from ``tree`` (``console``: through the installed console script, which
+    hands it to the warm runner); its wall seconds and build id."""
+    if console:
+        command, full = [str(CONSOLE_SCRIPT), "build", str(spec)], env
     else:
         command = [sys.executable, "-m", "pipelines.cli", "build", str(spec)]
         full = {**env, "PYTHONPATH": str(tree)}
@@ -130,12 +132,15 @@ def main() -> None:
     if code != REPO:
         env["PYTHONPATH"] = str(code)
     spec = _one_row_spec(root) if args.one_row else args.spec.resolve()
-    cases: dict[str, tuple[Path | None, dict[str, str]]] = {}
+    cases: dict[str, tuple[Path, dict[str, str], bool]] = {}
     if args.baseline_tree:
-        cases["baseline"] = (args.baseline_tree.resolve(), env)
-    cases["temporary"] = (code, {**env, "ALIGNCURATE_PREFECT_SERVER": "temporary"})
-    cases["reused"] = (code, env)
-    cases["warm"] = (None, env)
+        cases["baseline"] = (args.baseline_tree.resolve(), env, False)
+    cases["temporary"] = (code, {**env, "ALIGNCURATE_PREFECT_SERVER": "temporary"}, False)
+    cases["reused"] = (code, env, False)
+    cases["warm"] = (code, env, True)
+    unknown = set(args.cases.split(",")) - set(cases)
+    if unknown:
+        parser.error(f"unknown cases (or baseline without --baseline-tree): {sorted(unknown)}")
     # a first build creates the Prefect database: not a round
     _build(code, spec, root / "warm-up", cases["temporary"][1])
     cases = {name: case for name, case in cases.items() if name in args.cases.split(",")}
@@ -144,9 +149,11 @@ def main() -> None:
     server_start = time.perf_counter() - started
     runs: dict[str, list[tuple[float, str]]] = {name: [] for name in cases}
     try:
+        if "warm" in cases and not (served := _server(["status"], env, code)["warm"])["serves"]:
+            raise RuntimeError(f"the warm runner would not serve these builds: {served}")
         for i in range(args.rounds):
-            for name, (tree, case_env) in cases.items():
-                runs[name].append(_build(tree, spec, root / f"{name}-{i}", case_env))
+            for name, (tree, case_env, console) in cases.items():
+                runs[name].append(_build(tree, spec, root / f"{name}-{i}", case_env, console))
         report = {}
         for name, found in runs.items():
             walls = [wall for wall, _ in found]

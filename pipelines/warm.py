@@ -68,8 +68,6 @@ PROJECT_PACKAGES = ("pipelines", "storage", "transforms", "engines", "examples")
 #: Imported afresh by every command: they make rich Consoles at import, which read the
 #: terminal and the environment (colours, width, ``NO_COLOR``) of the process they are in.
 FRESH = ("pipelines.cli", "pipelines.server_cli")
-#: Never forgotten: the runner's own modules, and the package that holds them.
-RUNNER_MODULES = ("pipelines", "pipelines.warm", "pipelines.warm_client")
 #: What the runner imports: the command line, what a build imports, and the libraries a
 #: build imports only when it runs (the report's matplotlib, Prefect's encoders and graphs).
 PRELOAD = (
@@ -109,32 +107,44 @@ def _packages_stamp() -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class Project:
-    """Where this project's packages are found, and every file in their folders (its
-    modification time and size): taken by the runner before it imports them, and again by
-    each command with the caller's ``sys.path``. A command uses the runner's imported
-    modules only when the two agree. Kept modules must not read the environment or the
-    terminal when imported (those are the caller's: :data:`FRESH`)."""
+    """Where this project's packages are found, and every module file in them (its
+    modification and change times, size and inode): taken by the runner before it imports
+    them, and again by each command with the caller's ``sys.path``. A command uses the
+    runner's imported modules only when the two agree. Kept modules must not read the
+    environment or the terminal when imported (those are the caller's: :data:`FRESH`)."""
 
-    origins: dict[str, str]
-    files: dict[str, tuple[int, int]]
+    origins: tuple[tuple[str, str | None], ...]
+    files: tuple[tuple[str, tuple[int, int, int, int]], ...]
 
     @classmethod
     def now(cls) -> Project:
-        origins = {name: origin for name in PROJECT_PACKAGES if (origin := _origin(name))}
-        files: dict[str, tuple[int, int]] = {}
-        for origin in origins.values():
+        origins = tuple((name, _origin(name)) for name in PROJECT_PACKAGES)
+        files: list[tuple[str, tuple[int, int, int, int]]] = []
+        for _, origin in origins:
+            if origin is None:
+                continue
             for root, folders, names in os.walk(os.path.dirname(origin)):
-                folders[:] = [f for f in folders if f != "__pycache__"]
-                for name in names:
+                # subpackages only: not __pycache__, data, or a store a build made there
+                folders[:] = [f for f in folders if os.path.isfile(f"{root}/{f}/__init__.py")]
+                for name in sorted(n for n in names if n.endswith(".py")):
                     with contextlib.suppress(OSError):
                         stat = os.stat(path := os.path.join(root, name))
-                        files[path] = (stat.st_mtime_ns, stat.st_size)
-        return cls(origins, files)
+                        files.append(
+                            (path, (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino))
+                        )
+        return cls(origins, tuple(files))
+
+    @property
+    def keepable(self) -> bool:
+        """Every package found, each in a regular package (a namespace package could take
+        its modules from several folders)."""
+        return all(origin and origin.endswith("__init__.py") for _, origin in self.origins)
 
     def use_or_forget(self) -> None:
         """In a command: keep the runner's modules if this caller would import the same
-        unchanged files, else forget them all; forget the :data:`FRESH` ones either way."""
-        unchanged = Project.now() == self
+        unchanged files, else forget them all, the ``pipelines`` package and the runner's
+        client module included; forget the :data:`FRESH` ones either way."""
+        unchanged = self.keepable and Project.now() == self
         _forget(FRESH if unchanged else PROJECT_PACKAGES)
 
 
@@ -151,11 +161,10 @@ def _origin(package: str) -> str | None:
 
 def _forget(prefixes: tuple[str, ...]) -> None:
     """Drop the modules named by ``prefixes`` (and their submodules) from ``sys.modules``,
-    so that they are imported again; never the runner's own."""
+    so that they are imported again. (The runner itself runs as ``__main__``, with what it
+    uses of :mod:`pipelines.warm_client` already bound.)"""
     for name in list(sys.modules):
-        if name not in RUNNER_MODULES and any(
-            name == p or name.startswith(p + ".") for p in prefixes
-        ):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
             del sys.modules[name]
 
 
@@ -164,15 +173,20 @@ def _remember_logging_config() -> None:
     set-up for its own terminal (:meth:`Request._adopt`), from the same settings and
     environment variables as the runner's (:func:`fingerprint` makes sure), so only the
     settings file can make the configuration differ; working it out from Prefect's
-    settings costs about 30 ms."""
+    settings costs about 30 ms. Under other settings (a ``temporary_settings`` block in
+    a command) it is worked out afresh."""
     from prefect.logging import configuration
+    from prefect.settings import get_current_settings
 
     load = configuration.load_logging_config
-    known: dict[tuple[str, int, int], dict[str, Any]] = {}
+    settings = get_current_settings()
+    known: dict[tuple[str, int, int, int], dict[str, Any]] = {}
 
     def remembered(path: Path) -> dict[str, Any]:
+        if get_current_settings() is not settings:  # inside a command's own settings
+            return load(path)
         stat = os.stat(path)
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        key = (str(path), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
         if key not in known:
             known[key] = load(path)
         return copy.deepcopy(known[key])

@@ -23,20 +23,26 @@ OEQA = Sampling(n=10, temperature=1.0, max_tokens=50)  # CRaFT's open-QA query
 GREEDY = Sampling(n=1, temperature=0.0, max_tokens=20)
 
 
-def test_vllm_starts_in_a_process_that_ran_near_dedup() -> None:
+def test_vllm_starts_in_a_process_that_ran_near_dedup(fact_world, monkeypatch) -> None:
     """Near dedup's kernels import Numba, and with it llvmlite, whose library object answers
     every attribute name, ``__dict__`` included; vLLM's CPU start-up reads ``vars(value)``
     of every module attribute (``_rebind_kernels``) and failed ("'_lib_fn_wrapper' object
     has no attribute 'get'"): a build with near dedup then CRaFT in one process could not
-    start its engine. vLLM's own scan, as an engine start runs it, after what an engine
-    does first (:func:`engines.vllm_engine._llvmlite_readable`)."""
+    start its engine. Here an engine starts after the kernels' import and runs vLLM's own
+    scan where it would load the model (``scan_instead_of_loading``: the scan, then a stop,
+    so no second model is loaded beside the session's)."""
     from vllm.triton_utils.dispatcher import _rebind_kernels
 
     import transforms.response.minhash_kernels  # noqa: F401  (Numba, llvmlite)
-    from engines.vllm_engine import _llvmlite_readable
 
-    _llvmlite_readable()
-    _rebind_kernels([])  # every attribute of every loaded module, no kernel to replace
+    def scan_instead_of_loading(engine: VLLMEngine) -> None:
+        _rebind_kernels([])  # every attribute of every loaded module, no kernel to replace
+        raise RuntimeError("scanned every module")
+
+    monkeypatch.setattr(VLLMEngine, "_make_llm", scan_instead_of_loading)
+    engine = VLLMEngine(fact_world.model_dir, max_model_len=512, seed=97)  # a model of its own
+    with pytest.raises(EngineError, match="scanned every module"):
+        engine.generate([Request("Q: x\nA:", GREEDY)])
 
 
 def prompts_of(world, group: str, k: int) -> list[tuple[str, dict]]:

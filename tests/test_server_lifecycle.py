@@ -550,21 +550,39 @@ def test_an_install_restarts_the_runner(warm: tuple[dict[str, str], int], tmp_pa
     again.stderr.close()  # type: ignore[union-attr]
 
 
+def _copy_checkout(folder: Path) -> Path:
+    for package in PROJECT_PACKAGES:
+        shutil.copytree(
+            REPO / package, folder / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    return folder
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
 def test_an_edited_checkout_is_what_a_command_runs(tmp_path: Path) -> None:
     """The runner keeps the project's modules imported; a command uses them only while the
     files it would import are the ones the runner imported, unchanged. Edit one, and the
-    next command runs the edit (a runner alone, on a copy of the checkout)."""
-    checkout = tmp_path / "checkout"
-    for package in PROJECT_PACKAGES:
-        shutil.copytree(
-            REPO / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    env = {**os.environ, "PYTHONPATH": str(checkout), "ALIGNCURATE_STATE": str(tmp_path)}
+    next command runs the edit; run from another checkout that the same (relative)
+    ``PYTHONPATH`` finds, and the command runs that checkout's code, all of it (a runner
+    alone, on copies of the checkout)."""
+    checkout, other = _copy_checkout(tmp_path / "a"), _copy_checkout(tmp_path / "b")
+    _edit(other / "pipelines" / "cli.py", '"[red]error:[/red]', '"[red]fault:[/red]')
+    _edit(other / "storage" / "dataset.py", 'f"unknown dataset {name!r}', 'f"no such {name!r}')
+    env = {**os.environ, "PYTHONPATH": ".", "ALIGNCURATE_STATE": str(tmp_path)}
     env.pop("ALIGNCURATE_WARM", None)
     sock = tmp_path / "prefect-server" / "warm.sock"
     with (tmp_path / "warm.log").open("wb") as log:
         runner = subprocess.Popen(
-            [sys.executable, "-P", "-m", "pipelines.warm"], env=env, stdout=log, stderr=log
+            [sys.executable, "-P", "-m", "pipelines.warm"],
+            env=env,
+            cwd=checkout,
+            stdout=log,
+            stderr=log,
         )
     try:
         deadline = time.monotonic() + 120
@@ -573,22 +591,29 @@ def test_an_edited_checkout_is_what_a_command_runs(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the runner did not start"
             time.sleep(0.1)
 
-        def unknown_dataset() -> str:
+        def unknown_dataset(cwd: Path) -> str:
             args = [EXE, "versions", "nope", "--store", str(tmp_path / "store")]
             proc = subprocess.Popen(
-                args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                args,
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             assert _watched(proc, runner.pid), "the command did not run in the runner"
             _, stderr = proc.communicate()
             assert proc.returncode == 2, stderr
             return stderr
 
-        assert unknown_dataset().startswith("error: unknown dataset 'nope'")
-        source = checkout / "storage" / "dataset.py"
-        text = source.read_text()
-        assert 'f"unknown dataset {name!r}' in text
-        source.write_text(text.replace('f"unknown dataset {name!r}', 'f"no dataset {name!r}'))
-        assert unknown_dataset().startswith("error: no dataset 'nope'")
+        assert unknown_dataset(checkout).startswith("error: unknown dataset 'nope'")
+        _edit(
+            checkout / "storage" / "dataset.py",
+            'f"unknown dataset {name!r}',
+            'f"no dataset {name!r}',
+        )
+        assert unknown_dataset(checkout).startswith("error: no dataset 'nope'")
+        assert unknown_dataset(other).startswith("fault: no such 'nope'")
     finally:
         runner.terminate()
         runner.wait(timeout=60)
