@@ -150,8 +150,12 @@ def slow_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def build_in_flight(
     env: dict[str, str], slow_spec: Path, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen, list[int]]]:
-    """A build of ``slow_spec`` whose flow run is RUNNING on its server, with the pids of
-    its Prefect server processes; whatever a test leaves alive is killed at the end."""
+    """A build of ``slow_spec`` held stopped (SIGSTOP) while its flow run is RUNNING on its
+    server, with the pids of its Prefect server processes; whatever a test leaves alive is
+    killed at the end. The build is stopped before its state is read, so a signal sent
+    with :func:`_signal` lands mid-flow however late the test sends it: the build takes a
+    few seconds, and a busy machine can answer the state query later than that (a CI run
+    signalled a build that had already completed)."""
     args = [EXE, "build", str(slow_spec), "--store", str(tmp_path / "store"), "--json"]
     proc = subprocess.Popen(
         args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -165,11 +169,13 @@ def build_in_flight(
             servers = _servers(proc.pid)
             pids = sorted({*pids, *(s.pid for s in servers)})
             urls = [url for s in servers for url in _api_urls(s)]
-            try:
-                if any(_running_flow_runs(url) for url in urls):
-                    break
-            except OSError:
-                pass
+            if urls:
+                proc.send_signal(signal.SIGSTOP)
+                time.sleep(0.3)  # a state change already sent reaches the server
+                with contextlib.suppress(OSError):
+                    if any(_running_flow_runs(url) for url in urls):
+                        break
+                proc.send_signal(signal.SIGCONT)
             time.sleep(0.1)
         assert pids, "the build started no Prefect server"
         yield proc, pids
@@ -179,6 +185,13 @@ def build_in_flight(
         proc.stderr.close()
 
 
+def _signal(proc: subprocess.Popen, signum: signal.Signals) -> None:
+    """Send ``signum`` to the stopped build of ``build_in_flight``, then let it run on."""
+    proc.send_signal(signum)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGCONT)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_sigterm_or_sighup_stops_the_builds_server(
     build_in_flight: tuple[subprocess.Popen, list[int]],
@@ -186,7 +199,7 @@ def test_sigterm_or_sighup_stops_the_builds_server(
     signum: signal.Signals,
 ) -> None:
     proc, servers = build_in_flight
-    proc.send_signal(signum)
+    _signal(proc, signum)
     code = proc.wait(timeout=120)
     assert _wait_gone(servers, timeout=5) == [], "the server outlived the build"
     assert code == 128 + signum, proc.stderr.read()[-3000:]
@@ -199,7 +212,7 @@ def test_a_server_does_not_outlive_a_build_killed_with_sigkill(
     build_in_flight: tuple[subprocess.Popen, list[int]],
 ) -> None:
     proc, servers = build_in_flight
-    proc.send_signal(signal.SIGKILL)
+    _signal(proc, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert _wait_gone(servers, timeout=30) == [], "an orphaned server is still running"
 

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from pipelines.warm import Request
+from pipelines.warm import PROJECT_PACKAGES, Project, Request
 from pipelines.warm_client import CODE_CHANGED, mismatch, receive, send
 
 
@@ -66,3 +66,29 @@ def test_what_refuses_a_caller_is_named_and_only_new_code_restarts_the_runner() 
     assert mismatch(runner, files) == "Prefect settings files differ: prefect.toml"
     assert mismatch(runner, runner | {"executable": "py2"}).startswith("another interpreter")
     assert mismatch(runner, {}).startswith("another interpreter")
+
+
+def test_a_project_differs_when_a_module_file_changes_and_not_for_other_files(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What decides whether a command may use the runner's imported modules."""
+    for name in PROJECT_PACKAGES:
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "__init__.py").write_text("")
+        (tmp_path / name / "sub" / "__init__.py").write_text("")
+        (tmp_path / name / "sub" / "mod.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = Project.now()
+    assert before.keepable and Project.now() == before
+    assert {os.path.dirname(origin) for _, origin in before.origins} == {
+        str(tmp_path / name) for name in PROJECT_PACKAGES
+    }
+    store = tmp_path / "examples" / "store"  # not a package: what a build writes there
+    store.mkdir()
+    (store / "notes.py").write_text("")
+    (tmp_path / "examples" / "sub" / "data.json").write_text("{}")
+    assert Project.now() == before
+    (tmp_path / "engines" / "sub" / "mod.py").write_text("X = 22\n")
+    assert Project.now() != before
+    (tmp_path / "engines" / "__init__.py").unlink()  # a namespace package now
+    assert not Project.now().keepable
