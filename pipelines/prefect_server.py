@@ -148,11 +148,11 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
 
 
 def _spawn(port: int, log: Path, *, parent: int | None, env: dict[str, str]) -> subprocess.Popen:
-    """``python -m pipelines.prefect_server --port PORT [--parent PID]``, in its own session,
-    its output appended to ``log``."""
+    """``python -m pipelines.prefect_server --port PORT [--parent PID --log LOG]``, in its
+    own session, its output appended to ``log``."""
     command = [sys.executable, "-m", "pipelines.prefect_server", "--port", str(port)]
     if parent is not None:
-        command += ["--parent", str(parent)]
+        command += ["--parent", str(parent), "--log", str(log)]
     full = {**os.environ, **env}
     full.pop("PREFECT_API_URL", None)
     with log.open("ab") as sink:
@@ -469,10 +469,13 @@ def prefect_api() -> Iterator[str]:
 # ------------------------------------------------------------------------- the server
 
 
-def _watch_parent(parent: int) -> None:
-    """Shut this server down once ``parent`` is gone (it was killed without stopping us)."""
+def _watch_parent(parent: int, log: Path | None) -> None:
+    """Shut this server down once ``parent`` is gone (it was killed without stopping us),
+    removing ``log``: the parent would have shown it on a failed start, or removed it."""
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
+    if log is not None:
+        log.unlink(missing_ok=True)
     os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
     time.sleep(STOP_TIMEOUT)
     os._exit(1)
@@ -483,9 +486,11 @@ def serve(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.prefect_server")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--parent", type=int, help="stop when this process is gone")
+    parser.add_argument("--log", type=Path, help="the parent's log of this server")
     args = parser.parse_args(argv)
     if args.parent is not None:
-        threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True).start()
+        watch = threading.Thread(target=_watch_parent, args=(args.parent, args.log), daemon=True)
+        watch.start()
     import uvicorn
 
     uvicorn.run(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,6 +169,15 @@ def vllm_server(fact_world: object, tmp_path_factory: pytest.TempPathFactory) ->
     model = fact_world.model_dir  # type: ignore[attr-defined]
     with VLLMServer(model, max_model_len=512, log_path=log) as running:
         yield running
+
+
+def default_signals() -> None:
+    """A child's Ctrl-C and hang-up at their default dispositions (a ``preexec_fn``). A
+    suite started as a background job (``make test &``) hands SIGINT down ignored, one
+    started under ``nohup`` SIGHUP; a command that starts with a signal ignored rightly keeps
+    ignoring it, and the signal tests are of the command, not of how the suite was started."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def build_demo_with_console_script(store: Path, env: dict[str, str]) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import default_signals
 from test_storage import canonical_table, commit_build, ids
 
 from storage import DatasetStore
@@ -39,17 +40,15 @@ def _env() -> dict[str, str]:
 
 
 def _start(command: list[str]) -> subprocess.Popen[str]:
-    """``command`` with Ctrl-C at its default disposition. A shell's background job (``cmd
-    &``, as a CI runner may start the suite) inherits SIGINT ignored, and a process that
-    starts with it ignored rightly keeps ignoring it: the test is of the command, not of
-    how the suite was launched."""
+    """``command`` with Ctrl-C and hang-up at their default dispositions
+    (:func:`conftest.default_signals`)."""
     return subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=_env(),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=default_signals,
     )
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO
+from conftest import REPO, default_signals
 from servers import api, migrated_home, prefect_server
 
 from pipelines.warm import PROJECT_PACKAGES, answers
@@ -158,7 +158,12 @@ def build_in_flight(
     signalled a build that had already completed)."""
     args = [EXE, "build", str(slow_spec), "--store", str(tmp_path / "store"), "--json"]
     proc = subprocess.Popen(
-        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        args,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_signals,
     )
     pids: list[int] = []
     try:
@@ -212,9 +217,21 @@ def test_a_server_does_not_outlive_a_build_killed_with_sigkill(
     build_in_flight: tuple[subprocess.Popen, list[int]],
 ) -> None:
     proc, servers = build_in_flight
+    logs = [Path(log) for pid in servers for log in _option(pid, "--log")]
+    assert logs and all(log.is_file() for log in logs)
     _signal(proc, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert _wait_gone(servers, timeout=30) == [], "an orphaned server is still running"
+    assert [log for log in logs if log.exists()] == [], "its log was left behind"
+
+
+def _option(pid: int, name: str) -> list[str]:
+    """The value of option ``name`` on process ``pid``'s command line, if it has one."""
+    try:
+        command = psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+    return command[command.index(name) + 1 : command.index(name) + 2] if name in command else []
 
 
 def _build(env: dict[str, str], store: Path) -> tuple[dict, list[int]]:
@@ -488,9 +505,7 @@ def _forked_build(
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        # a suite started as a background job (`make test &`) hands SIGINT down ignored,
-        # and a caller that starts with it ignored rightly keeps ignoring it
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=default_signals,
     )
     deadline = time.monotonic() + 60
     while not (forked := _commands_of(runner)):
