@@ -12,11 +12,6 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-# Python caches the project's compiled modules even where the environment says not to
-# (PYTHONDONTWRITEBYTECODE=1, as on our CI machines): otherwise each command-line process the
-# tests start compiles them again, about 0.35 CPU-s for one that imports the build.
-unexport PYTHONDONTWRITEBYTECODE
-
 .PHONY: setup system-deps fact-world-cache demo demo-sft test test-fast bench lint clean reproduce-craft
 
 setup: $(STAMP)
@@ -83,9 +78,13 @@ system-deps:
 # module's fixtures are built once), in the order tests/conftest.py gives the files;
 # TEST_WORKERS=0 runs it in one process. More pytest
 # options: make test PYTEST_ARGS="--durations=20 -x"
+# The tests run with Python's bytecode cache on even where the environment turns it off
+# (PYTHONDONTWRITEBYTECODE=1, as on our CI machines): otherwise every command-line process
+# they start compiles the project's modules again (0.35 CPU-s for one that imports the build).
 TEST_WORKERS ?= 2
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest
 test: setup system-deps fact-world-cache
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PYTEST) -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The fact world the tests share (examples/fact_world), built once into its cache (about 1.5
 # min on 2 cores; nothing when it is there) before the test workers start and need it.
@@ -94,7 +93,7 @@ fact-world-cache: setup
 
 # Pure transforms and storage (no model, no Prefect server, no browser): about a minute.
 test-fast: setup
-	$(BIN)/pytest -q -m fast $(PYTEST_ARGS)
+	$(PYTEST) -q -m fast $(PYTEST_ARGS)
 
 # CRaFT's THS table (paper Table 2) on the fact world, on a CPU: 5 curation methods x 3
 # training seeds, evaluated on in-domain and out-of-domain facts (docs/craft.md).

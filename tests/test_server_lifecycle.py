@@ -164,6 +164,9 @@ def build_in_flight(
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=default_signals,
+        # its own group: were this test's process to die while the build is stopped, the
+        # orphaned group's stopped build would get SIGHUP and SIGCONT, and end
+        process_group=0,
     )
     pids: list[int] = []
     try:
@@ -497,8 +500,10 @@ def _cli_in(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedP
 def _forked_build(
     env: dict[str, str], runner: int, spec: Path, store: Path
 ) -> tuple[subprocess.Popen, int]:
-    """A build of ``spec`` through the warm runner, once its forked command runs; the caller
-    and the command's pid."""
+    """A build of ``spec`` through the warm runner, its forked command held stopped
+    (SIGSTOP) a second into its run; the caller and the command's pid. A test lets the
+    command go on with :func:`_continue_once_pending`, so the signal it sends lands before
+    the build could end, however slow the machine."""
     args = [EXE, "build", str(spec), "--store", str(store), "--json"]
     proc = subprocess.Popen(
         args,
@@ -512,8 +517,34 @@ def _forked_build(
         assert proc.poll() is None, proc.stderr.read()[-3000:]  # type: ignore[union-attr]
         assert time.monotonic() < deadline, "no command ran in the warm runner"
         time.sleep(0.02)
+    command = forked.pop()
     time.sleep(1.0)  # into the flow
-    return proc, forked.pop()
+    os.kill(command, signal.SIGSTOP)
+    while psutil.Process(command).status() != psutil.STATUS_STOPPED:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the build ended within a second"
+    return proc, command
+
+
+def _continue_once_pending(pid: int, signum: int, timeout: float = 60) -> None:
+    """SIGCONT the stopped ``pid`` once ``signum`` waits for it (sent by its caller or the
+    runner)."""
+    deadline = time.monotonic() + timeout
+    while not _pending(pid, signum):
+        assert time.monotonic() < deadline, f"{signal.Signals(signum).name} never reached it"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGCONT)
+
+
+def _pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` is pending for process ``pid`` (``/proc/PID/status``)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = [
+        int(line.split()[1], 16)
+        for line in status.splitlines()
+        if line.startswith(("SigPnd:", "ShdPnd:"))
+    ]
+    return any(mask >> (signum - 1) & 1 for mask in masks)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -526,6 +557,7 @@ def test_a_signal_to_the_caller_reaches_the_command(
     proc, command = _forked_build(env, runner, slow_spec, tmp_path / "store")
     try:
         proc.send_signal(signum)
+        _continue_once_pending(command, signum)
         code = proc.wait(timeout=120)
         stderr = proc.stderr.read().decode()  # type: ignore[union-attr]
         assert code == 128 + signum, stderr[-3000:]
@@ -544,6 +576,7 @@ def test_a_killed_caller_stops_its_command(
     try:
         proc.kill()
         proc.wait()
+        _continue_once_pending(command, signal.SIGTERM)  # from the runner
         assert _wait_gone([command], timeout=60) == [], "the command outlived its caller"
         assert not (tmp_path / "store" / "slow" / "_delta_log").exists()
         assert not _gone(runner)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 
@@ -77,6 +78,9 @@ def test_a_project_differs_when_a_module_file_changes_and_not_for_other_files(
         (tmp_path / name / "__init__.py").write_text("")
         (tmp_path / name / "sub" / "__init__.py").write_text("")
         (tmp_path / name / "sub" / "mod.py").write_text("X = 1\n")
+    # only these packages on the path (`python -m pytest` puts the checkout's there too)
+    others = [p for p in sys.path if not any(os.path.isdir(f"{p}/{n}") for n in PROJECT_PACKAGES)]
+    monkeypatch.setattr(sys, "path", others)
     monkeypatch.syspath_prepend(str(tmp_path))
     before = Project.now()
     assert before.keepable and Project.now() == before
