@@ -390,8 +390,11 @@ class Terminated(KeyboardInterrupt):
 def signals_as_exit() -> Iterator[None]:
     """SIGTERM and SIGHUP become :class:`Terminated` (once: a repeated signal does not
     interrupt the cleanup), and leave the block as ``SystemExit(128 + signal)``. Prefect's
-    flow engine marks the flow run crashed and re-sends the signal, which lands here. Only
-    the main thread can install handlers; elsewhere this does nothing."""
+    flow engine marks the flow run crashed and re-sends the signal, which lands here. Once a
+    signal came, whatever leaves the block leaves it as that exit: a library may swallow
+    :class:`Terminated` or replace it (pydantic-core turned one raised during a validation
+    into a ``ValidationError``, and the build exited 1 with its traceback). Only the main
+    thread can install handlers; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -410,12 +413,13 @@ def signals_as_exit() -> Iterator[None]:
     }
     try:
         yield
-    except Terminated as exc:
-        raise SystemExit(128 + exc.signum) from None
+    except BaseException:
+        if not received:
+            raise
     finally:
         for sig, previous in saved.items():
             signal.signal(sig, previous)
-    if received:  # a signal that landed where something swallowed the exception
+    if received:
         raise SystemExit(128 + received[0])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ import pytest
 from conftest import build_demo_with_console_script
 from servers import api
 from servers import prefect_server as start_prefect_server
+
+from pipelines.prefect_server import signals_as_exit
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +63,18 @@ def test_a_build_sends_heartbeats_only_when_asked(prefect_server: str, tmp_path:
     assert _heartbeats(prefect_server, with_beats, wait=30) >= 1
     without = build_demo_with_console_script(tmp_path / "b", env)["build_id"]
     assert _heartbeats(prefect_server, without, wait=3) == 0
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "swallowed"])
+def test_a_signal_leaves_as_its_exit_whatever_a_library_made_of_it(replaced: bool) -> None:
+    """A library that catches the signal's exception and raises its own (pydantic-core's
+    ValidationError in a CI run) or carries on: the block still exits 128 + signal."""
+    with pytest.raises(SystemExit) as left, signals_as_exit():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except KeyboardInterrupt as exc:
+            if replaced:
+                raise ValueError("1 validation error") from exc
+    assert left.value.code == 128 + signal.SIGTERM
