@@ -151,12 +151,16 @@ def build_in_flight(
     env: dict[str, str], slow_spec: Path, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen, list[int]]]:
     """A build of ``slow_spec`` held stopped (SIGSTOP) while its flow run is RUNNING on its
-    server, with the pids of its Prefect server processes; whatever a test leaves alive is
-    killed at the end. The build is stopped before its state is read, so a signal sent
-    with :func:`_signal` lands mid-flow however late the test sends it: the build takes a
-    few seconds, and a busy machine can answer the state query later than that (a CI run
-    signalled a build that had already completed)."""
-    args = [EXE, "build", str(slow_spec), "--store", str(tmp_path / "store"), "--json"]
+    server and its ingest has written a shard, with the pids of its Prefect server
+    processes; whatever a test leaves alive is killed at the end. The build is stopped
+    before its state is read, so a signal sent with :func:`_signal` lands mid-flow however
+    late the test sends it: the build takes a few seconds, and a busy machine can answer
+    the state query later than that (a CI run signalled a build that had already
+    completed). Waiting for a shard puts the signal in the build's own work, not in
+    Prefect's start of the flow run."""
+    store = tmp_path / "store"
+    shards = store / "_work" / "slow" / "shards"
+    args = [EXE, "build", str(slow_spec), "--store", str(store), "--json"]
     proc = subprocess.Popen(
         args,
         env=env,
@@ -177,8 +181,8 @@ def build_in_flight(
             servers = _servers(proc.pid)
             pids = sorted({*pids, *(s.pid for s in servers)})
             urls = [url for s in servers for url in _api_urls(s)]
-            if urls:
-                proc.send_signal(signal.SIGSTOP)
+            if urls and shards.is_dir() and any(shards.rglob("*.parquet")):
+                _stop(proc.pid)
                 time.sleep(0.3)  # a state change already sent reaches the server
                 with contextlib.suppress(OSError):
                     if any(_running_flow_runs(url) for url in urls):
@@ -191,6 +195,13 @@ def build_in_flight(
         _kill([proc.pid, *pids])
         proc.wait()
         proc.stderr.close()
+
+
+def _stop(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait until it is stopped (or has ended: the caller checks)."""
+    os.kill(pid, signal.SIGSTOP)
+    while psutil.Process(pid).status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE):
+        time.sleep(0.01)
 
 
 def _signal(proc: subprocess.Popen, signum: signal.Signals) -> None:
@@ -234,7 +245,7 @@ def _option(pid: int, name: str) -> list[str]:
         command = psutil.Process(pid).cmdline()
     except psutil.Error:
         return []
-    return command[command.index(name) + 1 : command.index(name) + 2] if name in command else []
+    return [command[command.index(name) + 1]] if name in command else []
 
 
 def _build(env: dict[str, str], store: Path) -> tuple[dict, list[int]]:
@@ -519,9 +530,7 @@ def _forked_build(
         time.sleep(0.02)
     command = forked.pop()
     time.sleep(1.0)  # into the flow
-    os.kill(command, signal.SIGSTOP)
-    while psutil.Process(command).status() != psutil.STATUS_STOPPED:
-        time.sleep(0.01)
+    _stop(command)
     assert proc.poll() is None, "the build ended within a second"
     return proc, command
 
