@@ -139,12 +139,16 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     source = spec.sources[0]
     fingerprint = file_fingerprint(source.path)  # as the flow does: hashed, then checked
-    first = ingest_source.fn("k0", source, spec.ingest, segments[0], str(work / "s0"), fingerprint)
+    last = len(segments) == 1
+    first = ingest_source.fn(
+        "k0", source, spec.ingest, segments[0], str(work / "s0"), fingerprint, last
+    )
     outputs = [first]
     train = first.train
     for i, chain in enumerate(segments[1:], 1):
         context = StageContext(work=work / "stages", cache_dir=work / "cache")
-        out = run_segment.fn(f"k{i}", train, chain, str(work / f"s{i}"), context)
+        last = i == len(segments) - 1
+        out = run_segment.fn(f"k{i}", train, chain, str(work / f"s{i}"), context, None, last)
         outputs.append(out)
         train = out.train
     rejected = [p for o in outputs for p in o.rejected]

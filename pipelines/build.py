@@ -97,11 +97,14 @@ def ingest_source(
     chain: list[ChainStep],
     folder: str,
     fingerprint: str | None = None,
+    final: bool = False,
 ) -> SegmentOutput:
     """Read one source, run the leading local stages, write shards. ``fingerprint``: the
-    source's, as in the key; the task fails (and caches nothing) if the bytes it read differ."""
+    source's, as in the key; the task fails (and caches nothing) if the bytes it read differ.
+    ``final``: no segment follows, so the train shards are written as the table's data files
+    (as in the key)."""
     logger = _logger()
-    writer = ShardWriter(folder)
+    writer = ShardWriter(folder, final=final)
 
     def shard(indexed: tuple[int, StageResult]) -> tuple[Counts, tuple[str, str | None]]:
         index, result = indexed
@@ -141,12 +144,14 @@ def run_segment(
     folder: str,
     context: StageContext,
     prepared: list[str] | None = None,
+    final: bool = False,
 ) -> SegmentOutput:
     """Run an ordered stage over the shards in order (or a whole-table stage over all of
     them at once), then the local stages after it. ``prepared``: the ordered stage's
-    ``prepare`` output for each shard, from :func:`prepare_shard`."""
+    ``prepare`` output for each shard, from :func:`prepare_shard`; ``final``: the chain's
+    last segment (as in the key), whose train shards are written as the table's data files."""
     logger = _logger()
-    writer = ShardWriter(folder)
+    writer = ShardWriter(folder, final=final)
     states: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     inputs = read_shards(shards)
@@ -285,6 +290,7 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
     ingest = ingest_source.with_options(result_storage=storage)
     fingerprints = {s.path: file_fingerprint(s.path) for s in spec.sources}
     lead = _chain_identity(segments[0])
+    last = len(segments) == 1  # ingest's train shards are the version's
     futures = []
     for source in spec.sources:
         key = key_of(
@@ -294,11 +300,12 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
             source.model_dump(),
             spec.ingest.model_dump(mode="json"),
             lead,
+            last,
         )
         folder = work / "shards" / key
         futures.append(
             fresh(ingest, folder).submit(
-                key, source, spec.ingest, segments[0], str(folder), fingerprints[source.path]
+                key, source, spec.ingest, segments[0], str(folder), fingerprints[source.path], last
             )
         )
     outputs = [f.result() for f in futures]
@@ -310,8 +317,11 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
     segment = run_segment.with_options(result_storage=storage)
     context = StageContext(work=work / "stages", cache_dir=cache_dir(datasets.root))
     train = [p for o in outputs for p in o.train]
-    for chain in segments[1:]:
-        key = key_of("segment", code_version(), [o.key for o in outputs], _chain_identity(chain))
+    for number, chain in enumerate(segments[1:], 2):
+        last = number == len(segments)
+        key = key_of(
+            "segment", code_version(), [o.key for o in outputs], _chain_identity(chain), last
+        )
         folder = work / "shards" / key
         if partitions > 0 and partitionable(chain[0]) and train:  # no shards: nothing to split
             scratch = work / "partitioned" / key / f"p{partitions}"
@@ -319,7 +329,7 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
             out = run_partitioned(key, train, chain, folder, scratch, partitions, options)
         else:
             prepared = _prepare(chain[0], train, work, storage)
-            out = fresh(segment, folder)(key, train, chain, str(folder), context, prepared)
+            out = fresh(segment, folder)(key, train, chain, str(folder), context, prepared, last)
         emit("stage", chain[0].definition.name, len(train), len(train))
         outputs.append(out)
         train = out.train

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from pipelines.stages import stage
 from storage.atomic import atomic_path
+from storage.commit import write_data_file
 from transforms.registry import StageContext, StageDef
 from transforms.stage import StageResult
 
@@ -123,10 +124,16 @@ def run_chain(
 
 
 class ShardWriter:
-    """Writes numbered shards into one folder; each file appears atomically (rename)."""
+    """Writes numbered shards into one folder; each file appears atomically (rename).
 
-    def __init__(self, folder: str | Path) -> None:
+    Rows that no later stage reads (every ``rejected`` shard, and the ``train`` shards when
+    ``final``) are written as data files of the table they will be committed to
+    (:func:`storage.commit.write_data_file`), which the commit links in without reading
+    them; the other shards are scratch files read once, written plain and fast."""
+
+    def __init__(self, folder: str | Path, *, final: bool = False) -> None:
         self.folder = Path(folder)
+        self.final = final
         self.train: list[str] = []
         self.rejected: list[str] = []
         self.counts: Counts = {}
@@ -136,11 +143,11 @@ class ShardWriter:
     ) -> tuple[str, str | None]:
         """Write shard ``index`` (any thread, any order); :meth:`add` records it."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        train = self._write(kept, f"train-{index:05d}.parquet")
+        train = self._write(kept, f"train-{index:05d}.parquet", final=self.final)
         if not rejected:
             return train, None
         table = pa.concat_tables(rejected, promote_options="permissive")
-        return train, self._write(table, f"rejected-{index:05d}.parquet")
+        return train, self._write(table, f"rejected-{index:05d}.parquet", final=True)
 
     def record(self, written: Iterable[tuple[Counts, tuple[str, str | None]]]) -> Iterator[Counts]:
         """Record shards written by :meth:`write_shard` (their counts and paths, in shard
@@ -152,12 +159,13 @@ class ShardWriter:
                 self.rejected.append(rejected)
             yield self.counts
 
-    def _write(self, table: pa.Table, name: str) -> str:
+    def _write(self, table: pa.Table, name: str, *, final: bool) -> str:
         # Two builds of one spec at once write the same files (same key, same content) into
         # the same folder: atomic_path gives each its own temporary name.
         path = self.folder / name
         with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, **_SHARD_OPTIONS)
+            if not (final and write_data_file(table, str(tmp))):
+                pq.write_table(table, tmp, **_SHARD_OPTIONS)
         return str(path)
 
 

@@ -6,10 +6,13 @@ A commit runs in three steps:
    (:func:`unify_schemas`): canonical columns first, then stage columns in order of first
    appearance, then the reject columns and the ``split`` partition column. Types Delta
    cannot store fail here, before anything is written.
-2. **Write.** The shards' batches are read (in a prefetch thread when one run is written),
-   conformed to the unified schema and streamed through pyarrow's Parquet writer into the
-   table's data files, ``split=<split>/part-NNNNN-<uuid>.snappy.parquet``, a new file
-   every ``target_file_bytes``. Memory stays bounded by a few batches; row order is kept.
+2. **Write.** A shard already written as a data file of this table (:func:`write_data_file`,
+   the table's file schema and encoding) is *adopted*: hard-linked into the table (copied
+   where a link is impossible), not read. The other shards' batches are read (in a prefetch
+   thread when one run is written), conformed to the unified schema and streamed through
+   pyarrow's Parquet writer into the table's data files,
+   ``split=<split>/part-NNNNN-<uuid>.snappy.parquet``, a new file every
+   ``target_file_bytes``. Memory stays bounded by a few batches; row order is kept.
 3. **Commit.** One Delta transaction adds the files: ``create_table_with_add_actions`` for a
    new dataset, an ``overwrite`` write transaction otherwise. The commit's custom metadata
    holds the build metadata (:mod:`storage.metadata`).
@@ -22,7 +25,9 @@ before the transaction, the data files written so far are removed and no version
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -82,6 +87,45 @@ def statistics_columns(schema: pa.Schema) -> list[str]:
     for field in schema:
         walk(field.type, field.name)
     return columns
+
+
+DATA_FILE_KEY = b"aligncurate.data_file"
+DATA_FILE_VERSION = b"1"
+"""Schema metadata of a shard written by :func:`write_data_file`: the commit adopts it."""
+ROW_GROUP_ROWS = 32_768
+"""Rows per row group of a shard written as a data file (the commit writes a row group per
+read batch, ``storage.dataset.BATCH_ROWS``, the same size)."""
+
+
+def data_file_options(schema: pa.Schema) -> dict[str, Any]:
+    """The Parquet writer options of the table's data files (one place for both writers)."""
+    return {
+        "compression": "snappy",
+        "coerce_timestamps": "us",
+        "use_dictionary": list(DICTIONARY_COLUMNS),
+        "write_statistics": statistics_columns(schema),
+    }
+
+
+def write_data_file(table: pa.Table, where: str) -> bool:
+    """Write ``table`` at ``where`` as a data file of the table its rows will be committed to
+    when all of a build's shards share its columns: conformed to :func:`unify_schemas` of its
+    own schema (less ``split``), in the data files' encoding, marked for adoption. Returns
+    False, writing nothing, when its columns cannot be stored (the commit then reports it).
+    """
+    try:
+        schema = unify_schemas([(where, table.schema)])
+    except StoreError:
+        return False
+    schema = schema.remove(schema.get_field_index("split"))
+    try:
+        batches = [conform_batch(batch, schema) for batch in table.to_batches()]
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
+    marked = schema.with_metadata({DATA_FILE_KEY: DATA_FILE_VERSION})
+    conformed = pa.Table.from_batches(batches, schema).replace_schema_metadata(marked.metadata)
+    pq.write_table(conformed, where, row_group_size=ROW_GROUP_ROWS, **data_file_options(schema))
+    return True
 
 
 class ShardSource(NamedTuple):
@@ -265,13 +309,26 @@ class ShardPlan:
         except Exception as exc:  # deltalake raises several types for unsupported types
             raise StoreError(f"the shards' schema cannot be stored in Delta: {exc}") from exc
 
-    def groups(self, split: str, count: int) -> list[list[_Shard]]:
-        """The ``split`` shards in at most ``count`` runs of consecutive shards with about
-        the same number of rows each (none empty)."""
+    def adoptable(self, shard: _Shard) -> bool:
+        """Whether ``shard`` was written as a data file of this table (its marker, and
+        exactly the table's file schema): it is then linked in, not read and written."""
+        marker = (shard.schema.metadata or {}).get(DATA_FILE_KEY)
+        return marker == DATA_FILE_VERSION and shard.schema.equals(self.file_schema)
+
+    def stretches(self, split: str) -> Iterator[tuple[bool, list[_Shard]]]:
+        """The ``split`` shards as maximal runs of consecutive shards that are all
+        adoptable or all not, in order."""
         shards = [shard for shard in self.shards if shard.split == split]
+        for adopt, stretch in itertools.groupby(shards, key=self.adoptable):
+            yield adopt, list(stretch)
+
+    @staticmethod
+    def groups(shards: Sequence[_Shard], count: int) -> list[list[_Shard]]:
+        """``shards`` in at most ``count`` runs of consecutive shards with about the same
+        number of rows each (none empty)."""
         total = sum(shard.rows for shard in shards)
         if total == 0:
-            return [shards] if shards else []
+            return [list(shards)] if shards else []
         groups: list[list[_Shard]] = [[]]
         done = 0
         for shard in shards:
@@ -411,35 +468,61 @@ class PartWriter:
         self.target_file_bytes = target_file_bytes
         self.written: list[str] = []
         self.prefix = uuid.uuid4().hex
-        self.statistics = statistics_columns(schema)
+        self.options = data_file_options(schema)
 
     def write(self, plan: ShardPlan, threads: int = 1) -> list[AddAction]:
-        """Each split's shards in up to ``threads`` runs of consecutive shards, each run
-        written by its own thread into its own files (Parquet encoding and compression
-        release the GIL); the actions keep the shards' order."""
-        runs = [
-            (split, index, group)
-            for split in SPLITS
-            for index, group in enumerate(plan.groups(split, self._runs(plan, split, threads)))
+        """Each split's shards in order: adoptable ones linked in (:meth:`_adopt`), the
+        others in up to ``threads`` runs of consecutive shards per stretch, each run written
+        by its own thread into its own files (Parquet encoding and compression release the
+        GIL); the actions keep the shards' order."""
+        jobs: list[tuple[str, int, list[_Shard], bool]] = []  # split, run, shards, adopt
+        for split in SPLITS:
+            runs: list[tuple[bool, list[_Shard]]] = []
+            for adopt, stretch in plan.stretches(split):
+                if adopt:
+                    runs += [(True, [shard]) for shard in stretch]
+                    continue
+                rows = sum(shard.rows for shard in stretch)
+                count = max(1, min(threads, rows // plan.batch_rows))  # a small one: one file
+                runs += [(False, group) for group in plan.groups(stretch, count)]
+            jobs += [(split, run, shards, adopt) for run, (adopt, shards) in enumerate(runs)]
+        writes = [job[:3] for job in jobs if not job[3]]
+        if threads == 1 or len(writes) <= 1:
+            written = {job[:2]: self._write_run(*job, plan, prefetch=True) for job in writes}
+        else:
+            # Several runs at once keep the cores busy without a reader thread each; with
+            # one, each run's queue of read batches held a third of the commit's Arrow
+            # memory (1M rows, 2 runs: 252 -> 156 MiB at its peak, 632 -> 472 MiB peak RSS).
+            with ThreadPoolExecutor(threads, thread_name_prefix="aligncurate-commit") as pool:
+                futures = {
+                    job[:2]: pool.submit(self._write_run, *job, plan, prefetch=False)
+                    for job in writes
+                }
+                written = {run: future.result() for run, future in futures.items()}
+        return [
+            action
+            for split, run, shards, adopt in jobs
+            for action in ([self._adopt(split, run, shards[0])] if adopt else written[split, run])
         ]
-        if threads == 1 or len(runs) == 1:
-            return [
-                a
-                for split, i, group in runs
-                for a in self._write_run(split, i, group, plan, prefetch=True)
-            ]
-        # Several runs at once keep the cores busy without a reader thread each; with one,
-        # each run's queue of read batches held a third of the commit's Arrow memory
-        # (1M rows, 2 runs: 252 -> 156 MiB at its peak, 632 -> 472 MiB peak RSS).
-        with ThreadPoolExecutor(threads, thread_name_prefix="aligncurate-commit") as pool:
-            futures = [pool.submit(self._write_run, *run, plan, prefetch=False) for run in runs]
-            return [action for future in futures for action in future.result()]
 
-    @staticmethod
-    def _runs(plan: ShardPlan, split: str, threads: int) -> int:
-        """Runs for a split: one per thread, but no more than it has batches (a small
-        split stays one file)."""
-        return max(1, min(threads, plan.rows[split] // plan.batch_rows))
+    def _adopt(self, split: str, run: int, shard: _Shard) -> AddAction:
+        """Link (or copy) a shard written as a data file into the table, unread."""
+        relative = f"split={split}/part-{run:03d}-00000-{self.prefix}.snappy.parquet"
+        path = f"{self.table_path}/{relative}"
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        self.written.append(path)
+        try:
+            if not self.fs.type_name == shard.filesystem.type_name == "local":
+                raise OSError("not on one local filesystem")
+            os.link(shard.fs_path, path)
+        except OSError:  # another device or filesystem, or no hard links there: copy
+            pafs.copy_files(
+                shard.fs_path,
+                path,
+                source_filesystem=shard.filesystem,
+                destination_filesystem=self.fs,
+            )
+        return self._action(split, relative, self.fs.get_file_info(path).size, shard.rows)
 
     def _write_run(
         self, split: str, run: int, shards: Sequence[_Shard], plan: ShardPlan, *, prefetch: bool
@@ -476,14 +559,7 @@ class PartWriter:
             self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         self.written.append(path)
         stream = self.fs.open_output_stream(path)
-        writer = pq.ParquetWriter(
-            stream,
-            self.schema,
-            compression="snappy",
-            coerce_timestamps="us",
-            use_dictionary=list(DICTIONARY_COLUMNS),
-            write_statistics=self.statistics,
-        )
+        writer = pq.ParquetWriter(stream, self.schema, **self.options)
         return relative, stream, writer
 
     def _close(
@@ -493,6 +569,10 @@ class PartWriter:
         writer.close()
         size = stream.tell()
         stream.close()
+        return self._action(split, relative, size, rows)
+
+    @staticmethod
+    def _action(split: str, relative: str, size: int, rows: int) -> AddAction:
         return AddAction(
             path=relative,
             size=size,

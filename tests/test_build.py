@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,9 @@ def test_build_on_shared_corpora(tmp_path: Path, shared_data: Path) -> None:
     validate(train.select(SCHEMA.names).cast(SCHEMA))
     assert set(train.column("task").to_pylist()) == {"instruction", "mcq", "open_qa"}
     assert train.num_rows == len(set(train.column("id").to_pylist()))
+    # the last writer of every row wrote it as a data file: the commit linked each in
+    files = [*store.files("corpora"), *store.files("corpora", split="rejected")]
+    assert [os.stat(f).st_nlink for f in files] == [2] * len(files) != []
 
     info = store.versions("corpora")[-1]
     meta = info.metadata

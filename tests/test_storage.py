@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
+from pipelines.segments import ShardWriter
 from storage import DatasetStore, Ref, StoreError, default_store, parse_ref, validate_name
+from storage.commit import write_data_file
 from transforms.schema import REJECTED_SCHEMA, SCHEMA, conform, messages, rejected, validate
 
 TOOLS = json.dumps(
@@ -451,6 +453,69 @@ def test_parallel_writers_keep_shard_and_row_order(
     assert len({name.split("-")[1] for name in parts}) == 3  # three runs wrote train files
     rejected_parts = [Path(f).name for f in store.files("par", split="rejected")]
     assert [name.split("-")[1] for name in rejected_parts] == ["000"]  # 5 rows, 2 shards: 1 run
+
+
+def write_data_shard(table: pa.Table, path: Path) -> str:
+    """A shard written as a build's last segment writes it: a data file of the table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert write_data_file(table, str(path))
+    return str(path)
+
+
+def test_shards_written_as_data_files_are_linked_in_unread(
+    store: DatasetStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shards written as data files of the table (its file schema, its encoding) become its
+    data files as they are: hard links, never read, in shard order between shards that are
+    written anew. A marked shard whose columns differ from the table's (another shard has a
+    stage column) is written anew, the missing column null; the version reads back the same
+    as one committed from plain shards."""
+    monkeypatch.setattr("storage.dataset.BATCH_ROWS", 4)
+    rows = canonical_table(ids("p", 30))
+    build = tmp_path / "shards"
+    cuts = [(0, 7, write_data_shard), (7, 5, write_shard), (12, 4, write_shard)]
+    cuts += [(16, 6, write_data_shard), (22, 8, write_data_shard)]
+    train = [write(rows.slice(a, n), build / f"train-{a}.parquet") for a, n, write in cuts]
+    rejected = [write_data_shard(rejected_table(ids("r", 3)), build / "rejected-0.parquet")]
+    store.commit("linked", train, rejected, {"build_id": "t"}, threads=2)
+    plain = [
+        write_shard(pq.read_table(path), build / f"plain-{i}.parquet")
+        for i, path in enumerate(train)
+    ]
+    store.commit(
+        "plain",
+        plain,
+        [write_shard(rejected_table(ids("r", 3)), build / "r.parquet")],
+        {"build_id": "t"},
+    )
+
+    for split in ("train", "rejected"):
+        assert store.read("linked", split).equals(store.read("plain", split))
+    inodes = {os.stat(path).st_ino: path for path in [*train, *rejected]}
+    linked = [inodes.get(os.stat(f).st_ino) for f in store.files("linked")]
+    assert linked == [train[0], None, None, train[3], train[4]]  # 2 plain shards, 2 runs
+    [rejected_file] = store.files("linked", split="rejected")
+    assert os.stat(rejected_file).st_ino == os.stat(rejected[0]).st_ino
+
+    # a stage column in one shard: the marked shard without it is written anew
+    scored = canonical_table(ids("s", 4), score=[0.5, 1.0, 1.5, 2.0])
+    shards = [write_data_shard(rows.slice(0, 5), build / "x-0.parquet")]
+    shards += [write_data_shard(scored, build / "x-1.parquet")]
+    store.commit("mixed", shards, [], {"build_id": "t"})
+    inodes = {os.stat(path).st_ino: path for path in shards}
+    assert [inodes.get(os.stat(f).st_ino) for f in store.files("mixed")] == [None, shards[1]]
+    assert store.read("mixed")["score"].to_pylist() == [None] * 5 + [0.5, 1.0, 1.5, 2.0]
+
+
+def test_a_shard_of_unstorable_columns_is_written_plain(tmp_path: Path) -> None:
+    """``write_data_file`` writes nothing for columns the table cannot store (the commit
+    then names the shard, as for any shard), and a shard writer falls back to a plain file."""
+    table = canonical_table(ids("a", 2)).append_column("split", pa.array(["x", "y"]))
+    assert not write_data_file(table, str(tmp_path / "data.parquet"))
+    assert not (tmp_path / "data.parquet").exists()
+    writer = ShardWriter(tmp_path / "shards", final=True)
+    train, _ = writer.write_shard(0, table, [])
+    assert pq.read_table(train).equals(table)
 
 
 # -- reads in a fresh interpreter ---------------------------------------------------------
