@@ -3,12 +3,18 @@ every task of a build."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from pipelines.parallel import WORKERS_ENV, ordered_map
+
+POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
 
 
 @pytest.fixture(autouse=True)
@@ -73,3 +79,34 @@ def test_concurrent_tasks_share_one_budget_without_waiting_on_each_other() -> No
         k: list(range(k * 100, k * 100 + 40)) for k in range(4)
     }
     assert state["most"] <= 4
+
+
+@pytest.mark.parametrize(("chosen", "backend"), [(None, "jemalloc"), ("system", "system")])
+def test_a_build_process_uses_a_pool_that_returns_freed_pages(
+    chosen: str | None, backend: str, tmp_path: Path
+) -> None:
+    """Importing the pipelines makes jemalloc Arrow's pool, unless
+    ``ARROW_DEFAULT_MEMORY_POOL`` chose one; a build's ingest allocates from it."""
+    corpus = tmp_path / "rows.jsonl"
+    corpus.write_text('{"instruction": "Say hi", "input": "", "output": "hi"}\n')
+    script = (
+        "import sys\n"
+        "from pipelines.build import ingest_source\n"
+        "from pipelines.spec import SourceSpec\n"
+        "import pyarrow as pa\n"
+        "from transforms.ingest import IngestParams\n"
+        "source = SourceSpec(path=sys.argv[1])\n"
+        "out = ingest_source.fn('k', source, IngestParams(), [], sys.argv[2])\n"
+        "print(pa.default_memory_pool().backend_name, out.counts['ingest']['kept'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != POOL_ENV}
+    if chosen:
+        env[POOL_ENV] = chosen
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(corpus), str(tmp_path / "shards")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.split() == [backend, "1"]
