@@ -9,7 +9,8 @@
   ``tracemalloc`` (what stays after the last shard, and the peak while feeding, shard
   temporaries included), from the RSS, and the peak RSS added per key between ``--rows``
   and 4x as many keys (the slope that decides how many distinct rows fit under a memory
-  ceiling).
+  ceiling); for the KeySet, its arrays in memory and its records spilled to temporary
+  files, per key.
 - **time**: ``--rows`` GSM8K rows made distinct by a numbered suffix, 10% of them copies
   of an earlier row (any shard before, or the same one), through the previous stage
   (kept below as the baseline) and ``exact_dedup``, shard by shard; both compute
@@ -91,7 +92,8 @@ def memory(kind: str, rows: int, trace: bool) -> dict:
         result["rss_bytes_per_key"] = round((rss - rss0) * 2**20 / distinct, 1)
         result["peak_rss_bytes_per_key"] = round((hwm - rss0) * 2**20 / distinct, 1)
     if kind == "keyset":
-        result["array_bytes_per_key"] = round(keyset.nbytes / distinct, 1)
+        result["array_bytes_per_key"] = round(keyset.nbytes / distinct, 1)  # in memory
+        result["spilled_bytes_per_key"] = round(keyset.spilled_bytes / distinct, 1)
     return result
 
 

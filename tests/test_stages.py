@@ -14,7 +14,7 @@ from transforms.dedup import ExactDedupParams, exact_dedup
 from transforms.filters import FilterParams, filter_rows
 from transforms.ids import content_key, row_ids
 from transforms.ingest import read_source
-from transforms.keyset import KeySet, group_keys, hex_words, words_hex
+from transforms.keyset import SPILL_KEYS, KeySet, group_keys, hex_words, words_hex
 from transforms.normalize import NormalizeParams, normalize
 from transforms.schema import REJECTED_SCHEMA, validate
 from transforms.text import prompt_chars
@@ -174,11 +174,13 @@ def reference_dedup(shards: list[pa.Table]) -> list[tuple[list[str], list[str], 
     return out
 
 
-def test_exact_dedup_matches_a_dict_over_many_shards(shared_data: Path) -> None:
+@pytest.mark.parametrize("spill_keys", [SPILL_KEYS, 300])
+def test_exact_dedup_matches_a_dict_over_many_shards(shared_data: Path, spill_keys: int) -> None:
     """Real GSM8K rows in 16 shards of 60-400 rows, with duplicates of rows of the same
     shard, of the shard before and of much earlier shards (so that they sit in merged
     runs), the same pairs under another source (another id, the same key), and one shard
-    whose ids are not hex digests: the kept ids, reasons and counts are the dict's."""
+    whose ids are not hex digests: the kept ids, reasons and counts are the dict's, with
+    the key set in memory or (runs of 300 keys or more) spilled to temporary files."""
     path = shared_data / "instructions" / "gsm8k_train_alpaca.json"
     rows = next(iter(read_source(path))).kept.slice(0, 3000)
     rng = np.random.default_rng(7)
@@ -202,7 +204,7 @@ def test_exact_dedup_matches_a_dict_over_many_shards(shared_data: Path) -> None:
             shard = shard.set_column(shard.schema.get_field_index("id"), "id", names)
         shards.append(shard)
     expected = reference_dedup(shards)
-    state: dict = {}
+    state: dict = {"keys": KeySet(spill_keys=spill_keys)}
     distinct = 0
     for shard, (kept, dropped, reasons) in zip(shards, expected, strict=True):
         out = exact_dedup(shard, ExactDedupParams(), state)
@@ -216,6 +218,7 @@ def test_exact_dedup_matches_a_dict_over_many_shards(shared_data: Path) -> None:
     assert any(reason.startswith("duplicate_of:row-9-") for reason in later)
     keyset: KeySet = state["keys"]
     assert len(keyset) == distinct and 1 < len(keyset.runs) < 8  # runs were merged
+    assert any(run.file is not None for run in keyset.runs) == (spill_keys < distinct)
     assert len(pickle.loads(pickle.dumps(state))["keys"]) == distinct
 
 

@@ -6,15 +6,16 @@ same pair in two corpora is a duplicate too. The stage is *ordered*: shards are 
 order with one state carried across them, the keys seen so far with the id of the row
 kept for each. That state is a :class:`transforms.keyset.KeySet`: the key's XXH3-128
 digest and the kept row's id (an XXH3-128 hex digest too) as 16 raw bytes each, in
-sorted numpy runs. It still grows with the number of distinct rows (not with their size),
-but by 32 bytes of arrays per distinct row where the dict of hex strings it replaced took
-about 200. Measured by ``bench/dedup_state.py`` (1M random keys in 64k-row shards;
-2-core Xeon under load): ``tracemalloc`` 32.0 bytes per key against 191.3 for the dict;
-the peak RSS grows by 73-83 bytes per key (1M → 4M keys) against 222 (the largest merge
-copies 16 bytes per key for a moment; the rest is glibc heap fragmentation: 52 with
-``MALLOC_MMAP_THRESHOLD_=131072``). The stage's time is unchanged within the noise, 1.5-3.5
-s per million rows for both (ratio 0.89-1.24 over six runs), mostly ``content_key``'s
-hashing and the table filters.
+sorted numpy runs. Runs of a million keys or more keep only the key's first 8 bytes in
+memory and the other 24 bytes in an anonymous temporary file, read with one ``pread`` per
+key found there (see that module), so the state's memory grows by about 8 bytes per
+distinct row (32 below a million; the dict of hex strings it replaced took about 200),
+and its temporary files by 24. Measured by ``bench/dedup_state.py`` (random keys in
+64k-row shards, each case in its own process, medians of 3 rounds alternating with the
+unspilled KeySet; 2-core Xeon, load 0.3-2.4): the peak RSS grows by 9.6 bytes per key
+from 1M to 4M keys, against 78 unspilled and 222 for the dict; the stage takes 1.64 s
+per million rows over 1M rows and 1.86 over 4M, against 1.63 and 1.87 unspilled, mostly
+``content_key``'s hashing and the table filters.
 """
 
 from __future__ import annotations

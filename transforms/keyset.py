@@ -4,14 +4,39 @@ Keys and values are held as pairs of ``uint64`` words (the raw 16 bytes of an XX
 digest, see :func:`hex_words`), 32 bytes per key in all, instead of a dict of hex strings
 (about 200 bytes per key). The set is log-structured, as an LSM tree's levels (O'Neil et
 al., 1996, "The log-structured merge-tree"): each :meth:`KeySet.add` appends one run sorted
-by key, and a run is merged into the one before it while it is at least as large (a
-binary counter), so a lookup searches O(log n) runs and merging costs O(n log n) in all;
-the merge of two sorted runs is a near-linear timsort. Keys compare as (first word, second
-word), so the set stays exact at 128 bits; keys that share a first word (some pair of n
-keys does with probability about n^2 / 2^65) fall back to a full lexicographic order.
+by the key's first word, and a run is merged into the one before it while it is at least
+as large (a binary counter), so a lookup searches O(log n) runs and merging costs
+O(n log n) in all.
+
+As in an LSM tree's disk components, a run of at least ``spill_keys`` keys (default
+:data:`SPILL_KEYS`) keeps only its sorted first words in memory, 8 bytes per key; its
+*records* (the key's second word and the value, 24 bytes) lie in the same order in an
+anonymous temporary file (:func:`tempfile.TemporaryFile`, in ``TMPDIR``: unlinked at once,
+so nothing is left behind even if the process is killed; the page cache, not the process,
+holds what is read often). A lookup searches the first words, then reads with one
+``pread`` each only the records of its candidates (the keys present, about one row in ten
+in a build, and the rare keys that share a first word), never through a memory map of the
+file, whose touched pages would count in the resident set. Merges stream both runs in
+blocks of at most :data:`MERGE_BLOCK` keys of each (cut on the two runs' merge path), in
+buffers reused from block to block; a spilled run's first words are in an anonymous memory
+map of their own (:func:`mapped_words`), and a merge gives back the pages of its inputs'
+first words as it goes, so even the largest merge holds about one copy of the set's first
+words, not two. Smaller runs keep their records in memory. On disk, the set takes 24 bytes
+per key of the spilled runs, and a merge the records of its inputs and its output.
+
+Keys compare as full 128 bits, so the set is exact: runs are ordered by the first word
+only, and a lookup reads and compares the second word of every record sharing its first
+word (with hashes, rarely more than one: some pair of n keys shares a first word with
+probability about n^2 / 2^65).
 """
 
 from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from itertools import repeat
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +47,19 @@ from transforms.ids import contiguous
 Words = np.ndarray
 """``(n, 2)`` ``uint64``: the 16 raw bytes of a 128-bit digest (memory order)."""
 
-_DROPPED = np.zeros(0, np.uint64)  # stands in for a merged run's column once it is copied
+SPILL_KEYS = 1 << 20
+"""Runs of at least this many keys keep only their first words in memory (see above): the
+runs below it (of different sizes but for a moment) hold fewer keys than this, 32 bytes
+each (32 MiB at most). Each merge level at or above it writes every record to a file once
+more: with ``1 << 18``, ``bench/dedup_state.py`` added 4M keys about 0.2 s slower (two
+levels more), for a peak RSS 35 MiB lower at 1M keys that grew by 7.7 bytes per key
+from 1M to 4M keys (9.6 with ``1 << 20``)."""
+MERGE_BLOCK = 1 << 16
+"""Keys of each run merged at a time (a block of two is at most 4 MiB of records)."""
+RECORD = 3
+"""``uint64`` words of a record: the key's second word, then the value's two words."""
+_WORD = 8  # bytes per word
+_DROPPED = np.zeros(0, np.uint64)  # stands in for a merged run's first words
 
 
 def hex_words(values: pa.Array | pa.ChunkedArray) -> tuple[Words, np.ndarray]:
@@ -87,34 +124,41 @@ def group_keys(keys: Words) -> tuple[Words, np.ndarray, np.ndarray]:
 
 class KeySet:
     """128-bit keys, each with a 128-bit value, in sorted runs; the keys of different runs
-    are disjoint. Picklable (plain numpy arrays)."""
+    are disjoint. Runs of at least ``spill_keys`` keys keep their records in a temporary
+    file (see the module's docstring). Picklable: a pickle holds every record, and its
+    runs spill again when loaded."""
 
-    def __init__(self) -> None:
-        # Each run: four uint64 columns [key hi, key lo, value hi, value lo], sorted by key.
-        self.runs: list[list[np.ndarray]] = []
+    def __init__(self, spill_keys: int = SPILL_KEYS) -> None:
+        self.spill_keys = spill_keys
+        self.runs: list[Run] = []
 
     def __len__(self) -> int:
-        return sum(len(run[0]) for run in self.runs)
+        return sum(len(run) for run in self.runs)
 
     @property
     def nbytes(self) -> int:
-        return sum(column.nbytes for run in self.runs for column in run)
+        """Bytes of arrays in memory: first words, and the records of the unspilled runs
+        (not the spilled records, see :attr:`spilled_bytes`)."""
+        return sum(run.nbytes for run in self.runs)
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes of records in temporary files."""
+        return sum(RECORD * _WORD * len(run) for run in self.runs if run.file is not None)
 
     def find(self, keys: Words) -> tuple[np.ndarray, Words]:
-        """Which of ``keys`` (distinct; sorted keeps the lookups cache-friendly) are in the
-        set, and their values (zeros where absent)."""
+        """Which of ``keys`` (distinct; sorted keeps the lookups cache-friendly and the
+        reads in file order) are in the set, and their values (zeros where absent)."""
         found = np.zeros(len(keys), dtype=bool)
         values = np.zeros((len(keys), 2), dtype=np.uint64)
         todo = np.arange(len(keys))
-        for hi, lo, *run_values in reversed(self.runs):  # newest (smallest) first
+        for run in reversed(self.runs):  # newest (smallest) first
             if not len(todo):
                 break
-            where = _positions(hi, lo, keys[todo, 0], keys[todo, 1])
-            hit = where >= 0
+            hit, run_values = run.find(keys[todo, 0], keys[todo, 1])
             found[todo[hit]] = True
-            for k, column in enumerate(run_values):
-                values[todo[hit], k] = column[where[hit]]
-            todo = todo[~hit]
+            values[todo[hit]] = run_values
+            todo = np.delete(todo, hit)
         return found, values
 
     def add(self, keys: Words, values: Words) -> None:
@@ -122,47 +166,209 @@ class KeySet:
         the set, with their values."""
         if not len(keys):
             return
-        self.runs.append(
-            [np.array(words[:, k], np.uint64) for words in (keys, values) for k in (0, 1)]
-        )
-        while len(self.runs) > 1 and len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+        records = np.concatenate([keys[:, 1:], values], axis=1)
+        self.runs.append(Run.of(keys[:, 0], records, len(keys) >= self.spill_keys))
+        while len(self.runs) > 1 and len(self.runs[-1]) >= len(self.runs[-2]):
             newer, older = self.runs.pop(), self.runs.pop()
-            self.runs.append(_merge(older, newer))
+            spill = len(older) + len(newer) >= self.spill_keys
+            self.runs.append(merge(older, newer, spill))
 
 
-def _positions(
-    hi: np.ndarray, lo: np.ndarray, key_hi: np.ndarray, key_lo: np.ndarray
-) -> np.ndarray:
-    """Where each key sits in a sorted run, -1 where absent."""
-    pos = np.searchsorted(hi, key_hi)
-    at = np.minimum(pos, len(hi) - 1)
-    same_hi = (pos < len(hi)) & (hi[at] == key_hi)
-    hit = same_hi & (lo[at] == key_lo)
-    where = np.where(hit, pos, -1)
-    for i in np.flatnonzero(same_hi & ~hit):  # rare: a first word shared by several keys
-        end = int(np.searchsorted(hi, key_hi[i], side="right"))
-        j = int(pos[i]) + int(np.searchsorted(lo[pos[i] : end], key_lo[i]))
-        if j < end and lo[j] == key_lo[i]:
-            where[i] = j
-    return where
+class Run:
+    """One run: its keys' first words (sorted, in memory) and their records in the same
+    order, ``(n, RECORD)`` ``uint64``, in memory or spilled to ``file``. Keys that share a
+    first word may be in any order. Pickles as its arrays, and spills again when loaded."""
+
+    __slots__ = ("file", "hi", "records")
+
+    def __init__(
+        self, hi: np.ndarray, records: np.ndarray | None, file: IO[bytes] | None = None
+    ) -> None:
+        self.hi, self.records, self.file = hi, records, file
+
+    @classmethod
+    def of(cls, hi: np.ndarray, records: np.ndarray, spill: bool) -> Run:
+        """A run of ``hi`` (sorted) and ``records`` (copied), spilled if ``spill``."""
+        writer = RunWriter(len(hi), spill)
+        writer.write(hi, records)
+        return writer.finish()
+
+    def __reduce__(self) -> tuple:
+        records = np.empty((len(self), RECORD), np.uint64)
+        self.read_into(records, 0)
+        return Run.of, (self.hi, records, self.file is not None)
+
+    def __len__(self) -> int:
+        return len(self.hi)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in memory (the first words, and the records unless spilled)."""
+        return self.hi.nbytes + (self.records.nbytes if self.records is not None else 0)
+
+    def read_into(self, out: np.ndarray, start: int) -> None:
+        """Fill ``out`` with the records from ``start`` on."""
+        if self.records is not None:
+            out[:] = self.records[start : start + len(out)]
+        else:
+            assert self.file is not None
+            _pread_into(self.file.fileno(), out, start * RECORD * _WORD)
+
+    def gather(self, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+        """The records of the spans ``starts[i]`` to ``stops[i]``, one after the other:
+        one ``pread`` a span if spilled."""
+        if self.records is not None:
+            return np.take(self.records, _spans(starts, stops), axis=0)
+        assert self.file is not None
+        size = RECORD * _WORD
+        data = b"".join(
+            map(
+                os.pread,
+                repeat(self.file.fileno()),
+                (size * (stops - starts)).tolist(),
+                (size * starts).tolist(),
+            )
+        )
+        if len(data) != size * int((stops - starts).sum()):
+            raise OSError("short read from a spilled run")
+        return np.frombuffer(data, np.uint64).reshape(-1, RECORD)
+
+    def find(self, key_hi: np.ndarray, key_lo: np.ndarray) -> tuple[np.ndarray, Words]:
+        """Which keys are in the run (indices into ``key_hi``, ascending) and their values.
+        Only the records whose first word is a key's are read."""
+        start = np.searchsorted(self.hi, key_hi)
+        candidates = np.flatnonzero(_holds(self.hi, start, key_hi))
+        start, key_hi = start[candidates], key_hi[candidates]
+        stop = start + 1
+        shared = np.flatnonzero(_holds(self.hi, stop, key_hi))  # rare: a first word shared
+        stop[shared] = np.searchsorted(self.hi, key_hi[shared], side="right")
+        records = self.gather(start, stop)
+        owner = np.repeat(candidates, stop - start)
+        match = records[:, 0] == key_lo[owner]
+        return owner[match], records[match, 1:]
+
+    def close(self) -> None:
+        """Drop the arrays and the file (once merged into another run)."""
+        self.hi, self.records = _DROPPED, None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
-def _merge(older: list[np.ndarray], newer: list[np.ndarray]) -> list[np.ndarray]:
-    """One sorted run from two (disjoint keys). Built one column at a time, each input
-    column dropped as soon as it is copied, so a merge of n keys holds at most 16 bytes per
-    key more than the runs themselves (the order, and one 8-byte column twice)."""
-    hi = np.concatenate([older[0], newer[0]])
-    older[0] = newer[0] = _DROPPED
-    order = np.argsort(hi, kind="stable")  # timsort: two sorted runs merge in near-linear time
-    merged = hi[order]
-    if (merged[1:] == merged[:-1]).any():  # two keys share a first word: order by both words
-        order = np.lexsort((np.concatenate([older[1], newer[1]]), hi))
-        merged = hi[order]
-    del hi
-    out = [merged]
-    for k in (1, 2, 3):
-        column = np.concatenate([older[k], newer[k]])
-        older[k] = newer[k] = _DROPPED
-        out.append(column[order])
-        del column
-    return out
+class RunWriter:
+    """Builds a run of ``n`` keys from blocks given in order: into arrays, or (``spill``)
+    the first words into :func:`mapped_words` and the records into an anonymous temporary
+    file."""
+
+    def __init__(self, n: int, spill: bool) -> None:
+        self.n, self.done = n, 0
+        # The file lives as long as the run (closed by Run.close, or when collected).
+        self.file = tempfile.TemporaryFile(buffering=0) if spill else None  # noqa: SIM115
+        self.hi = mapped_words(n) if spill else np.empty(n, np.uint64)
+        self.records = np.empty((0 if spill else n, RECORD), np.uint64)
+
+    def write(self, hi: np.ndarray, records: np.ndarray) -> None:
+        """Append keys (first words ``hi``) and their records."""
+        start, stop = self.done, self.done + len(hi)
+        self.hi[start:stop] = hi
+        if self.file is None:
+            self.records[start:stop] = records
+        else:
+            _pwrite(self.file.fileno(), records, start * RECORD * _WORD)
+        self.done = stop
+
+    def finish(self) -> Run:
+        """The run (all ``n`` keys written)."""
+        assert self.done == self.n
+        return Run(self.hi, None if self.file else self.records, self.file)
+
+
+def merge(older: Run, newer: Run, spill: bool) -> Run:
+    """One run from two (disjoint keys), spilled if ``spill``; consumes both. Block by
+    block (see :func:`merge_path`) in buffers reused from block to block, each block a
+    near-linear timsort of two sorted pieces; the first words of the blocks merged are
+    given back (:func:`release`) as the merged run's are written."""
+    writer = RunWriter(len(older) + len(newer), spill)
+    cuts_old, cuts_new = merge_path(older.hi, newer.hi, MERGE_BLOCK)
+    size = min(2 * MERGE_BLOCK, writer.n)
+    hi_in, hi_out = np.empty(size, np.uint64), np.empty(size, np.uint64)
+    records_in, records_out = (np.empty((size, RECORD), np.uint64) for _ in range(2))
+    for i0, i1, j0, j1 in zip(
+        cuts_old[:-1], cuts_old[1:], cuts_new[:-1], cuts_new[1:], strict=True
+    ):
+        split, n = i1 - i0, i1 - i0 + j1 - j0
+        hi_in[:split], hi_in[split:n] = older.hi[i0:i1], newer.hi[j0:j1]
+        older.read_into(records_in[:split], i0)
+        newer.read_into(records_in[split:n], j0)
+        order = np.argsort(hi_in[:n], kind="stable")
+        writer.write(
+            np.take(hi_in, order, out=hi_out[:n], mode="clip"),  # "raise" buffers out
+            np.take(records_in, order, axis=0, out=records_out[:n], mode="clip"),
+        )
+        release(older.hi, i1)
+        release(newer.hi, j1)
+    older.close()
+    newer.close()
+    return writer.finish()
+
+
+def merge_path(old: np.ndarray, new: np.ndarray, block: int) -> tuple[list[int], list[int]]:
+    """Cuts ``(i, j)`` of the stable merge of two sorted arrays (``old`` first among equal
+    values): its first ``i + j`` values are ``old[:i]`` and ``new[:j]``. They run from
+    ``(0, 0)`` to the ends, cut at every multiple of ``block`` in either array, so no piece
+    holds more than ``block`` values of each."""
+    at_old = np.arange(0, len(old), block)
+    at_new = np.arange(0, len(new), block)
+    i = np.concatenate([[0], at_old, np.searchsorted(old, new[at_new], side="right"), [len(old)]])
+    j = np.concatenate([[0], np.searchsorted(new, old[at_old]), at_new, [len(new)]])
+    order = np.argsort(i + j, kind="stable")  # one step of the path adds 1 to i or to j
+    return i[order].tolist(), j[order].tolist()
+
+
+def _holds(words: np.ndarray, where: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Whether ``words[where]`` is ``values`` (false where ``where`` is past the end)."""
+    return (where < len(words)) & (words[np.minimum(where, len(words) - 1)] == values)
+
+
+def _spans(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The indices ``starts[k]`` to ``stops[k]``, for each ``k`` in turn."""
+    counts = stops - starts
+    ends = np.cumsum(counts)
+    return np.repeat(starts - (ends - counts), counts) + np.arange(ends[-1] if len(ends) else 0)
+
+
+def mapped_words(n: int) -> np.ndarray:
+    """``n`` zero ``uint64`` words in a private anonymous memory map of their own: its
+    pages are resident once written, given back by :func:`release` and when the array is
+    collected (the heap would keep a freed run's pages: glibc serves blocks up to 32 MiB
+    from it once one was freed)."""
+    memory = mmap.mmap(-1, max(n, 1) * _WORD, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return np.frombuffer(memory, np.uint64, count=n)
+
+
+def release(words: np.ndarray, stop: int) -> None:
+    """Give back the whole memory pages of ``words[:stop]``, which read as zeros from then
+    on, if ``words`` is from :func:`mapped_words` (else nothing)."""
+    base = words.base
+    if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
+        size = stop * words.itemsize // mmap.PAGESIZE * mmap.PAGESIZE
+        if size:
+            base.obj.madvise(mmap.MADV_DONTNEED, 0, size)
+
+
+def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
+    """Write ``array``'s bytes at ``offset``."""
+    view = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill ``out`` (contiguous) with the bytes at ``offset``."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    while view:
+        done = os.preadv(fd, [view], offset)
+        if not done:
+            raise OSError("short read from a spilled run")
+        view, offset = view[done:], offset + done
