@@ -127,13 +127,22 @@ def ingest_source(
     return SegmentOutput(key, writer.train, writer.rejected, writer.counts, produced_by=_run_id())
 
 
+PREPARE_ROWS = 65_536
+"""Rows of consecutive shards one prepare task works on: small shards share a task (each
+task run costs Prefect's orchestration, tens of milliseconds)."""
+
+
 @task(name="prepare", **CACHED)
-def prepare_shard(key: str, shard: str, step: ChainStep, folder: str) -> str:
-    """An ordered stage's per-shard work (its ``prepare``) on one shard, written to
-    ``folder``; returns the file's path."""
+def prepare_shards(key: str, shards: list[str], step: ChainStep, folder: str) -> list[str]:
+    """An ordered stage's per-shard work (its ``prepare``) on each of ``shards``, written
+    to ``folder``; returns the files' paths, in order."""
     assert step.definition.prepare is not None
-    table = pq.read_table(shard)
-    return write_prepared(folder, shard, table, step.definition.prepare(table, step.params))
+    paths = []
+    for shard in shards:
+        table = pq.read_table(shard)
+        arrays = step.definition.prepare(table, step.params)
+        paths.append(write_prepared(folder, shard, table, arrays))
+    return paths
 
 
 @task(name="ordered-segment", **CACHED)
@@ -148,7 +157,7 @@ def run_segment(
 ) -> SegmentOutput:
     """Run an ordered stage over the shards in order (or a whole-table stage over all of
     them at once), then the local stages after it. ``prepared``: the ordered stage's
-    ``prepare`` output for each shard, from :func:`prepare_shard`; ``final``: the chain's
+    ``prepare`` output for each shard, from :func:`prepare_shards`; ``final``: the chain's
     last segment (as in the key), whose train shards are written as the table's data files."""
     logger = _logger()
     writer = ShardWriter(folder, final=final)
@@ -216,18 +225,33 @@ def _engine_stats(outputs: list[SegmentOutput]) -> dict[str, int]:
 def _prepare(
     step: ChainStep, shards: list[str], work: Path, storage: LocalFileSystem
 ) -> list[str] | None:
-    """Run ``step``'s ``prepare`` on every shard as shard-level tasks (in parallel, on the
-    flow's task runner); ``None`` when the stage has none."""
+    """Run ``step``'s ``prepare`` on every shard, :data:`PREPARE_ROWS` rows of consecutive
+    shards per task (in parallel, on the flow's task runner); ``None`` when the stage has
+    none."""
     if step.definition.prepare is None:
         return None
-    prepare = prepare_shard.with_options(result_storage=storage)
+    prepare = prepare_shards.with_options(result_storage=storage)
     identity = _chain_identity([step])
     futures = []
-    for shard in shards:  # a shard's path names the task that wrote it: a content key
-        key = key_of("prepare", code_version(), shard, identity)
+    for group in _row_groups(shards, PREPARE_ROWS):  # a shard's path names the task that
+        key = key_of("prepare", code_version(), group, identity)  # wrote it: a content key
         folder = work / "prepared" / key
-        futures.append(fresh(prepare, folder).submit(key, shard, step, str(folder)))
-    return [f.result() for f in futures]
+        futures.append(fresh(prepare, folder).submit(key, group, step, str(folder)))
+    return [path for future in futures for path in future.result()]
+
+
+def _row_groups(shards: list[str], rows: int) -> list[list[str]]:
+    """``shards`` in runs of consecutive shards of at least ``rows`` rows (the last may
+    hold fewer)."""
+    groups: list[list[str]] = [[]]
+    held = 0
+    for shard in shards:
+        if held >= rows:
+            groups.append([])
+            held = 0
+        groups[-1].append(shard)
+        held += _rows([shard])
+    return [group for group in groups if group]
 
 
 def _rows(paths: list[str]) -> int:

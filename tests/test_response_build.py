@@ -8,7 +8,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -168,3 +170,17 @@ def test_prepared_arrays_are_used_only_for_the_rows_they_came_from(
     assert read_prepared(path, other) is None
     ahead = near_dedup(first, params, {}, arrays)
     assert ahead.kept.equals(near_dedup(first, params, {}).kept)
+
+
+def test_a_prepare_task_takes_consecutive_shards_of_enough_rows(tmp_path: Path) -> None:
+    """Small shards share a prepare task: runs of consecutive shards of at least the
+    task's rows, in order, the last one shorter."""
+    from pipelines.build import _row_groups
+
+    paths = []
+    for index, size in enumerate([3, 4, 1, 6, 2]):
+        paths.append(str(tmp_path / f"train-{index}.parquet"))
+        pq.write_table(pa.table({"id": [str(i) for i in range(size)]}), paths[-1])
+    assert _row_groups(paths, 5) == [paths[:2], paths[2:4], paths[4:]]
+    assert _row_groups(paths, 1) == [[path] for path in paths]
+    assert _row_groups(paths, 100) == [paths]

@@ -32,7 +32,7 @@ class IngestParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_rows: int = Field(65_536, ge=1, description="rows per yielded batch (kept + rejected)")
+    batch_rows: int = Field(16_384, ge=1, description="rows per yielded batch (kept + rejected)")
     sharegpt_tags: ShareGPTTags = ShareGPTTags()
     max_depth: int = Field(
         Bounds.max_depth,
