@@ -138,10 +138,10 @@ def prepare_shards(key: str, shards: list[str], step: ChainStep, folder: str) ->
     to ``folder``; returns the files' paths, in order."""
     assert step.definition.prepare is not None
     paths = []
-    for shard in shards:
+    for index, shard in enumerate(shards):  # shards of two sources may share a name
         table = pq.read_table(shard)
         arrays = step.definition.prepare(table, step.params)
-        paths.append(write_prepared(folder, shard, table, arrays))
+        paths.append(write_prepared(folder, f"{index:05d}", table, arrays))
     return paths
 
 
@@ -350,7 +350,7 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
         if partitions > 0 and partitionable(chain[0]) and train:  # no shards: nothing to split
             scratch = work / "partitioned" / key / f"p{partitions}"
             options = {**CACHED, "result_storage": storage}
-            out = run_partitioned(key, train, chain, folder, scratch, partitions, options)
+            out = run_partitioned(key, train, chain, folder, scratch, partitions, options, last)
         else:
             prepared = _prepare(chain[0], train, work, storage)
             out = fresh(segment, folder)(key, train, chain, str(folder), context, prepared, last)

@@ -237,8 +237,10 @@ def apply_shard(
     folder: str,
     out_folder: str,
     decisions: str,
+    final: bool = False,
 ) -> tuple[Counts, tuple[str, str | None]]:
-    """Shard ``index`` after the dedup stage and the local stages that follow it."""
+    """Shard ``index`` after the dedup stage and the local stages that follow it; ``final``:
+    the chain's last segment (see :class:`ShardWriter`)."""
     table = pq.read_table(shard)
     n, start = table.num_rows, first_rows[index]
     dropped = _load(Path(decisions) / "dropped.npy")
@@ -260,7 +262,7 @@ def apply_shard(
     part: Counts = {}
     add_counts(part, chain[0].definition.name, head.counts(n))
     kept, rejects = run_chain(head, chain[1:], part)
-    return part, ShardWriter(out_folder).write_shard(index, kept, rejects)
+    return part, ShardWriter(out_folder, final=final).write_shard(index, kept, rejects)
 
 
 def _ids(base: Path, first_rows: list[int], rows: np.ndarray) -> pa.Array:
@@ -289,10 +291,12 @@ def run_partitioned(
     folder: Path,
     partitions: int,
     options: dict[str, Any],
+    final: bool = False,
 ) -> SegmentOutput:
     """The segment ``chain`` (a partitionable stage, then local ones) over ``shards`` as
     partitioned tasks; ``options``: Prefect task options (result storage, caching) for
-    every task, whose cache key is its ``key`` argument."""
+    every task, whose cache key is its ``key`` argument; ``final``: the chain's last
+    segment (in ``key``), whose train shards are written as the table's data files."""
     first_rows = np.cumsum([0] + [pq.ParquetFile(s).metadata.num_rows for s in shards])
     starts = [int(x) for x in first_rows[:-1]]
     step = chain[0]
@@ -337,6 +341,7 @@ def run_partitioned(
             base,
             str(out_folder),
             decisions,
+            final,
             files=out_folder,
         )
         for i, shard in enumerate(shards)

@@ -170,11 +170,11 @@ class ShardWriter:
 
 
 def write_prepared(
-    folder: str | Path, shard: str, table: pa.Table, arrays: dict[str, np.ndarray]
+    folder: str | Path, name: str, table: pa.Table, arrays: dict[str, np.ndarray]
 ) -> str:
-    """Write a shard's prepared arrays as ``<folder>/<shard stem>.npz`` (atomically), with
-    a digest of the rows they were computed from."""
-    path = Path(folder) / f"{Path(shard).stem}.npz"
+    """Write a shard's prepared arrays as ``<folder>/<name>.npz`` (atomically), with a
+    digest of the rows they were computed from."""
+    path = Path(folder) / f"{name}.npz"
     with atomic_path(path) as tmp:
         np.savez(tmp, _rows=_rows_digest(table), **arrays)
     return str(path)

@@ -111,8 +111,13 @@ def write_data_file(table: pa.Table, where: str) -> bool:
     """Write ``table`` at ``where`` as a data file of the table its rows will be committed to
     when all of a build's shards share its columns: conformed to :func:`unify_schemas` of its
     own schema (less ``split``), in the data files' encoding, marked for adoption. Returns
-    False, writing nothing, when its columns cannot be stored (the commit then reports it).
+    False, writing nothing, when its columns cannot be stored (the commit then reports it) or
+    a stage column's type would change (a null or dictionary column: the commit unifies
+    those across the shards first).
     """
+    fixed = {f.name for f in [*SCHEMA, *REJECT_FIELDS]}
+    if any(f.name not in fixed and storable_type(f.type) != f.type for f in table.schema):
+        return False  # a stage column's type is settled across shards, by the commit
     try:
         schema = unify_schemas([(where, table.schema)])
     except StoreError:
@@ -515,6 +520,9 @@ class PartWriter:
             if not self.fs.type_name == shard.filesystem.type_name == "local":
                 raise OSError("not on one local filesystem")
             os.link(shard.fs_path, path)
+            # gc removes unreferenced files by age: a link would keep the shard's mtime and
+            # look old before the commit lands (the shard is never read by its mtime)
+            os.utime(path)
         except OSError:  # another device or filesystem, or no hard links there: copy
             pafs.copy_files(
                 shard.fs_path,

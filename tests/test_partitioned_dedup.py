@@ -3,6 +3,7 @@ ordered pass: the same train and rejected rows, the same reasons, on real corpus
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,9 @@ def test_partitioned_dedup_on_threads_matches_the_ordered_pass(
     split = build_dataset(spec, store=str(tmp_path / "split"), partitions=3)
     assert split["counts"] == ordered["counts"]
     _assert_same(tmp_path / "ordered", tmp_path / "split")
+    # the partitioned last segment wrote its train shards as data files: linked in
+    files = DatasetStore(str(tmp_path / "split")).files("dedup")
+    assert [os.stat(f).st_nlink for f in files] == [2] * len(files) != []
     assert len(list((tmp_path / "split").rglob("partitioned/*/p3/buckets/p*/sigs.npy"))) == 3 * 2
     # near dedup needed more than one round (rows the first merge kept, verified later)
     assert len(list((tmp_path / "split").rglob("partitioned/*/p3/round-2/dropped.npy"))) >= 1

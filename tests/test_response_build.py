@@ -164,7 +164,7 @@ def test_prepared_arrays_are_used_only_for_the_rows_they_came_from(
     rows = next(read_source(shared_data / "instructions" / "gpteacher_roleplay.json")).kept
     first, other = rows.slice(0, 50), rows.slice(50, 50)
     params = NearDedupParams()
-    path = write_prepared(tmp_path, "train-00000.parquet", first, prepare(first, params))
+    path = write_prepared(tmp_path, "00000", first, prepare(first, params))
     arrays = read_prepared(path, first)
     assert arrays is not None and set(arrays) == {"signatures", "band_keys"}
     assert read_prepared(path, other) is None
@@ -184,3 +184,27 @@ def test_a_prepare_task_takes_consecutive_shards_of_enough_rows(tmp_path: Path) 
     assert _row_groups(paths, 5) == [paths[:2], paths[2:4], paths[4:]]
     assert _row_groups(paths, 1) == [[path] for path in paths]
     assert _row_groups(paths, 100) == [paths]
+
+
+def test_a_prepare_task_keeps_the_arrays_of_shards_with_one_name(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """Shards of two sources share a name (``train-00000``): in one prepare task each keeps
+    its own file, which its own rows then use."""
+    from pipelines.build import prepare_shards
+    from pipelines.segments import ChainStep, read_prepared
+    from transforms.ingest import read_source
+    from transforms.response.near_dedup import NearDedupParams
+
+    rows = next(read_source(shared_data / "instructions" / "gpteacher_roleplay.json")).kept
+    tables = [rows.slice(0, 40), rows.slice(40, 40)]
+    shards = []
+    for source, table in zip("ab", tables, strict=True):
+        shards.append(str(tmp_path / source / "train-00000.parquet"))
+        Path(shards[-1]).parent.mkdir()
+        pq.write_table(table, shards[-1])
+    step = ChainStep.of("near_dedup", NearDedupParams())
+    paths = prepare_shards.fn("k", shards, step, str(tmp_path / "prepared"))
+    assert len(set(paths)) == 2
+    for path, table in zip(paths, tables, strict=True):
+        assert read_prepared(path, table) is not None

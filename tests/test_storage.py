@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -477,7 +478,12 @@ def test_shards_written_as_data_files_are_linked_in_unread(
     cuts += [(16, 6, write_data_shard), (22, 8, write_data_shard)]
     train = [write(rows.slice(a, n), build / f"train-{a}.parquet") for a, n, write in cuts]
     rejected = [write_data_shard(rejected_table(ids("r", 3)), build / "rejected-0.parquet")]
+    hours_ago = time.time() - 3 * 3600  # a reused shard: gc must not take its link for old
+    for path in [*train, *rejected]:
+        os.utime(path, (hours_ago, hours_ago))
     store.commit("linked", train, rejected, {"build_id": "t"}, threads=2)
+    files = [*store.files("linked"), *store.files("linked", split="rejected")]
+    assert min(os.stat(f).st_mtime for f in files) > time.time() - 600
     plain = [
         write_shard(pq.read_table(path), build / f"plain-{i}.parquet")
         for i, path in enumerate(train)
@@ -505,6 +511,20 @@ def test_shards_written_as_data_files_are_linked_in_unread(
     inodes = {os.stat(path).st_ino: path for path in shards}
     assert [inodes.get(os.stat(f).st_ino) for f in store.files("mixed")] == [None, shards[1]]
     assert store.read("mixed")["score"].to_pylist() == [None] * 5 + [0.5, 1.0, 1.5, 2.0]
+
+
+def test_a_stage_column_whose_type_the_commit_settles_is_written_plain(
+    store: DatasetStore, tmp_path: Path
+) -> None:
+    """A null-typed stage column (all null in this shard) is unified with the other shards'
+    type by the commit: such a shard is not made a data file on its own."""
+    empty = canonical_table(ids("a", 2)).append_column("score", pa.nulls(2))
+    scored = canonical_table(ids("b", 2), score=[0.5, 1.5])
+    assert not write_data_file(empty, str(tmp_path / "data.parquet"))
+    writer = ShardWriter(tmp_path / "shards", final=True)
+    shards = [writer.write_shard(i, table, [])[0] for i, table in enumerate([empty, scored])]
+    store.commit("scores", shards, [], {"build_id": "t"})
+    assert store.read("scores")["score"].to_pylist() == [None, None, 0.5, 1.5]
 
 
 def test_a_shard_of_unstorable_columns_is_written_plain(tmp_path: Path) -> None:
