@@ -516,14 +516,12 @@ class PartWriter:
         path = f"{self.table_path}/{relative}"
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         self.written.append(path)
-        try:
-            if not self.fs.type_name == shard.filesystem.type_name == "local":
-                raise OSError("not on one local filesystem")
-            os.link(shard.fs_path, path)
-            # gc removes unreferenced files by age: a link would keep the shard's mtime and
-            # look old before the commit lands (the shard is never read by its mtime)
+        local = self.fs.type_name == shard.filesystem.type_name == "local"
+        if local and _hard_link(shard.fs_path, path):
+            # gc removes unreferenced files by age: the link would keep the shard's mtime
+            # and look old before the commit lands (nothing reads a shard's mtime)
             os.utime(path)
-        except OSError:  # another device or filesystem, or no hard links there: copy
+        else:  # another filesystem or device, or one without hard links: a copy
             pafs.copy_files(
                 shard.fs_path,
                 path,
@@ -595,6 +593,15 @@ class PartWriter:
         for path in self.written:
             with contextlib.suppress(OSError):
                 self.fs.delete_file(path)
+
+
+def _hard_link(source: str, target: str) -> bool:
+    """Hard-link ``target`` to ``source``; False where the filesystem refuses."""
+    try:
+        os.link(source, target)
+    except OSError:
+        return False
+    return True
 
 
 def _prefetch(batches: Iterator[pa.RecordBatch], depth: int = 2) -> Iterator[pa.RecordBatch]:
