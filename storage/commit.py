@@ -127,8 +127,8 @@ def write_data_file(table: pa.Table, where: str) -> bool:
         batches = [conform_batch(batch, schema) for batch in table.to_batches()]
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         return False
-    marked = schema.with_metadata({DATA_FILE_KEY: DATA_FILE_VERSION})
-    conformed = pa.Table.from_batches(batches, schema).replace_schema_metadata(marked.metadata)
+    conformed = pa.Table.from_batches(batches, schema)
+    conformed = conformed.replace_schema_metadata({DATA_FILE_KEY: DATA_FILE_VERSION})
     pq.write_table(conformed, where, row_group_size=ROW_GROUP_ROWS, **data_file_options(schema))
     return True
 
