@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.exceptions import MissingContextError
@@ -46,8 +45,10 @@ from pipelines.segments import (
     add_counts,
     merge_counts,
     read_prepared,
+    read_shard,
     read_shards,
     run_chain,
+    shard_rows,
     split_segments,
     write_prepared,
 )
@@ -55,7 +56,7 @@ from pipelines.spec import BuildSpec, SourceSpec, check_sources, load_spec
 from storage.dataset import DatasetStore, default_store
 from storage.gencache import cache_dir
 from storage.uris import work_dir
-from transforms.ingest import IngestError, IngestParams, read_source
+from transforms.ingest import Batch, IngestError, IngestParams, source_batches
 from transforms.registry import StageContext
 from transforms.response.stats import shard_stats
 from transforms.stage import StageResult
@@ -106,14 +107,15 @@ def ingest_source(
     logger = _logger()
     writer = ShardWriter(folder, final=final)
 
-    def shard(indexed: tuple[int, StageResult]) -> tuple[Counts, tuple[str, str | None]]:
-        index, result = indexed
+    def shard(indexed: tuple[int, Batch]) -> tuple[Counts, tuple[str, str | None]]:
+        index, build = indexed
+        result = build()  # canonical rows built here, on the shard threads
         part: Counts = {}
         add_counts(part, "ingest", result.counts(result.stats["rows_read"]))
         kept, rejected = run_chain(result, chain, part)
         return part, writer.write_shard(index, kept, rejected)
 
-    batches = read_source(
+    batches = source_batches(
         source.path,
         format=source.format,
         source=source.name,
@@ -139,7 +141,7 @@ def prepare_shards(key: str, shards: list[str], step: ChainStep, folder: str) ->
     assert step.definition.prepare is not None
     paths = []
     for index, shard in enumerate(shards):  # shards of two sources may share a name
-        table = pq.read_table(shard)
+        table = read_shard(shard)
         arrays = step.definition.prepare(table, step.params)
         paths.append(write_prepared(folder, f"{index:05d}", table, arrays))
     return paths
@@ -255,7 +257,7 @@ def _row_groups(shards: list[str], rows: int) -> list[list[str]]:
 
 
 def _rows(paths: list[str]) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    return sum(map(shard_rows, paths))
 
 
 def _check_not_empty(spec: BuildSpec, ingested: list[SegmentOutput]) -> None:

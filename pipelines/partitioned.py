@@ -33,13 +33,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from prefect import task
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from pipelines.fingerprint import fresh, key_of
-from pipelines.segments import ChainStep, Counts, SegmentOutput, ShardWriter, add_counts, run_chain
+from pipelines.segments import (
+    ChainStep,
+    Counts,
+    SegmentOutput,
+    ShardWriter,
+    add_counts,
+    read_shard,
+    run_chain,
+    shard_rows,
+)
 from storage.atomic import atomic_path
 from transforms.dedup import content_words
 from transforms.partitioned_dedup import (
@@ -107,7 +115,7 @@ def scatter_shard(
     key: str, shard: str, index: int, first_row: int, step: ChainStep, partitions: int, folder: str
 ) -> int:
     """Write shard ``index``'s keys grouped by partition, its signatures and its ids."""
-    table = pq.read_table(shard)
+    table = read_shard(shard)
     keys, sigs = METHODS[step.definition.name].keys(table, step.params)
     entries, rows, offsets = partition_entries(keys, first_row, partitions)
     stem = _stem(Path(folder), index)
@@ -241,7 +249,7 @@ def apply_shard(
 ) -> tuple[Counts, tuple[str, str | None]]:
     """Shard ``index`` after the dedup stage and the local stages that follow it; ``final``:
     the chain's last segment (see :class:`ShardWriter`)."""
-    table = pq.read_table(shard)
+    table = read_shard(shard)
     n, start = table.num_rows, first_rows[index]
     dropped = _load(Path(decisions) / "dropped.npy")
     lo, hi = np.searchsorted(dropped, [start, start + n])
@@ -297,7 +305,7 @@ def run_partitioned(
     partitioned tasks; ``options``: Prefect task options (result storage, caching) for
     every task, whose cache key is its ``key`` argument; ``final``: the chain's last
     segment (in ``key``), whose train shards are written as the table's data files."""
-    first_rows = np.cumsum([0] + [pq.ParquetFile(s).metadata.num_rows for s in shards])
+    first_rows = np.cumsum([0] + [shard_rows(s) for s in shards])
     starts = [int(x) for x in first_rows[:-1]]
     step = chain[0]
     base = str(folder)

@@ -26,7 +26,12 @@ from transforms.registry import StageContext, StageDef
 from transforms.stage import StageResult
 
 Counts = dict[str, dict[str, int]]
-# Shards are scratch files read once: skip compression and dictionaries (3x faster writes).
+SCRATCH_SUFFIX = ".arrow"
+"""Scratch shards (read once, by the next segment) are Arrow IPC files, uncompressed: a
+write is a copy of the buffers and a read maps the file, with no encoding either way
+(16,384 rows of instruction text: 2.6 + 0.3 ms, against 9 + 8 ms for plain Parquet)."""
+# A last segment's shard that cannot be a data file: Parquet without compression or
+# dictionaries (3x faster writes).
 _SHARD_OPTIONS: dict[str, Any] = {
     "compression": "none",
     "use_dictionary": False,
@@ -143,11 +148,11 @@ class ShardWriter:
     ) -> tuple[str, str | None]:
         """Write shard ``index`` (any thread, any order); :meth:`add` records it."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        train = self._write(kept, f"train-{index:05d}.parquet", final=self.final)
+        train = self._write(kept, f"train-{index:05d}", final=self.final)
         if not rejected:
             return train, None
         table = pa.concat_tables(rejected, promote_options="permissive")
-        return train, self._write(table, f"rejected-{index:05d}.parquet", final=True)
+        return train, self._write(table, f"rejected-{index:05d}", final=True)
 
     def record(self, written: Iterable[tuple[Counts, tuple[str, str | None]]]) -> Iterator[Counts]:
         """Record shards written by :meth:`write_shard` (their counts and paths, in shard
@@ -159,14 +164,42 @@ class ShardWriter:
                 self.rejected.append(rejected)
             yield self.counts
 
-    def _write(self, table: pa.Table, name: str, *, final: bool) -> str:
+    def _write(self, table: pa.Table, stem: str, *, final: bool) -> str:
         # Two builds of one spec at once write the same files (same key, same content) into
         # the same folder: atomic_path gives each its own temporary name.
-        path = self.folder / name
+        path = self.folder / f"{stem}{'.parquet' if final else SCRATCH_SUFFIX}"
         with atomic_path(path) as tmp:
-            if not (final and write_data_file(table, str(tmp))):
+            if not final:
+                _write_ipc(table, tmp)
+            elif not write_data_file(table, str(tmp)):
                 pq.write_table(table, tmp, **_SHARD_OPTIONS)
         return str(path)
+
+
+def _write_ipc(table: pa.Table, path: Path) -> None:
+    # An IPC file has one dictionary per field (no replacement): chunks' dictionaries are
+    # unified, as Parquet's writer does.
+    options = pa.ipc.IpcWriteOptions(unify_dictionaries=True)
+    with pa.ipc.new_file(str(path), table.schema, options=options) as writer:
+        writer.write_table(table)
+
+
+def read_shard(path: str) -> pa.Table:
+    """One shard as a table: a scratch shard memory-mapped (its buffers are the file's
+    pages, shared with the page cache), any other read from Parquet."""
+    if not path.endswith(SCRATCH_SUFFIX):
+        return pq.read_table(path)
+    with pa.memory_map(path) as source:  # the table's buffers keep the mapping alive
+        return pa.ipc.open_file(source).read_all()
+
+
+def shard_rows(path: str) -> int:
+    """A shard's row count, from its metadata (no rows read)."""
+    if not path.endswith(SCRATCH_SUFFIX):
+        return pq.ParquetFile(path).metadata.num_rows
+    with pa.memory_map(path) as source:
+        reader = pa.ipc.open_file(source)
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
 
 
 def write_prepared(
@@ -199,4 +232,4 @@ def _rows_digest(table: pa.Table) -> np.ndarray:
 def read_shards(paths: Iterable[str]) -> Iterator[StageResult]:
     """Read train shards back, one table each, as a first stage result."""
     for path in paths:
-        yield StageResult(kept=pq.read_table(path))
+        yield StageResult(kept=read_shard(path))

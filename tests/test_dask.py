@@ -109,7 +109,7 @@ def test_a_dead_dask_worker_fails_the_build_with_no_version(
 
         def kill_worker() -> None:
             deadline = time.monotonic() + 180
-            while not (shards.is_dir() and any(shards.rglob("*.parquet"))):
+            while not (shards.is_dir() and any(shards.rglob("train-*"))):
                 if time.monotonic() > deadline:
                     return
                 time.sleep(0.01)

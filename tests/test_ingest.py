@@ -25,6 +25,7 @@ from transforms.ingest import (
     detect_format,
     read_source,
     results,
+    source_batches,
 )
 from transforms.ingest.chat import is_tool_call
 from transforms.schema import REJECTED_SCHEMA, SCHEMA, validate
@@ -739,6 +740,24 @@ def test_arrow_jsonl_batches_are_bounded(tmp_path: Path, shared_data: Path) -> N
     _, _, results = read_all(path, params=IngestParams(batch_rows=700))
     sizes = [r.kept.num_rows + r.rejected.num_rows for r in results]
     assert sum(sizes) == 7473 and max(sizes) == 700 and all(s == 700 for s in sizes[:-1])
+
+
+@pytest.mark.parametrize("name", [GSM8K, "nq/dev.csv"])
+def test_source_batches_are_read_first_and_built_on_call(
+    tmp_path: Path, shared_data: Path, name: str
+) -> None:
+    """The whole file can be read before any batch is built, and the batches, built in any
+    order, are read_source's: Arrow-parsed JSON lines and Python records (CSV) alike."""
+    path = shared_data / name
+    if name == GSM8K:
+        path = write_jsonl(tmp_path / "g.jsonl", gsm8k_records(shared_data))
+    params = IngestParams(batch_rows=700)
+    built = [b() for b in reversed(list(source_batches(path, params=params)))][::-1]
+    expected = list(read_source(path, params=params))
+    assert len(built) == len(expected) > 1
+    for got, want in zip(built, expected, strict=True):
+        assert got.kept.equals(want.kept) and got.rejected.equals(want.rejected)
+        assert got.stats == want.stats
 
 
 # --- file-level errors ---------------------------------------------------------------------

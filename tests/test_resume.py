@@ -28,7 +28,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -105,9 +105,13 @@ def _has_version(store: Path, name: str) -> bool:
 
 
 def _segments_with_shards(shards: Path) -> list[Path]:
-    """The segment folders under ``shards`` that hold a shard."""
+    """The segment folders under ``shards`` that hold a shard (scratch or data file)."""
     folders = shards.iterdir() if shards.is_dir() else []
-    return [folder for folder in folders if any(folder.glob("*.parquet"))]
+    return [folder for folder in folders if any(_shard_files(folder.glob("*")))]
+
+
+def _shard_files(paths: Iterable[Path]) -> list[Path]:
+    return [p for p in paths if p.suffix in {".arrow", ".parquet"}]
 
 
 def _files(folder: Path, pattern: str) -> Callable[[], bool]:
@@ -192,7 +196,7 @@ def test_kill_during_ingest_then_during_the_last_segment_then_rerun(
     shards = store / "_work" / name / "shards"
 
     killed = Build(corpus_spec, store, env, tmp_path / "ingest.log")
-    killed.kill_when(_files(shards, "*.parquet"))  # the first ingest shard is on disk
+    killed.kill_when(_files(shards, "*.arrow"))  # the first ingest shard is on disk
     assert not _has_version(store, name)
 
     # The last segment writes the version's data files (the commit then links them in, in

@@ -181,7 +181,7 @@ def build_in_flight(
             servers = _servers(proc.pid)
             pids = sorted({*pids, *(s.pid for s in servers)})
             urls = [url for s in servers for url in _api_urls(s)]
-            if urls and shards.is_dir() and any(shards.rglob("*.parquet")):
+            if urls and shards.is_dir() and any(shards.rglob("train-*")):
                 _stop(proc.pid)
                 time.sleep(0.3)  # a state change already sent reaches the server
                 with contextlib.suppress(OSError):

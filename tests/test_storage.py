@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from pipelines.segments import ShardWriter
+from pipelines.segments import ShardWriter, read_shard, shard_rows
 from storage import DatasetStore, Ref, StoreError, default_store, parse_ref, validate_name
 from storage.commit import write_data_file
 from transforms.schema import REJECTED_SCHEMA, SCHEMA, conform, messages, rejected, validate
@@ -536,6 +536,31 @@ def test_a_shard_of_unstorable_columns_is_written_plain(tmp_path: Path) -> None:
     writer = ShardWriter(tmp_path / "shards", final=True)
     train, _ = writer.write_shard(0, table, [])
     assert pq.read_table(train).equals(table)
+
+
+def test_scratch_shards_are_ipc_files_read_back_as_written(tmp_path: Path) -> None:
+    """A shard a later segment reads is an Arrow IPC file; read back (memory-mapped) it
+    equals what was written, and its row count comes from its metadata. Its rejected rows
+    are a data file."""
+    table = pa.concat_tables([canonical_table(ids("a", 3)), canonical_table(ids("b", 2))])
+    writer = ShardWriter(tmp_path / "shards")
+    train, rejected = writer.write_shard(0, table, [rejected_table(ids("r", 2))])
+    assert train.endswith("train-00000.arrow") and rejected.endswith("rejected-00000.parquet")
+    assert read_shard(train).equals(table) and shard_rows(train) == 5
+    assert pq.read_table(rejected).num_rows == shard_rows(rejected) == 2
+
+
+def test_a_scratch_shard_unifies_dictionaries_that_differ_between_chunks(tmp_path: Path) -> None:
+    """An IPC file holds one dictionary per field: chunks whose dictionaries differ (here
+    inside a list) are unified, and the rows read back as written."""
+    kinds = pa.list_(pa.dictionary(pa.int32(), pa.string()))
+    tags = pa.chunked_array([pa.array([["x"]], kinds), pa.array([["y", "x"]], kinds)])
+    table = pa.concat_tables(
+        [canonical_table(ids("a", 1)), canonical_table(ids("b", 1))]
+    ).append_column("tags", tags)
+    train, _ = ShardWriter(tmp_path / "shards").write_shard(0, table, [])
+    assert train.endswith(".arrow")
+    assert read_shard(train)["tags"].to_pylist() == [["x"], ["y", "x"]]
 
 
 # -- reads in a fresh interpreter ---------------------------------------------------------

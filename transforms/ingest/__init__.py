@@ -12,6 +12,15 @@ cannot become a row goes to the ``rejected`` split with a reason.
 from transforms.ingest.errors import IngestError
 from transforms.ingest.formats import FORMATS, detect_format
 from transforms.ingest.params import IngestParams, ShareGPTTags
-from transforms.ingest.source import read_source
+from transforms.ingest.source import Batch, read_source, source_batches
 
-__all__ = ["FORMATS", "IngestError", "IngestParams", "ShareGPTTags", "detect_format", "read_source"]
+__all__ = [
+    "FORMATS",
+    "Batch",
+    "IngestError",
+    "IngestParams",
+    "ShareGPTTags",
+    "detect_format",
+    "read_source",
+    "source_batches",
+]

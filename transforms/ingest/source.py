@@ -5,12 +5,16 @@ checked) before the first batch is asked for, so a missing or unknown file fails
 call. Each yielded :class:`~transforms.stage.StageResult` holds at most
 ``params.batch_rows`` rows, kept plus rejected. Given the fingerprint the caller took, the
 read ends by checking that the bytes read are the bytes fingerprinted.
+
+:func:`source_batches` is the same stream one step earlier: each batch read and parsed but
+not yet built into canonical rows (prompts, field checks, ids), so that a caller can build
+batches on other threads while the file is still being read.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +47,9 @@ from transforms.stage import StageResult
 
 T = TypeVar("T")
 
+Batch = Callable[[], StageResult]
+"""A batch read but not yet built into canonical rows: calling it builds them."""
+
 NO_RECORDS_FORMAT = "alpaca"
 """How a file without a record to detect the format from is read: an empty file gives no
 rows, and records past the bounds are rejected with their reasons whatever the format."""
@@ -56,6 +63,21 @@ def read_source(
     params: IngestParams | None = None,
     fingerprint: str | None = None,
 ) -> Iterator[StageResult]:
+    """:func:`source_batches`, each batch built in turn."""
+    batches = source_batches(
+        path, format=format, source=source, params=params, fingerprint=fingerprint
+    )
+    return (build() for build in batches)
+
+
+def source_batches(
+    path: str | Path,
+    *,
+    format: str | None = None,
+    source: str | None = None,
+    params: IngestParams | None = None,
+    fingerprint: str | None = None,
+) -> Iterator[Batch]:
     """Stream a corpus file (or a ``datasets`` ``save_to_disk`` directory) as canonical batches.
 
     Args:
@@ -67,7 +89,8 @@ def read_source(
             given, the read fails once it is done if the bytes it read hash otherwise.
 
     Yields:
-        Results whose ``kept`` follows ``transforms.schema.SCHEMA`` and whose ``rejected``
+        One :data:`Batch` per batch, in order: called (on any thread, once), it returns a
+        result whose ``kept`` follows ``transforms.schema.SCHEMA`` and whose ``rejected``
         holds the rows with row-level problems, with ``reject_stage="ingest"`` and a
         ``reject_reason``; ``stats["rows_read"] == kept + rejected``.
 
@@ -91,7 +114,7 @@ def read_source(
 
 def _results(
     file: SourceFile, format_: str, source: str, params: IngestParams, fingerprint: str | None
-) -> Iterator[StageResult]:
+) -> Iterator[Batch]:
     task = task_of(format_)
     schema = alpaca.JSON_SCHEMA if format_ == "alpaca" else None
     digest = ReadDigest() if fingerprint is not None else None  # nothing to check it against
@@ -106,14 +129,12 @@ def _results(
         # map, not a for loop: a loop variable would keep the last piece and the last raw
         # batch alive while this generator waits for its consumer
         raws = map(functools.partial(_raw, format_=format_), pieces)
-        yield from map(
-            functools.partial(alpaca.build, source=source, task=task),
-            rebatch(raws, params.batch_rows),
-        )
+        build = functools.partial(_Deferred, alpaca.build, source=source, task=task)
+        yield from map(build, rebatch(raws, params.batch_rows))
     else:
         outcomes = _outcomes(pieces, ROW_ADAPTERS[format_], params)
-        for items in chunked(outcomes, params.batch_rows):
-            yield build_rows(items, source, task)
+        build = functools.partial(_Deferred, build_rows, source=source, task=task)
+        yield from map(build, chunked(outcomes, params.batch_rows))
     if fingerprint is not None and digest is not None:
         check_unchanged(file, fingerprint, digest)
 
@@ -132,6 +153,19 @@ def check_unchanged(file: SourceFile, fingerprint: str, digest: ReadDigest) -> N
             f"changed while it was read (fingerprint {fingerprint} before, {read} of what was "
             f"read{size}); nothing was cached: build again once the file no longer changes"
         )
+
+
+class _Deferred:
+    """``fn(rows, **kwargs)`` when called, once: the call lets go of ``rows``, so a batch's
+    raw rows are freed once built (not when the caller drops the batch)."""
+
+    def __init__(self, fn: Callable[..., StageResult], rows: Any, **kwargs: Any) -> None:
+        self._fn, self._rows, self._kwargs = fn, rows, kwargs
+
+    def __call__(self) -> StageResult:
+        rows, self._rows = self._rows, None
+        assert rows is not None, "a batch is built once"
+        return self._fn(rows, **self._kwargs)
 
 
 def _raw(piece: Piece, format_: str) -> pa.Table:
