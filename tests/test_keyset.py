@@ -3,6 +3,7 @@ their first word, merges cut into many blocks, and pickles."""
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import pickle
@@ -150,3 +151,19 @@ def test_release_gives_back_whole_pages_of_mapped_words() -> None:
     heap = np.full(5000, 7, np.uint64)
     release(heap, 4000)
     assert (heap == 7).all()
+
+
+def test_a_full_temporary_folder_names_itself_and_the_room_needed(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spilling into a full temporary folder (a 1 MiB tmpfs) fails with an error that names
+    the folder, the bytes a key needs there and TMPDIR, not a bare ``[Errno 28]``."""
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))
+    rng = np.random.default_rng(3)
+    keyset = KeySet(spill_keys=1000)
+    with pytest.raises(keyset_module.SpillError) as error:
+        for _ in range(20):  # 20 runs of 50,000 keys: 24 MB of records
+            keyset.add(_shard(rng, 50_000, []), rng.integers(0, 2**63, (50_000, 2), np.uint64))
+    message = str(error.value)
+    assert str(small_disk) in message and "24 bytes per distinct key" in message
+    assert "TMPDIR" in message and error.value.errno == errno.ENOSPC

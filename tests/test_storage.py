@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -766,25 +766,6 @@ def test_stage_column_types_unify(store: DatasetStore, tmp_path: Path) -> None:
     shard_d = write_shard(with_split, tmp_path / "u" / "d.parquet")
     with pytest.raises(StoreError, match="'split' is reserved"):
         store.commit("sft", [shard_d], [], {})
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: a real full disk for the commit to run into (needs root to mount)."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_during_commit_leaves_no_version(small_disk: Path, tmp_path: Path) -> None:

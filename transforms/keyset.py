@@ -35,6 +35,8 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import repeat
 from typing import IO
 
@@ -263,7 +265,8 @@ class RunWriter:
     def __init__(self, n: int, spill: bool) -> None:
         self.n, self.done = n, 0
         # The file lives as long as the run (closed by Run.close, or when collected).
-        self.file = tempfile.TemporaryFile(buffering=0) if spill else None  # noqa: SIM115
+        with _spilling():
+            self.file = tempfile.TemporaryFile(buffering=0) if spill else None  # noqa: SIM115
         self.hi = mapped_words(n) if spill else np.empty(n, np.uint64)
         self.records = np.empty((0 if spill else n, RECORD), np.uint64)
 
@@ -274,7 +277,8 @@ class RunWriter:
         if self.file is None:
             self.records[start:stop] = records
         else:
-            _pwrite(self.file.fileno(), records, start * RECORD * _WORD)
+            with _spilling():
+                _pwrite(self.file.fileno(), records, start * RECORD * _WORD)
         self.done = stop
 
     def finish(self) -> Run:
@@ -354,6 +358,26 @@ def release(words: np.ndarray, stop: int) -> None:
         size = stop * words.itemsize // mmap.PAGESIZE * mmap.PAGESIZE
         if size:
             base.obj.madvise(mmap.MADV_DONTNEED, 0, size)
+
+
+class SpillError(OSError):
+    """A spilled run's records could not be written to the temporary folder."""
+
+
+@contextmanager
+def _spilling() -> Iterator[None]:
+    """Name the temporary folder, and what it must hold, in an error writing a spilled run
+    (a full disk's bare ``[Errno 28] No space left on device`` names neither)."""
+    try:
+        yield
+    except OSError as exc:
+        raise SpillError(
+            exc.errno,
+            f"the key set could not spill its records to the temporary folder "
+            f"{tempfile.gettempdir()} ({exc.strerror or exc}): it needs about {RECORD * _WORD} "
+            f"bytes per distinct key there (and twice that while merging); set TMPDIR to a "
+            f"folder with room",
+        ) from exc
 
 
 def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
