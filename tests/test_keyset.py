@@ -167,3 +167,5 @@ def test_a_full_temporary_folder_names_itself_and_the_room_needed(
     message = str(error.value)
     assert str(small_disk) in message and "24 bytes per distinct key" in message
     assert "TMPDIR" in message and error.value.errno == errno.ENOSPC
+    assert message.startswith("the key set could not spill")  # no "[Errno 28]"
+    assert str(pickle.loads(pickle.dumps(error.value))) == message  # as a Prefect result

@@ -361,7 +361,11 @@ def release(words: np.ndarray, stop: int) -> None:
 
 
 class SpillError(OSError):
-    """A spilled run's records could not be written to the temporary folder."""
+    """A spilled run's records could not be written to the temporary folder (``errno`` is
+    the cause's; the message is the whole story, without the ``[Errno N]`` prefix)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 @contextmanager
