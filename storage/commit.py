@@ -97,6 +97,11 @@ ROW_GROUP_ROWS = 32_768
 read batch, ``storage.dataset.BATCH_ROWS``, the same size)."""
 
 
+ADOPT_COPIES = 8
+"""Adopted shards copied at once onto another filesystem (an object store): each copy is
+an upload that waits on the network, not on a core."""
+
+
 def data_file_options(schema: pa.Schema) -> dict[str, Any]:
     """The Parquet writer options of the table's data files (one place for both writers)."""
     return {
@@ -504,11 +509,26 @@ class PartWriter:
                     for job in writes
                 }
                 written = {run: future.result() for run, future in futures.items()}
-        return [
-            action
-            for split, run, shards, adopt in jobs
-            for action in ([self._adopt(split, run, shards[0])] if adopt else written[split, run])
-        ]
+        written |= self._adopt_all([(split, run, shards[0]) for split, run, shards, a in jobs if a])
+        return [action for split, run, _, _ in jobs for action in written[split, run]]
+
+    def _adopt_all(
+        self, jobs: list[tuple[str, int, _Shard]]
+    ) -> dict[tuple[str, int], list[AddAction]]:
+        """:meth:`_adopt` each ``(split, run, shard)``: links one after the other, copies to
+        another filesystem (an object store) :data:`ADOPT_COPIES` at a time."""
+        if len(jobs) <= 1 or all(self._linkable(shard) for _, _, shard in jobs):
+            actions = [self._adopt(*job) for job in jobs]
+        else:
+            with ThreadPoolExecutor(
+                min(ADOPT_COPIES, len(jobs)), thread_name_prefix="aligncurate-adopt"
+            ) as pool:
+                actions = list(pool.map(lambda job: self._adopt(*job), jobs))
+        runs = [(split, run) for split, run, _ in jobs]
+        return {run: [action] for run, action in zip(runs, actions, strict=True)}
+
+    def _linkable(self, shard: _Shard) -> bool:
+        return self.fs.type_name == shard.filesystem.type_name == "local"
 
     def _adopt(self, split: str, run: int, shard: _Shard) -> AddAction:
         """Link (or copy) a shard written as a data file into the table, unread."""
@@ -516,8 +536,7 @@ class PartWriter:
         path = f"{self.table_path}/{relative}"
         self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         self.written.append(path)
-        local = self.fs.type_name == shard.filesystem.type_name == "local"
-        if local and _hard_link(shard.fs_path, path):
+        if self._linkable(shard) and _hard_link(shard.fs_path, path):
             # gc removes unreferenced files by age: the link would keep the shard's mtime
             # and look old before the commit lands (nothing reads a shard's mtime)
             os.utime(path)

@@ -9,6 +9,7 @@ import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +17,7 @@ from s3server import S3Server, free_port, moto_s3
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from storage.commit import ADOPT_COPIES, write_data_file
 from storage.dataset import DatasetStore, StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +142,27 @@ def test_diff_and_concurrent_commits_are_atomic(built: dict, s3: S3Server, tmp_p
             assert datasets.read(f"demo-sft@{version}").num_rows == train.num_rows - i - 1
     diff = cli_json(s3.env(), "diff", "demo-sft@0", f"demo-sft@{results[3]}", "--store", ROOT)
     assert diff["removed"] == 4 and diff["added"] == 0  # type: ignore[index]
+
+
+def test_data_file_shards_are_copied_onto_s3_byte_for_byte_in_order(
+    built: dict, s3: S3Server, tmp_path: Path
+) -> None:
+    """Shards written as data files are adopted by a commit to S3: copied unread (several
+    at once), each one file of the version, byte for byte, and the rows in shard order."""
+    datasets = store(s3)
+    train = datasets.read("demo-sft@0")
+    count = ADOPT_COPIES + 2  # more shards than copies at once
+    shards = []
+    for i in range(count):
+        path = tmp_path / f"train-{i}.parquet"
+        assert write_data_file(train.slice(i * 20, 20), str(path))
+        shards.append(str(path))
+    version = datasets.commit("adopted", shards, [], {"build_id": "adopt"})
+    assert datasets.read(f"adopted@{version}").equals(train.slice(0, 20 * count))
+    client: Any = s3.client()
+    keys = [f.removeprefix(f"s3://{s3.bucket}/") for f in datasets.files(f"adopted@{version}")]
+    bodies = [client.get_object(Bucket=s3.bucket, Key=key)["Body"].read() for key in keys]
+    assert bodies == [Path(p).read_bytes() for p in shards]
 
 
 def test_load_dataset_reads_a_versions_train_files_from_s3(built: dict, s3: S3Server) -> None:
