@@ -1,9 +1,10 @@
-"""Run chains of stages over shards, writing Parquet shards. No Prefect here.
+"""Run chains of stages over shards, writing shards. No Prefect here.
 
 The flow splits the spec's chain into *segments*: the first is ingest plus the local
 stages before the first ordered stage; each later one starts at an ordered stage and runs
 the local stages that follow it. A segment writes, for each input shard, one ``train``
-shard and (when it rejected anything) one ``rejected`` shard.
+shard and (when it rejected anything) one ``rejected`` shard: Parquet data files of the
+table where no later segment reads them, Arrow IPC scratch files where one does.
 """
 
 from __future__ import annotations
