@@ -322,6 +322,8 @@ def test_filter_keeps_real_rows_and_accounts(gsm8k: pa.Table) -> None:
     lengths = pc.add(pc.utf8_length(gsm8k.column("response")), prompt_chars(gsm8k["prompt"]))
     assert out.rejected.num_rows == pc.sum(pc.greater(lengths, 600)).as_py() > 0
     assert out.counts(500)["kept"] + out.rejected.num_rows == 500
+    passing = filter_rows(gsm8k, FilterParams())
+    assert passing.kept is gsm8k and passing.rejected.num_rows == 0  # no copy of a shard
 
 
 def test_exact_dedup_names_a_kept_row_without_id(gsm8k: pa.Table) -> None:

@@ -69,11 +69,12 @@ def _contains(prompt: pa.ChunkedArray | pa.Array, response: pa.Array, needle: st
 
 
 def filter_rows(table: pa.Table, params: FilterParams) -> StageResult:
-    """Split ``table`` into rows that pass every rule and rows rejected with their reason."""
+    """Split ``table`` into rows that pass every rule and rows rejected with their reason.
+    When every row passes, ``table`` itself is kept (a filter would copy all of it)."""
     reasons = rule_reasons(table, params)
     failed = pc.is_valid(reasons)
     dropped = table.filter(failed)
     return StageResult(
-        kept=table.filter(pc.invert(failed)),
+        kept=table if not dropped.num_rows else table.filter(pc.invert(failed)),
         rejected=reject_table(rejected(dropped, STAGE, reasons.filter(failed))),
     )
