@@ -142,6 +142,7 @@ def test_a_damaged_save_to_disk_folder_is_one_line(tmp_path: Path, api_env: dict
     ("fault", "message"),
     [(MemoryError, "out of memory during ingest"), (RecursionError, "nested too deeply")],
 )
+@pytest.mark.parametrize("where", ["reading", "building a batch"])
 def test_memory_and_recursion_errors_in_ingest_are_one_line(
     tmp_path: Path,
     good_source: Path,
@@ -149,15 +150,21 @@ def test_memory_and_recursion_errors_in_ingest_are_one_line(
     monkeypatch: pytest.MonkeyPatch,
     fault: type[Exception],
     message: str,
+    where: str,
 ) -> None:
     """Exhausting memory or the recursion limit for real would take the machine with it,
-    so the reader raises them (fault injection); the flow, Prefect and the CLI are real."""
+    so the reader raises them (fault injection), or a batch as it is built on a shard
+    thread; the flow, Prefect and the CLI are real."""
 
-    def read_source(*args: object, **kwargs: object) -> Iterator[object]:
+    def build() -> object:
         raise fault()
-        yield  # a generator, as the real reader
 
-    monkeypatch.setattr("pipelines.build.read_source", read_source)
+    def source_batches(*args: object, **kwargs: object) -> Iterator[object]:
+        if where == "reading":
+            raise fault()
+        yield build  # a generator of batches, as the real reader
+
+    monkeypatch.setattr("pipelines.build.source_batches", source_batches)
     spec = write_spec(tmp_path, f"name: faulty\nsources: [{{path: {good_source}}}]\n")
     code, out, err = cli("build", str(spec), "--store", str(tmp_path / "store"), "--json")
     assert code == 2
