@@ -59,8 +59,13 @@ def require(name: str) -> None:
     """Return when the tool ``name`` is present; else skip the calling test (or module, or
     fixture's dependants), or fail it under CI, with the reason."""
     reason = missing_reason(name)
-    if reason is None:
-        return
+    if reason is not None:
+        unavailable(reason)
+
+
+def unavailable(reason: str) -> None:
+    """Skip the calling test for ``reason`` (something the machine lacks), or fail it under
+    CI, which must run every test for real."""
     if under_ci():
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
