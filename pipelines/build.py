@@ -44,6 +44,7 @@ from pipelines.segments import (
     ShardWriter,
     add_counts,
     merge_counts,
+    read_columns,
     read_prepared,
     read_shard,
     read_shards,
@@ -103,7 +104,7 @@ def ingest_source(
     """Read one source, run the leading local stages, write shards. ``fingerprint``: the
     source's, as in the key; the task fails (and caches nothing) if the bytes it read differ.
     ``final``: no segment follows, so the train shards are written as the table's data files
-    (as in the key)."""
+    (not in the key: the rows are the same either way)."""
     logger = _logger()
     writer = ShardWriter(folder, final=final)
 
@@ -160,7 +161,7 @@ def run_segment(
     """Run an ordered stage over the shards in order (or a whole-table stage over all of
     them at once), then the local stages after it. ``prepared``: the ordered stage's
     ``prepare`` output for each shard, from :func:`prepare_shards`; ``final``: the chain's
-    last segment (as in the key), whose train shards are written as the table's data files."""
+    last segment (not in the key), whose train shards are written as the table's data files."""
     logger = _logger()
     writer = ShardWriter(folder, final=final)
     states: dict[str, Any] = {}
@@ -316,6 +317,10 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
     ingest = ingest_source.with_options(result_storage=storage)
     fingerprints = {s.path: file_fingerprint(s.path) for s in spec.sources}
     lead = _chain_identity(segments[0])
+    # Whether a segment is the chain's last decides only how its shards are written (data
+    # files of the table, or scratch files), not their rows, so it is not in the keys: a
+    # stage added to the spec, or the last one removed, reuses every finished segment (the
+    # commit reads scratch shards, a later segment reads data files).
     last = len(segments) == 1  # ingest's train shards are the version's
     futures = []
     for source in spec.sources:
@@ -326,7 +331,6 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
             source.model_dump(),
             spec.ingest.model_dump(mode="json"),
             lead,
-            last,
         )
         folder = work / "shards" / key
         futures.append(
@@ -345,9 +349,7 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
     train = [p for o in outputs for p in o.train]
     for number, chain in enumerate(segments[1:], 2):
         last = number == len(segments)
-        key = key_of(
-            "segment", code_version(), [o.key for o in outputs], _chain_identity(chain), last
-        )
+        key = key_of("segment", code_version(), [o.key for o in outputs], _chain_identity(chain))
         folder = work / "shards" / key
         if partitions > 0 and partitionable(chain[0]) and train:  # no shards: nothing to split
             scratch = work / "partitioned" / key / f"p{partitions}"
@@ -402,7 +404,9 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
     # The report measured the train split already; without it, measure the shards.
     summary["report"] = report.path if report else None
     summary["dataset_stats"] = (
-        report.stats if report else shard_stats(train, map_shards=ordered_map)
+        report.stats
+        if report
+        else shard_stats(train, map_shards=ordered_map, read_columns=read_columns)
     )
     return summary
 

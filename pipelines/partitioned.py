@@ -304,7 +304,7 @@ def run_partitioned(
     """The segment ``chain`` (a partitionable stage, then local ones) over ``shards`` as
     partitioned tasks; ``options``: Prefect task options (result storage, caching) for
     every task, whose cache key is its ``key`` argument; ``final``: the chain's last
-    segment (in ``key``), whose train shards are written as the table's data files."""
+    segment (not in ``key``), whose train shards are written as the table's data files."""
     first_rows = np.cumsum([0] + [shard_rows(s) for s in shards])
     starts = [int(x) for x in first_rows[:-1]]
     step = chain[0]

@@ -1,4 +1,7 @@
-"""The commit writer: a build's Parquet shards → one new version, in one atomic Delta commit.
+"""The commit writer: a build's shards → one new version, in one atomic Delta commit.
+
+Shards are Parquet files, or Arrow IPC files (``.arrow``: a build's scratch shards, which
+a cached segment may hand to a commit when it has become the chain's last).
 
 A commit runs in three steps:
 
@@ -89,6 +92,9 @@ def statistics_columns(schema: pa.Schema) -> list[str]:
     return columns
 
 
+ARROW_SUFFIX = ".arrow"
+"""A shard with this suffix is an Arrow IPC file (a build's scratch shard); any other is
+Parquet. The commit reads both."""
 DATA_FILE_KEY = b"aligncurate.data_file"
 DATA_FILE_VERSION = b"1"
 """Schema metadata of a shard written by :func:`write_data_file`: the commit adopts it."""
@@ -352,21 +358,36 @@ class ShardPlan:
         """The rows of ``shards``, conformed to :attr:`file_schema`, batch by batch."""
         schema = self.file_schema
         for shard in shards:
-            split = shard.split
-            parquet = pq.ParquetFile(shard.fs_path, filesystem=shard.filesystem)
             row = 0
-            for batch in parquet.iter_batches(batch_size=self.batch_rows):
+            for batch in _shard_batches(shard, self.batch_rows):
                 try:
                     yield conform_batch(batch, schema)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
                     rows = f"rows {row}..{row + batch.num_rows - 1}"
-                    raise StoreError(f"{split} shard {shard.path}: {rows}: {exc}") from exc
+                    raise StoreError(f"{shard.split} shard {shard.path}: {rows}: {exc}") from exc
                 row += batch.num_rows
+
+
+def _shard_batches(shard: _Shard, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """A shard's rows, batch by batch: a Parquet file's in ``batch_rows``, an IPC file's in
+    the batches it was written in (a build writes one per ingest batch at most)."""
+    if not shard.fs_path.endswith(ARROW_SUFFIX):
+        parquet = pq.ParquetFile(shard.fs_path, filesystem=shard.filesystem)
+        yield from parquet.iter_batches(batch_size=batch_rows)
+        return
+    with shard.filesystem.open_input_file(shard.fs_path) as file:
+        reader = pa.ipc.open_file(file)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
 
 
 def _read_footer(source: ShardSource) -> _Shard:
     split, path, filesystem, fs_path = source
     try:
+        if fs_path.endswith(ARROW_SUFFIX):
+            with filesystem.open_input_file(fs_path) as file:
+                reader = pa.ipc.open_file(file)
+                return _Shard(split, path, filesystem, fs_path, reader.schema, reader.count_rows())
         parquet = pq.ParquetFile(fs_path, filesystem=filesystem)
         return _Shard(
             split, path, filesystem, fs_path, parquet.schema_arrow, parquet.metadata.num_rows

@@ -272,7 +272,7 @@ class DatasetStore:
     ) -> int:
         """Commit one build as a new version: all shards in one atomic Delta commit.
 
-        The shards (Parquet files: ``train`` ones with the canonical schema plus stage
+        The shards (Parquet or Arrow IPC files: ``train`` ones with the canonical schema plus stage
         columns, ``rejected`` ones with the rejected schema) are read footer-first to
         unify their schemas (see :func:`storage.commit.unify_schemas`); then their batches
         are streamed through pyarrow's Parquet writer into the table's data files (bounded
@@ -283,7 +283,8 @@ class DatasetStore:
 
         Args:
             name: dataset name.
-            train_files, rejected_files: Parquet shard paths or URIs.
+            train_files, rejected_files: shard paths or URIs: Parquet files, or Arrow IPC
+                files (``.arrow``).
             metadata: build metadata; non-string values are stored as JSON.
             threads: runs of consecutive shards written into data files at once.
 

@@ -177,6 +177,43 @@ def test_failed_build_leaves_no_version_and_rerun_reuses_finished_shards(
     assert failed_run != summary["build_id"]
 
 
+def test_a_stage_added_or_removed_reuses_the_finished_segments(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """Whether a segment is the chain's last decides how its shards are written (the
+    table's data files, or scratch files), not its key. A stage added to the spec reuses
+    ingest's data files as the new segment's input; the stage removed again commits
+    ingest's cached scratch shards. Each version equals a fresh build of its spec."""
+    source = {"path": str(shared_data / "instructions" / "gpteacher_roleplay.json")}
+    chains = {
+        "short": [{"normalize": {}}],
+        "long": [{"normalize": {}}, {"exact_dedup": {}}, {"rule_filter": {}}],
+    }
+    specs = {}
+    for label, stages in chains.items():
+        (tmp_path / label).mkdir()
+        specs[label] = str(
+            write_spec(tmp_path / label, name="grow", sources=[source], stages=stages)
+        )
+    grown, shrunk = DatasetStore(str(tmp_path / "grown")), DatasetStore(str(tmp_path / "shrunk"))
+    runs = {}
+    for store, order in ((grown, ("short", "long")), (shrunk, ("long", "short"))):
+        for version, label in enumerate(order):
+            summary = build_dataset(specs[label], store=store.root)
+            assert summary["version"] == version
+            assert summary["reused_tasks"] == version  # the second build reuses ingest
+            assert_accounting(summary, store)
+            runs[store.root, label] = f"grow@{version}"
+    for label, fresh_store, reused_store in (("long", shrunk, grown), ("short", grown, shrunk)):
+        fresh, reused = runs[fresh_store.root, label], runs[reused_store.root, label]
+        for split in ("train", "rejected"):
+            assert reused_store.read(reused, split).equals(fresh_store.read(fresh, split)), (
+                label,
+                split,
+            )
+    assert grown.read("grow@1", "rejected").num_rows > 0  # exact_dedup and rule_filter ran
+
+
 def test_unknown_dataset_and_bad_spec_errors(tmp_path: Path, shared_data: Path) -> None:
     store = DatasetStore(str(tmp_path / "store"))
     with pytest.raises(StoreError, match="nope"):

@@ -563,6 +563,27 @@ def test_a_scratch_shard_unifies_dictionaries_that_differ_between_chunks(tmp_pat
     assert read_shard(train)["tags"].to_pylist() == [["x"], ["y", "x"]]
 
 
+def test_the_commit_takes_scratch_shards_as_they_are(store: DatasetStore, tmp_path: Path) -> None:
+    """A cached segment written for a later one hands its IPC scratch shards to the commit
+    when the chain has become shorter: the version holds their rows, in order, beside a
+    data file's; their columns read alike (``read_columns``, the build's summary)."""
+    from pipelines.segments import read_columns
+    from transforms.response.stats import shard_stats
+
+    first = pa.concat_tables([canonical_table(ids("a", 3)), canonical_table(ids("b", 2))])
+    second = canonical_table(ids("c", 4))
+    scratch, _ = ShardWriter(tmp_path / "scratch").write_shard(0, first, [])
+    data, _ = ShardWriter(tmp_path / "data", final=True).write_shard(1, second, [])
+    assert scratch.endswith(".arrow") and data.endswith(".parquet")
+    store.commit("mixed", [scratch, data], [], {"build_id": "t"})
+    assert store.read("mixed")["id"].to_pylist() == ids("a", 3) + ids("b", 2) + ids("c", 4)
+    for path, table in ((scratch, first), (data, second)):
+        assert read_columns(path, ["id", "nope"]).to_pydict() == {"id": table["id"].to_pylist()}
+    parquet, _ = ShardWriter(tmp_path / "data", final=True).write_shard(0, first, [])
+    stats = shard_stats([scratch, data], read_columns=read_columns)
+    assert stats["rows"] == 9 and stats == shard_stats([parquet, data])
+
+
 # -- reads in a fresh interpreter ---------------------------------------------------------
 
 EXIT_SCRIPT = """

@@ -19,7 +19,7 @@ it on every build at a small cost.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,19 +141,30 @@ def summarize_lengths(
 STAT_COLUMNS = ("prompt", "response", "prompt_tokens", "response_tokens")
 
 
+ReadColumns = Callable[[str, Sequence[str]], pa.Table]
+
+
+def parquet_columns(path: str, columns: Sequence[str]) -> pa.Table:
+    """The ``columns`` a Parquet file has, only those read."""
+    import pyarrow.parquet as pq
+
+    names = pq.ParquetFile(path).schema_arrow.names
+    return pq.read_table(path, columns=[c for c in columns if c in names])
+
+
 def shard_stats(
     paths: Iterable[str],
     tokenizer: str | None = None,
     map_shards: Callable[[Callable[[str], Any], Iterable[str]], Iterable[Any]] = map,
+    read_columns: ReadColumns = parquet_columns,
 ) -> dict[str, Any]:
-    """:func:`dataset_stats` over Parquet shards, reading only the columns it needs, one
-    shard at a time (what the build summary shows for the train split). ``map_shards``
-    maps the per-shard work over the paths in order (the build gives its shard threads)."""
-    import pyarrow.parquet as pq
+    """:func:`dataset_stats` over shards, reading only the columns it needs, one shard at a
+    time (what the build summary shows for the train split). ``map_shards`` maps the
+    per-shard work over the paths in order (the build gives its shard threads);
+    ``read_columns`` reads a shard's columns (default: Parquet files; the build reads its
+    scratch shards too)."""
 
     def lengths(path: str) -> tuple[np.ndarray, np.ndarray, str]:
-        names = pq.ParquetFile(path).schema_arrow.names
-        table = pq.read_table(path, columns=[c for c in STAT_COLUMNS if c in names])
-        return lengths_of(table, tokenizer)
+        return lengths_of(read_columns(path, STAT_COLUMNS), tokenizer)
 
     return summarize_lengths(map_shards(lengths, paths), tokenizer)
