@@ -104,7 +104,7 @@ def ingest_source(
     """Read one source, run the leading local stages, write shards. ``fingerprint``: the
     source's, as in the key; the task fails (and caches nothing) if the bytes it read differ.
     ``final``: no segment follows, so the train shards are written as the table's data files
-    (not in the key: the rows are the same either way)."""
+    (not in the key: the rows are the same either way, see :mod:`pipelines.segments`)."""
     logger = _logger()
     writer = ShardWriter(folder, final=final)
 

@@ -326,8 +326,11 @@ class ShardPlan:
             raise StoreError(f"the shards' schema cannot be stored in Delta: {exc}") from exc
 
     def adoptable(self, shard: _Shard) -> bool:
-        """Whether ``shard`` was written as a data file of this table (its marker, and
-        exactly the table's file schema): it is then linked in, not read and written."""
+        """Whether ``shard`` was written as a data file of this table (a Parquet file with
+        the marker, and exactly the table's file schema): it is then linked in, not read
+        and written. An IPC file never is, whatever metadata its rows carried."""
+        if shard.fs_path.endswith(ARROW_SUFFIX):
+            return False
         marker = (shard.schema.metadata or {}).get(DATA_FILE_KEY)
         return marker == DATA_FILE_VERSION and shard.schema.equals(self.file_schema)
 
@@ -369,8 +372,8 @@ class ShardPlan:
 
 
 def _shard_batches(shard: _Shard, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """A shard's rows, batch by batch: a Parquet file's in ``batch_rows``, an IPC file's in
-    the batches it was written in (a build writes one per ingest batch at most)."""
+    """A shard's rows in batches of at most ``batch_rows`` (each a row group of the data
+    file): read so from a Parquet file; an IPC file's record batches cut to that size."""
     if not shard.fs_path.endswith(ARROW_SUFFIX):
         parquet = pq.ParquetFile(shard.fs_path, filesystem=shard.filesystem)
         yield from parquet.iter_batches(batch_size=batch_rows)
@@ -378,7 +381,9 @@ def _shard_batches(shard: _Shard, batch_rows: int) -> Iterator[pa.RecordBatch]:
     with shard.filesystem.open_input_file(shard.fs_path) as file:
         reader = pa.ipc.open_file(file)
         for i in range(reader.num_record_batches):
-            yield reader.get_batch(i)
+            batch = reader.get_batch(i)
+            for start in range(0, batch.num_rows, batch_rows):
+                yield batch.slice(start, batch_rows)
 
 
 def _read_footer(source: ShardSource) -> _Shard:

@@ -181,37 +181,50 @@ def test_a_stage_added_or_removed_reuses_the_finished_segments(
     tmp_path: Path, shared_data: Path
 ) -> None:
     """Whether a segment is the chain's last decides how its shards are written (the
-    table's data files, or scratch files), not its key. A stage added to the spec reuses
-    ingest's data files as the new segment's input; the stage removed again commits
-    ingest's cached scratch shards. Each version equals a fresh build of its spec."""
-    source = {"path": str(shared_data / "instructions" / "gpteacher_roleplay.json")}
-    chains = {
-        "short": [{"normalize": {}}],
-        "long": [{"normalize": {}}, {"exact_dedup": {}}, {"rule_filter": {}}],
-    }
+    table's data files, or scratch files), not its key. Growing the chain reuses the
+    finished segments' data files as the new segments' input; shrinking it commits their
+    scratch shards, among them shards a segment wrote from data files it read (never taken
+    for data files themselves). Each version equals a fresh build of its spec."""
+    roleplay = shared_data / "instructions" / "gpteacher_roleplay.json"
+    again = tmp_path / "again.json"  # 100 rows of the first source: exact duplicates
+    again.write_text(json.dumps(json.loads(roleplay.read_text())[:100]))
+    sources = [{"path": str(roleplay)}, {"path": str(again)}]
+    # mid's last segment adds no column: its shards' schema is the table's
+    head = [{"normalize": {}}, {"exact_dedup": {}}]
+    chains = {"short": head[:1], "mid": head, "long": [*head, {"near_dedup": {}}]}
     specs = {}
     for label, stages in chains.items():
         (tmp_path / label).mkdir()
-        specs[label] = str(
-            write_spec(tmp_path / label, name="grow", sources=[source], stages=stages)
-        )
-    grown, shrunk = DatasetStore(str(tmp_path / "grown")), DatasetStore(str(tmp_path / "shrunk"))
-    runs = {}
-    for store, order in ((grown, ("short", "long")), (shrunk, ("long", "short"))):
+        spec = write_spec(tmp_path / label, name="grow", sources=sources, stages=stages)
+        specs[label] = str(spec)
+    orders = {
+        "grown": ("short", "long", "mid"),  # mid: ingest and exact_dedup's segment reused
+        "shrunk": ("long", "mid", "short"),
+        "fresh": ("mid",),
+    }
+    # tasks reused: the two ingest tasks, then those and exact_dedup's segment
+    reused = {("grown", "long"): 2, ("grown", "mid"): 3, ("shrunk", "mid"): 3}
+    reused[("shrunk", "short")] = 2
+    stores = {name: DatasetStore(str(tmp_path / name)) for name in orders}
+    versions: dict[tuple[str, str], str] = {}
+    for name, order in orders.items():
         for version, label in enumerate(order):
-            summary = build_dataset(specs[label], store=store.root)
+            summary = build_dataset(specs[label], store=stores[name].root)
             assert summary["version"] == version
-            assert summary["reused_tasks"] == version  # the second build reuses ingest
-            assert_accounting(summary, store)
-            runs[store.root, label] = f"grow@{version}"
-    for label, fresh_store, reused_store in (("long", shrunk, grown), ("short", grown, shrunk)):
-        fresh, reused = runs[fresh_store.root, label], runs[reused_store.root, label]
+            assert summary["reused_tasks"] == reused.get((name, label), 0), (name, label)
+            assert_accounting(summary, stores[name])
+            versions[name, label] = f"grow@{version}"
+    firsts = {"short": "grown", "long": "shrunk", "mid": "fresh"}  # each label's fresh build
+    for (name, label), ref in versions.items():
+        fresh = stores[firsts[label]], versions[firsts[label], label]
         for split in ("train", "rejected"):
-            assert reused_store.read(reused, split).equals(fresh_store.read(fresh, split)), (
+            assert stores[name].read(ref, split).equals(fresh[0].read(fresh[1], split)), (
+                name,
                 label,
                 split,
             )
-    assert grown.read("grow@1", "rejected").num_rows > 0  # exact_dedup and rule_filter ran
+    stages = stores["grown"].read("grow@2", "rejected").column("reject_stage").to_pylist()
+    assert stages.count("exact_dedup") == 100
 
 
 def test_unknown_dataset_and_bad_spec_errors(tmp_path: Path, shared_data: Path) -> None:
