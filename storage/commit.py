@@ -378,7 +378,12 @@ def _shard_batches(shard: _Shard, batch_rows: int) -> Iterator[pa.RecordBatch]:
         parquet = pq.ParquetFile(shard.fs_path, filesystem=shard.filesystem)
         yield from parquet.iter_batches(batch_size=batch_rows)
         return
-    with shard.filesystem.open_input_file(shard.fs_path) as file:
+    local = isinstance(shard.filesystem, pafs.LocalFileSystem)
+    # a local file is mapped: a batch's pages are the page cache's, not this process's
+    opened = (
+        pa.memory_map(shard.fs_path) if local else shard.filesystem.open_input_file(shard.fs_path)
+    )
+    with opened as file:
         reader = pa.ipc.open_file(file)
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
