@@ -584,6 +584,36 @@ def test_the_commit_takes_scratch_shards_as_they_are(store: DatasetStore, tmp_pa
     assert stats["rows"] == 9 and stats == shard_stats([parquet, data])
 
 
+def test_an_ipc_file_is_never_adopted_and_a_data_file_read_back_loses_its_mark(
+    store: DatasetStore, tmp_path: Path
+) -> None:
+    """A data file read back as a later segment's input (``read_shard``) loses the data-file
+    mark, and an IPC file is never adopted even when it carries the mark and exactly the
+    table's file schema: its rows are written into a data file of their own."""
+    from pyarrow import fs as pafs
+
+    from storage.commit import DATA_FILE_KEY, ShardPlan, ShardSource
+
+    data, _ = ShardWriter(tmp_path / "data", final=True).write_shard(
+        0, canonical_table(ids("a", 5)), []
+    )
+    marked = pq.read_table(data)
+    assert DATA_FILE_KEY in marked.schema.metadata
+    assert DATA_FILE_KEY not in (read_shard(data).schema.metadata or {})
+    assert read_shard(data).equals(marked.replace_schema_metadata(None))
+    # a scratch shard of rows kept from the marked table as it was (read without the fix)
+    ipc, _ = ShardWriter(tmp_path / "scratch").write_shard(0, marked, [])
+    source = ShardSource("train", ipc, pafs.LocalFileSystem(), ipc)
+    plan = ShardPlan.build([source], batch_rows=2)
+    assert DATA_FILE_KEY in plan.shards[0].schema.metadata  # the mark came along
+    assert plan.shards[0].schema.equals(plan.file_schema)  # all else would let it be adopted
+    assert not plan.adoptable(plan.shards[0])
+    assert [b.num_rows for b in plan.batches(plan.shards)] == [2, 2, 1]  # cut to batch_rows
+    store.commit("marked", [ipc], [], {"build_id": "t"})
+    assert store.read("marked")["id"].to_pylist() == ids("a", 5)
+    assert all(os.stat(f).st_ino != os.stat(ipc).st_ino for f in store.files("marked"))
+
+
 # -- reads in a fresh interpreter ---------------------------------------------------------
 
 EXIT_SCRIPT = """
