@@ -31,10 +31,9 @@ from transforms.response.stats import parquet_columns
 from transforms.stage import StageResult
 
 Counts = dict[str, dict[str, int]]
-SCRATCH_SUFFIX = ARROW_SUFFIX
-"""Scratch shards (read by the next segment) are Arrow IPC files, uncompressed: a
-write is a copy of the buffers and a read maps the file, with no encoding either way
-(16,384 rows of instruction text: 2.6 + 0.3 ms, against 9 + 8 ms for plain Parquet)."""
+# Scratch shards (read by the next segment) are Arrow IPC files (storage.commit.ARROW_SUFFIX),
+# uncompressed: a write is a copy of the buffers and a read maps the file, with no encoding
+# either way (16,384 rows of instruction text: 2.6 + 0.3 ms, against 9 + 8 ms for Parquet).
 # A last segment's shard that cannot be a data file: Parquet without compression or
 # dictionaries (3x faster writes).
 _SHARD_OPTIONS: dict[str, Any] = {
@@ -173,7 +172,7 @@ class ShardWriter:
     def _write(self, table: pa.Table, stem: str, *, final: bool) -> str:
         # Two builds of one spec at once write the same files (same key, same content) into
         # the same folder: atomic_path gives each its own temporary name.
-        path = self.folder / f"{stem}{'.parquet' if final else SCRATCH_SUFFIX}"
+        path = self.folder / f"{stem}{'.parquet' if final else ARROW_SUFFIX}"
         with atomic_path(path) as tmp:
             if not final:
                 _write_ipc(table, tmp)
@@ -195,7 +194,7 @@ def read_shard(path: str) -> pa.Table:
     pages, shared with the page cache), any other read from Parquet. A data file (a cached
     segment's, read by a segment added after it) loses its data-file marker: the rows a
     stage makes of it are not that file."""
-    if path.endswith(SCRATCH_SUFFIX):
+    if path.endswith(ARROW_SUFFIX):
         with pa.memory_map(path) as source:  # the table's buffers keep the mapping alive
             return pa.ipc.open_file(source).read_all()
     table = pq.read_table(path)
@@ -209,7 +208,7 @@ def read_shard(path: str) -> pa.Table:
 def read_columns(path: str, columns: Sequence[str]) -> pa.Table:
     """The ``columns`` a shard has: a scratch shard's selected from its mapping, a Parquet
     shard's read alone."""
-    if not path.endswith(SCRATCH_SUFFIX):
+    if not path.endswith(ARROW_SUFFIX):
         return parquet_columns(path, columns)
     table = read_shard(path)
     return table.select([c for c in columns if c in table.column_names])
@@ -217,11 +216,10 @@ def read_columns(path: str, columns: Sequence[str]) -> pa.Table:
 
 def shard_rows(path: str) -> int:
     """A shard's row count, from its metadata (no rows read)."""
-    if not path.endswith(SCRATCH_SUFFIX):
+    if not path.endswith(ARROW_SUFFIX):
         return pq.ParquetFile(path).metadata.num_rows
     with pa.memory_map(path) as source:
-        reader = pa.ipc.open_file(source)
-        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        return pa.ipc.open_file(source).count_rows()
 
 
 def write_prepared(
