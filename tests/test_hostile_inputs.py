@@ -103,6 +103,18 @@ CASES = [
         train=1,
     ),
     Case(
+        "deep_other_key_jsonl",  # a key alpaca does not read: Arrow would skip it unchecked
+        {"deep.jsonl": jsonl(GOOD) + raw(GOOD, extra=nested(DEEP)) + b"\n" + jsonl(OTHER)},
+        rejected={"too_deep:extra": 1},
+        train=2,
+    ),
+    Case(
+        "deep_history_jsonl",  # deeper than the history type: Arrow's schema does not bound it
+        {"deep.jsonl": jsonl(GOOD) + raw(OTHER, history=nested(DEEP)) + b"\n"},
+        rejected={"too_deep:history": 1},
+        train=1,
+    ),
+    Case(
         "deep_sharegpt_jsonl",
         {"chat.jsonl": raw({}, conversations=nested(DEEP)) + b"\n"},
         rejected={"too_deep:conversations": 1},

@@ -23,6 +23,7 @@ from transforms.ingest import (
     IngestParams,
     ShareGPTTags,
     detect_format,
+    jsonio,
     read_source,
     results,
     source_batches,
@@ -561,6 +562,59 @@ def test_clean_json_lines_take_the_arrow_path(
     assert not caplog.records
     read_all(write_jsonl(tmp_path / "typed.jsonl", [*records, {"instruction": "x", "output": 1}]))
     assert "parsing it per line" in caplog.text
+
+
+def test_chunks_of_the_format_keys_alone_skip_the_nesting_scan(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arrow reads a chunk whose keys are all alpaca's without the nesting scan (their types
+    bound its depth). From the first chunk with another key on, every chunk is scanned first,
+    and a record nested too deep under that key is rejected as before."""
+    monkeypatch.setattr(jsonio, "CHUNK_BYTES", 4096)
+    strict: list[tuple[int, bool]] = []  # (chunk offset, read unchecked)
+    checked: list[int] = []  # chunks Arrow read after the scan
+    read_strict, read_checked = jsonio.read_chunk_strict, jsonio.read_chunk_arrow
+
+    def counted_strict(chunk: jsonio.Chunk, *args: Any) -> pa.Table | None:
+        table = read_strict(chunk, *args)
+        strict.append((chunk.offset, table is not None))
+        return table
+
+    def counted_checked(chunk: jsonio.Chunk, *args: Any) -> pa.Table | None:
+        checked.append(chunk.offset)
+        return read_checked(chunk, *args)
+
+    monkeypatch.setattr(jsonio, "read_chunk_strict", counted_strict)
+    monkeypatch.setattr(jsonio, "read_chunk_arrow", counted_checked)
+    records = gsm8k_records(shared_data)[:40]
+    clean = "".join(json.dumps(r) + "\n" for r in records).encode()
+    deep = b'{"instruction": "x", "output": "y", "extra": ' + b"[" * 500 + b"]" * 500 + b"}\n"
+    path = tmp_path / "late.jsonl"
+    path.write_bytes(clean + deep + clean)
+    kept, rejected, _ = read_all(path)
+    assert reasons(rejected) == {len(records): "too_deep:extra"}
+    assert kept.column("source_index").to_pylist() == [
+        *range(len(records)),
+        *range(len(records) + 1, 2 * len(records) + 1),
+    ]
+    *unchecked, (last, parsed) = strict
+    assert len(unchecked) >= 3 and all(ok for _, ok in unchecked) and not parsed
+    assert last <= len(clean) < min(checked)  # the chunk with the deep record was scanned
+    assert len(checked) >= 3  # and so was every chunk after it
+
+
+def test_a_bound_below_the_schema_depth_scans_every_chunk(tmp_path: Path) -> None:
+    """History nests three deep (record, pairs, pair): under ``max_depth: 2`` Arrow's schema
+    no longer bounds the depth, so each chunk is scanned and such a row rejected."""
+    path = write_jsonl(
+        tmp_path / "shallow.jsonl",
+        [{"instruction": "q", "output": "a"}, {**ALPACA_FULL}, {"instruction": "r", "output": "b"}],
+    )
+    kept, rejected, _ = read_all(path, params=IngestParams(max_depth=2))
+    assert reasons(rejected) == {1: "too_deep:history"}
+    assert kept.column("source_index").to_pylist() == [0, 2]
+    kept, rejected, _ = read_all(path)
+    assert rejected.num_rows == 0 and kept.num_rows == 3
 
 
 def test_missing_fields_in_a_clean_json_array(tmp_path: Path) -> None:

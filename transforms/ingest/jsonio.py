@@ -9,11 +9,18 @@ A JSON array is cut into its elements by :mod:`~transforms.ingest.structure`'s s
 knows each element's line), and each element is parsed by ``json.loads``. A syntax error
 names its line.
 
-Records are bounded (:class:`~transforms.ingest.structure.Bounds`) before any parser sees
-them: a line or element nested too deep becomes ``RowReject("too_deep:<field>")``, one too
-large ``RowReject("too_large:record")``, and the bytes of a too-large one are skipped, never
-held. Text is decoded with ``surrogateescape`` everywhere, so invalid UTF-8 never aborts a
-file.
+Records are bounded (:class:`~transforms.ingest.structure.Bounds`) before a recursive
+parser sees them: a line or element nested too deep becomes ``RowReject("too_deep:<field>")``,
+one too large ``RowReject("too_large:record")``, and the bytes of a too-large one are skipped,
+never held. Text is decoded with ``surrogateescape`` everywhere, so invalid UTF-8 never aborts
+a file.
+
+Arrow's parser is iterative, so a chunk may meet it unchecked when no record in it can be too
+deep: :func:`read_chunk_strict` lets Arrow read a chunk only if every key of every record is
+one of the format's fields, whose types bound the nesting (:func:`schema_depth`). A record
+with another key, or with a field nested deeper than its type, fails the chunk, which then
+takes the checked path. On the instruction corpora this skips the nesting scan, a third of
+the reading thread's own work.
 """
 
 from __future__ import annotations
@@ -201,16 +208,44 @@ def read_chunk_arrow(chunk: Chunk, schema: pa.Schema, path: str) -> pa.Table | N
     """A chunk parsed by Arrow with an explicit schema (other keys ignored), or ``None`` when
     Arrow cannot parse it and the chunk must take the Python path."""
     try:
-        return pj.read_json(
-            pa.BufferReader(chunk.data),
-            read_options=pj.ReadOptions(use_threads=True, block_size=BLOCK_BYTES),
-            parse_options=pj.ParseOptions(
-                explicit_schema=schema, unexpected_field_behavior="ignore"
-            ),
-        )
+        return _read_json(chunk, schema, "ignore")
     except pa.ArrowInvalid as exc:
         log.info("%s: Arrow's JSON reader failed on a chunk (%s); parsing it per line", path, exc)
         return None
+
+
+def read_chunk_strict(chunk: Chunk, schema: pa.Schema, path: str) -> pa.Table | None:
+    """A chunk parsed by Arrow when every key of its records is a field of ``schema`` and
+    every value fits its field's type, else ``None``. Such a chunk needs no nesting check
+    when :func:`schema_depth` is within the bound: no record in it nests deeper."""
+    try:
+        return _read_json(chunk, schema, "error")
+    except pa.ArrowInvalid as exc:
+        log.debug("%s: a chunk has keys or values outside %s (%s)", path, schema.names, exc)
+        return None
+
+
+def _read_json(chunk: Chunk, schema: pa.Schema, unexpected: str) -> pa.Table:
+    return pj.read_json(
+        pa.BufferReader(chunk.data),
+        read_options=pj.ReadOptions(use_threads=True, block_size=BLOCK_BYTES),
+        parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior=unexpected),
+    )
+
+
+def schema_depth(schema: pa.Schema) -> int:
+    """The deepest a JSON record can nest when its keys are ``schema``'s fields and its values
+    fit their types, counted as :func:`~transforms.ingest.structure.scan` counts (the record's
+    own object is depth 1; each list or struct inside it adds one)."""
+    return 1 + max((_type_depth(field.type) for field in schema), default=0)
+
+
+def _type_depth(type_: pa.DataType) -> int:
+    if pa.types.is_struct(type_):
+        return 1 + max((_type_depth(field.type) for field in type_), default=0)
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return 1 + _type_depth(type_.value_type)
+    return 0
 
 
 def iter_lines(

@@ -16,8 +16,9 @@ Supported inputs:
   ``train`` split is read, or the only split if there is one; point at a split's folder to
   read another.
 
-Every JSON record is bounded in depth and size (:class:`Bounds`) before it is parsed, and
-so is every CSV field (in size). A streamed file's main read hashes its bytes
+Every JSON record is bounded in depth and size (:class:`Bounds`) before a recursive parser
+sees it (Arrow's is not one: see :mod:`~transforms.ingest.jsonio`), and so is every CSV field
+(in size). A streamed file's main read hashes its bytes
 (:class:`ReadDigest`), so that the build can check them against its fingerprint.
 """
 
@@ -269,25 +270,43 @@ def _jsonl_pieces(
 ) -> Iterator[Piece]:
     index = 0
     done = 0  # bytes of the stream in the chunks read
+    # Arrow reads chunks unchecked while their keys are the schema's, whose types bound their
+    # depth; from the first chunk with other keys on, the file's chunks are checked first.
+    strict = arrow_schema is not None and jsonio.schema_depth(arrow_schema) <= bounds.max_depth
     try:
         with file.open_bytes(digest) as stream:
-            for chunk in jsonio.iter_chunks(stream, max_line=bounds.max_record_bytes):
-                hostile = jsonio.hostile_lines(chunk, bounds)
-                table = (
-                    None
-                    if arrow_schema is None or hostile or chunk.oversized
-                    else jsonio.read_chunk_arrow(chunk, arrow_schema, file.name)
+            for chunk in jsonio.iter_chunks(stream, jsonio.CHUNK_BYTES, bounds.max_record_bytes):
+                table = None
+                if strict and not chunk.oversized and len(chunk.data) <= bounds.max_record_bytes:
+                    table = jsonio.read_chunk_strict(chunk, arrow_schema, file.name)
+                    strict = table is not None
+                piece: Piece = (
+                    _checked_piece(chunk, index, file, arrow_schema, bounds)
+                    if table is None
+                    else Columns(index, table)
                 )
-                if table is None:
-                    values = jsonio.parse_chunk(chunk, file.open_bytes, file.name, hostile)
-                    yield Records(index, values)
-                    index += len(values)
-                else:
-                    yield Columns(index, table)
-                    index += table.num_rows
+                yield piece
+                index += piece.table.num_rows if isinstance(piece, Columns) else len(piece.values)
                 done = chunk.offset + len(chunk.data)
     except OSError as exc:  # a truncated or corrupt compressed stream: name the line it broke
         raise unreadable(file.name, exc, jsonio.lines_before(file.open_bytes, done) + 1) from exc
+
+
+def _checked_piece(
+    chunk: jsonio.Chunk,
+    index: int,
+    file: SourceFile,
+    arrow_schema: pa.Schema | None,
+    bounds: Bounds,
+) -> Piece:
+    """A chunk's records with its lines past the bounds found first: parsed by Arrow when
+    none is and Arrow can, else in Python (those lines as their :class:`RowReject`)."""
+    hostile = jsonio.hostile_lines(chunk, bounds)
+    if arrow_schema is not None and not hostile and not chunk.oversized:
+        table = jsonio.read_chunk_arrow(chunk, arrow_schema, file.name)
+        if table is not None:
+            return Columns(index, table)
+    return Records(index, jsonio.parse_chunk(chunk, file.open_bytes, file.name, hostile))
 
 
 def as_records(piece: Piece) -> Records:
