@@ -317,6 +317,26 @@ def test_filter_reasons_in_rule_order(gsm8k: pa.Table) -> None:
     assert out.kept.column("response").to_pylist() == ["fine \uf000"]  # same first byte
 
 
+def test_the_length_bound_counts_characters_not_bytes(gsm8k: pa.Table) -> None:
+    """Rows are measured in bytes first and only those over the bound in characters: a row
+    of many multi-byte characters within the bound is kept, one just past it is not."""
+    wide = "\u00e9\u4e2d\U0001f600"  # 2, 3 and 4 UTF-8 bytes: 9 bytes, 3 characters
+    table = with_text(
+        gsm8k,
+        ["q" * 40, wide * 10, wide * 10, "\u4e2d" * 30, "q"],
+        ["a" * 60, "x" * 70, "x" * 71, "\u00e9" * 70, ""],
+    )
+    out = filter_rows(table, FilterParams(max_chars=100, empty_response=False))
+    assert out.rejected.column("reject_reason").to_pylist() == ["too_long:chars>100"]
+    assert [r[0]["content"][:1] for r in out.kept.column("prompt").to_pylist()] == [
+        "q",
+        "\u00e9",
+        "\u4e2d",
+        "q",
+    ]
+    assert out.rejected.column("response").to_pylist() == ["x" * 71]  # 30 + 71 characters
+
+
 def test_filter_keeps_real_rows_and_accounts(gsm8k: pa.Table) -> None:
     out = filter_rows(gsm8k, FilterParams(max_chars=600))
     lengths = pc.add(pc.utf8_length(gsm8k.column("response")), prompt_chars(gsm8k["prompt"]))

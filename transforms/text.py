@@ -33,9 +33,19 @@ def map_contents(prompt: pa.Array | pa.ChunkedArray, op: StringOp) -> pa.ListArr
 
 def prompt_chars(prompt: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Total characters over all turns of each conversation."""
+    return _prompt_total(prompt, pc.utf8_length)
+
+
+def prompt_bytes(prompt: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Total UTF-8 bytes over all turns of each conversation (read off the offsets: no
+    pass over the text, as counting characters is)."""
+    return _prompt_total(prompt, pc.binary_length)
+
+
+def _prompt_total(prompt: pa.Array | pa.ChunkedArray, measure: StringOp) -> pa.Array:
     prompt = combined(prompt)
     flat = pc.list_flatten(prompt)
-    lengths = pc.fill_null(pc.utf8_length(flat.field("content")), 0).to_numpy()
+    lengths = pc.fill_null(measure(flat.field("content")), 0).to_numpy()
     parents = pc.list_parent_indices(prompt).to_numpy()
     sums = np.bincount(parents, weights=lengths, minlength=len(prompt))
     return pa.array(sums.astype(np.int64))
@@ -77,8 +87,9 @@ def rows_with_bytes(
 ) -> np.ndarray:
     """Indices of the strings any of whose UTF-8 bytes ``flag`` (bytes → bool mask) marks."""
     parts = [
-        first + rows_with(np.flatnonzero(flag(data)), bounds)
+        first + rows_with(np.flatnonzero(marked), bounds)
         for first, data, bounds in byte_chunks(texts)
+        if (marked := flag(data)).any()  # counting is cheaper than listing none
     ]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
