@@ -129,7 +129,7 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
     from pipelines.build import ingest_source, run_segment
     from pipelines.fingerprint import file_fingerprint
     from pipelines.parallel import shard_threads
-    from pipelines.segments import ChainStep, split_segments
+    from pipelines.segments import ChainStep, content_ids, split_segments
     from pipelines.spec import load_spec
     from storage.dataset import DatasetStore
     from transforms.registry import StageContext
@@ -148,7 +148,8 @@ def child_pipeline(corpus: Path, work: Path) -> dict:
     for i, chain in enumerate(segments[1:], 1):
         context = StageContext(work=work / "stages", cache_dir=work / "cache")
         last = i == len(segments) - 1
-        out = run_segment.fn(f"k{i}", train, chain, str(work / f"s{i}"), context, None, last)
+        ids = content_ids(len(spec.sources), segments, i)  # as the flow decides it
+        out = run_segment.fn(f"k{i}", train, chain, str(work / f"s{i}"), context, None, last, ids)
         outputs.append(out)
         train = out.train
     rejected = [p for o in outputs for p in o.rejected]

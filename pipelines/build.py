@@ -43,6 +43,7 @@ from pipelines.segments import (
     SegmentOutput,
     ShardWriter,
     add_counts,
+    content_ids,
     merge_counts,
     read_columns,
     read_prepared,
@@ -57,6 +58,7 @@ from pipelines.spec import BuildSpec, SourceSpec, check_sources, load_spec
 from storage.dataset import DatasetStore, default_store
 from storage.gencache import cache_dir
 from storage.uris import work_dir
+from transforms import dedup
 from transforms.ingest import Batch, IngestError, IngestParams, source_batches
 from transforms.registry import StageContext
 from transforms.response.stats import shard_stats
@@ -157,14 +159,19 @@ def run_segment(
     context: StageContext,
     prepared: list[str] | None = None,
     final: bool = False,
+    content_ids: bool = False,
 ) -> SegmentOutput:
     """Run an ordered stage over the shards in order (or a whole-table stage over all of
     them at once), then the local stages after it. ``prepared``: the ordered stage's
     ``prepare`` output for each shard, from :func:`prepare_shards`; ``final``: the chain's
-    last segment (not in the key), whose train shards are written as the table's data files."""
+    last segment (not in the key), whose train shards are written as the table's data files;
+    ``content_ids``: the rows' ids hash their content under one source
+    (:func:`pipelines.segments.content_ids`; not in the key: the rows are the same)."""
     logger = _logger()
     writer = ShardWriter(folder, final=final)
     states: dict[str, Any] = {}
+    if content_ids and chain[0].definition.name == dedup.STAGE:
+        states[dedup.STAGE] = {dedup.ID_KEYS: True}
     stats: dict[str, Any] = {}
     inputs = read_shards(shards)
     if chain[0].definition.whole:
@@ -357,7 +364,10 @@ def build_dataset(spec_path: str, store: str | None = None, partitions: int = 0)
             out = run_partitioned(key, train, chain, folder, scratch, partitions, options, last)
         else:
             prepared = _prepare(chain[0], train, work, storage)
-            out = fresh(segment, folder)(key, train, chain, str(folder), context, prepared, last)
+            ids = content_ids(len(spec.sources), segments, number - 1)
+            out = fresh(segment, folder)(
+                key, train, chain, str(folder), context, prepared, last, ids
+            )
         emit("stage", chain[0].definition.name, len(train), len(train))
         outputs.append(out)
         train = out.train

@@ -68,6 +68,20 @@ class SegmentOutput:
     """Statistics of whole-table stages, by stage name (engine calls among them)."""
 
 
+CONTENT_ID_STAGES = frozenset({"normalize", "filter"})
+"""Stages that leave every row's id the hash of its (source, prompt, response): normalize
+hashes again the ids of the rows it changes, and filter changes no row."""
+
+
+def content_ids(sources: int, segments: list[list[ChainStep]], index: int) -> bool:
+    """Whether the rows entering segment ``index`` come from one source with ids that hash
+    their content: then equal ids mean equal (prompt, response), and exact dedup keys rows
+    by id (:data:`transforms.dedup.ID_KEYS`). Ingest hashes the ids; every stage before the
+    segment must be one of :data:`CONTENT_ID_STAGES`."""
+    before = (step.definition.name for chain in segments[:index] for step in chain)
+    return sources == 1 and all(name in CONTENT_ID_STAGES for name in before)
+
+
 def split_segments(chain: list[ChainStep]) -> list[list[ChainStep]]:
     """Cut the chain before every ordered stage. The first segment may be empty."""
     segments: list[list[ChainStep]] = [[]]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import yaml
@@ -16,6 +18,7 @@ import yaml
 from pipelines.build import build_dataset
 from pipelines.spec import load_spec
 from storage.dataset import DatasetStore, StoreError
+from transforms import dedup
 from transforms.ingest import IngestError
 from transforms.schema import SCHEMA, validate
 
@@ -100,6 +103,40 @@ def test_exact_duplicates_across_sources_are_rejected_with_the_kept_id(
         assert reason.startswith("duplicate_of:")
         assert reason.removeprefix("duplicate_of:") in kept_ids
     assert "gsm8k_copy" in set(dup.column("source").to_pylist())
+
+
+def test_one_source_is_deduplicated_by_id_and_two_by_content(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one source, ingest's ids hash the rows' content, so exact dedup keys rows by id
+    and hashes no content keys; with two, the same pair has two ids, and it hashes them. The
+    duplicates rejected, and their reasons, are the same either way."""
+    records = json.loads((shared_data / "instructions" / "gsm8k_train_alpaca.json").read_text())
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([*records[:2000], *records[:300]]))
+    hashed: list[int] = []
+    content_words = dedup.content_words
+
+    def counted(table: pa.Table) -> np.ndarray:
+        hashed.append(table.num_rows)
+        return content_words(table)
+
+    monkeypatch.setattr(dedup, "content_words", counted)
+    reasons = []
+    for name, sources in (
+        ("one", [one]),
+        ("two", [one, shared_data / "instructions" / "gsm8k_train_alpaca.json"]),
+    ):
+        store = DatasetStore(str(tmp_path / name))
+        spec = write_spec(tmp_path, name=name, sources=[{"path": str(p)} for p in sources])
+        hashed.clear()
+        summary = build_dataset(str(spec), store=store.root)
+        assert_accounting(summary, store)
+        rejected = store.read(name, "rejected")
+        rejected = rejected.filter(pc.equal(rejected.column("source"), "one"))
+        reasons.append(sorted(rejected.column("reject_reason").to_pylist()))
+        assert sum(hashed) == (0 if name == "one" else summary["counts"]["exact_dedup"]["in"])
+    assert len(reasons[0]) == 300 and reasons[0] == reasons[1]
 
 
 def test_row_level_problems_reach_the_committed_rejected_split(

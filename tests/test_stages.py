@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from transforms.dedup import ExactDedupParams, exact_dedup
+from pipelines.segments import ChainStep, content_ids, split_segments
+from transforms.dedup import ID_KEYS, ExactDedupParams, exact_dedup
 from transforms.filters import FilterParams, filter_rows
 from transforms.ids import content_key, row_ids
 from transforms.ingest import read_source
@@ -174,13 +175,11 @@ def reference_dedup(shards: list[pa.Table]) -> list[tuple[list[str], list[str], 
     return out
 
 
-@pytest.mark.parametrize("spill_keys", [SPILL_KEYS, 300])
-def test_exact_dedup_matches_a_dict_over_many_shards(shared_data: Path, spill_keys: int) -> None:
+def duplicated_shards(shared_data: Path, *, mixed: bool = True) -> list[pa.Table]:
     """Real GSM8K rows in 16 shards of 60-400 rows, with duplicates of rows of the same
     shard, of the shard before and of much earlier shards (so that they sit in merged
-    runs), the same pairs under another source (another id, the same key), and one shard
-    whose ids are not hex digests: the kept ids, reasons and counts are the dict's, with
-    the key set in memory or (runs of 300 keys or more) spilled to temporary files."""
+    runs); ``mixed`` adds the same pairs under another source (another id, the same key)
+    and one shard whose ids are not hex digests."""
     path = shared_data / "instructions" / "gsm8k_train_alpaca.json"
     rows = next(iter(read_source(path))).kept.slice(0, 3000)
     rng = np.random.default_rng(7)
@@ -192,17 +191,25 @@ def test_exact_dedup_matches_a_dict_over_many_shards(shared_data: Path, spill_ke
         old = rng.integers(0, max(start, 1), size=len(fresh) // 4)  # any earlier row
         shard = rows.take(pa.array(np.concatenate([fresh, old])))
         shard = shard.take(pa.array(rng.permutation(shard.num_rows)))
-        if i % 5 == 4:  # a second source holding some of the same pairs
+        if mixed and i % 5 == 4:  # a second source holding some of the same pairs
             other = shard.slice(0, 40).set_column(
                 shard.schema.get_field_index("source"), "source", pa.array(["copy"] * 40)
             )
             ids = row_ids(other.column("source"), other.column("prompt"), other.column("response"))
             other = other.set_column(other.schema.get_field_index("id"), "id", ids)
             shard = pa.concat_tables([shard, other])
-        if i == 9:  # ids that are not hex digests are kept as they are
+        if mixed and i == 9:  # ids that are not hex digests are kept as they are
             names = pa.array([f"row-{i}-{j}" for j in range(shard.num_rows)])
             shard = shard.set_column(shard.schema.get_field_index("id"), "id", names)
         shards.append(shard)
+    return shards
+
+
+@pytest.mark.parametrize("spill_keys", [SPILL_KEYS, 300])
+def test_exact_dedup_matches_a_dict_over_many_shards(shared_data: Path, spill_keys: int) -> None:
+    """The kept ids, reasons and counts are the dict's over :func:`duplicated_shards`, with
+    the key set in memory or (runs of 300 keys or more) spilled to temporary files."""
+    shards = duplicated_shards(shared_data)
     expected = reference_dedup(shards)
     state: dict = {"keys": KeySet(spill_keys=spill_keys)}
     distinct = 0
@@ -344,6 +351,36 @@ def test_filter_keeps_real_rows_and_accounts(gsm8k: pa.Table) -> None:
     assert out.counts(500)["kept"] + out.rejected.num_rows == 500
     passing = filter_rows(gsm8k, FilterParams())
     assert passing.kept is gsm8k and passing.rejected.num_rows == 0  # no copy of a shard
+
+
+def test_exact_dedup_keyed_by_id_decides_as_the_content_keys(shared_data: Path) -> None:
+    """Rows of one source whose ids hash their content: with :data:`ID_KEYS` set the ids are
+    the keys, and the kept ids, the reasons and the counts are the dict's over the content
+    keys. An id that is no XXH3-128 digest breaks that promise and is an error."""
+    shards = duplicated_shards(shared_data, mixed=False)
+    state: dict = {ID_KEYS: True, "keys": KeySet(spill_keys=300)}
+    for shard, (kept, dropped, reasons) in zip(shards, reference_dedup(shards), strict=True):
+        out = exact_dedup(shard, ExactDedupParams(), state)
+        assert out.kept.column("id").to_pylist() == kept
+        assert out.rejected.column("id").to_pylist() == dropped
+        assert out.rejected.column("reject_reason").to_pylist() == reasons
+    assert sum(len(r) for _, r, _ in reference_dedup(shards)) > 100  # duplicates were found
+    named = shards[0].set_column(
+        shards[0].schema.get_field_index("id"), "id", pa.array(["x"] * shards[0].num_rows)
+    )
+    with pytest.raises(ValueError, match="row 0 has no XXH3-128 id"):
+        exact_dedup(named, ExactDedupParams(), {ID_KEYS: True})
+
+
+def test_ids_are_keys_for_one_source_after_stages_that_keep_them_content_hashes() -> None:
+    def segments(*names: str) -> list[list[ChainStep]]:
+        return split_segments([ChainStep.of(name, {}) for name in names])
+
+    assert content_ids(1, segments("normalize", "exact_dedup", "filter"), 1)
+    assert content_ids(1, segments("filter", "exact_dedup"), 1)  # drops rows, changes none
+    assert not content_ids(2, segments("normalize", "exact_dedup"), 1)  # a pair, two ids
+    assert not content_ids(1, segments("rule_filter", "exact_dedup"), 1)  # not known to
+    assert not content_ids(1, segments("normalize", "near_dedup", "exact_dedup"), 2)
 
 
 def test_exact_dedup_names_a_kept_row_without_id(gsm8k: pa.Table) -> None:

@@ -33,6 +33,13 @@ from transforms.stage import StageResult, reject_table
 STAGE = "exact_dedup"
 KEY_ROWS = 8192
 """Rows whose keys are hashed at a time (see :func:`content_words`)."""
+ID_KEYS = "ids_are_keys"
+"""Set true in the carried state (before the first shard) by a flow whose rows' ids hash
+their content under one source: one source, and no stage before this one but ingest and
+normalize, which hash each row's id from (source, prompt, response) as it leaves them
+(:func:`pipelines.segments.content_ids`). Two such ids are equal exactly when the rows'
+(prompt, response) keys are, so the ids' 16 bytes serve as the keys, and the content is not
+hashed a second time. The decisions and reasons are the same."""
 NO_ID = "<no id>"
 """Named in the reason of a duplicate whose kept row has no id (a build always sets ids;
 a caller of the function may not)."""
@@ -50,12 +57,17 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
 
     ``state`` is the carried dict: the :class:`KeySet` under ``"keys"``, and under
     ``"other_ids"`` the kept ids that are not 32-character hex digests (none in a build:
-    every row id is one), by key.
+    every row id is one), by key; :data:`ID_KEYS`, when the flow set it, makes the ids the
+    keys.
     """
     seen: KeySet = state.setdefault("keys", KeySet())
     other_ids: dict[tuple[int, int], str] = state.setdefault("other_ids", {})
     ids = contiguous(table.column("id"))
-    keys = content_words(table)
+    words, plain = hex_words(ids)  # every row's, then the kept ones' (no copy of their ids)
+    if state.get(ID_KEYS) and not plain.all():
+        row = int(np.flatnonzero(~plain)[0])
+        raise ValueError(f"exact_dedup: {ID_KEYS} is set, but row {row} has no XXH3-128 id")
+    keys = words if state.get(ID_KEYS) else content_words(table)
     distinct, first, group = group_keys(keys)
     found, earlier = seen.find(distinct)
     new_keys, new_rows = distinct[~found], first[~found]
@@ -67,7 +79,6 @@ def exact_dedup(table: pa.Table, params: ExactDedupParams, state: dict) -> Stage
         _owners(ids, group[duplicates], first, found, earlier, distinct, other_ids),
         ":",
     )
-    words, plain = hex_words(ids)  # every row's, then the kept ones' (no copy of their ids)
     kept_ids, plain = words[new_rows], plain[new_rows]
     for k in np.flatnonzero(~plain):
         other_ids[(int(new_keys[k, 0]), int(new_keys[k, 1]))] = ids[int(new_rows[k])].as_py()
