@@ -159,18 +159,18 @@ def run_segment(
     context: StageContext,
     prepared: list[str] | None = None,
     final: bool = False,
-    content_ids: bool = False,
+    ids_are_keys: bool = False,
 ) -> SegmentOutput:
     """Run an ordered stage over the shards in order (or a whole-table stage over all of
     them at once), then the local stages after it. ``prepared``: the ordered stage's
     ``prepare`` output for each shard, from :func:`prepare_shards`; ``final``: the chain's
     last segment (not in the key), whose train shards are written as the table's data files;
-    ``content_ids``: the rows' ids hash their content under one source
+    ``ids_are_keys``: the rows' ids hash their content under one source
     (:func:`pipelines.segments.content_ids`; not in the key: the rows are the same)."""
     logger = _logger()
     writer = ShardWriter(folder, final=final)
     states: dict[str, Any] = {}
-    if content_ids and chain[0].definition.name == dedup.STAGE:
+    if ids_are_keys and chain[0].definition.name == dedup.STAGE:
         states[dedup.STAGE] = {dedup.ID_KEYS: True}
     stats: dict[str, Any] = {}
     inputs = read_shards(shards)

@@ -603,6 +603,27 @@ def test_chunks_of_the_format_keys_alone_skip_the_nesting_scan(
     assert len(checked) >= 3  # and so was every chunk after it
 
 
+def test_bare_null_records_never_reach_arrow(
+    tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow 26 crashes the process when a block of its JSON reader starts with a bare
+    ``null`` record. A chunk holding one is read per line instead, in both modes (strict
+    and checked), and each such line is ``wrong_type:record`` wherever it falls."""
+    monkeypatch.setattr(jsonio, "CHUNK_BYTES", 4096)
+    records = gsm8k_records(shared_data)[:60]
+    lines = [json.dumps(r).encode() for r in records]
+    nulls = range(7, len(lines), 7)  # some chunks start with one, some hold one inside
+    for at in nulls:
+        lines[at] = b"null" if at % 2 else b"  null "
+    path = tmp_path / "nulls.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    kept, rejected, _ = read_all(path)
+    assert reasons(rejected) == dict.fromkeys(nulls, "wrong_type:record")
+    assert kept.num_rows == len(lines) - len(nulls)
+    assert jsonio.null_records(b'{"a": 1}\r\n  null\r\n')
+    assert not jsonio.null_records(b'{"a": null}\n{"b": "\\nnull"}\n\n{"c": 2}\n')
+
+
 def test_a_bound_below_the_schema_depth_scans_every_chunk(tmp_path: Path) -> None:
     """History nests three deep (record, pairs, pair): under ``max_depth: 2`` Arrow's schema
     no longer bounds the depth, so each chunk is scanned and such a row rejected."""

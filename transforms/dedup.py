@@ -35,8 +35,8 @@ KEY_ROWS = 8192
 """Rows whose keys are hashed at a time (see :func:`content_words`)."""
 ID_KEYS = "ids_are_keys"
 """Set true in the carried state (before the first shard) by a flow whose rows' ids hash
-their content under one source: one source, and no stage before this one but ingest and
-normalize, which hash each row's id from (source, prompt, response) as it leaves them
+their content under one source: one source, and no stage before this one but ingest,
+normalize and filter, which leave each row's id the hash of its (source, prompt, response)
 (:func:`pipelines.segments.content_ids`). Two such ids are equal exactly when the rows'
 (prompt, response) keys are, so the ids' 16 bytes serve as the keys, and the content is not
 hashed a second time. The decisions and reasons are the same."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -41,6 +42,7 @@ from transforms.ingest.structure import (
     CLOSE_ARRAY,
     COMMA,
     OPEN_ARRAY,
+    OPEN_OBJECT,
     SCAN_BYTES,
     Bounds,
     ScanState,
@@ -65,6 +67,8 @@ TOO_LARGE_NUMBER = "too_large:number"
 BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
 _NON_BLANK = re.compile(rb"[^ \t\r\n]")
+
+NEWLINE = 0x0A
 
 OpenBytes = Callable[[], BinaryIO]
 
@@ -206,6 +210,27 @@ def _parse_line(chunk: Chunk, index: int, line: bytes, open_bytes: OpenBytes, pa
         ) from exc
 
 
+_NULL_AT_START = re.compile(rb"[ \t\r\n]*null")
+_NULL_AFTER_NEWLINE = re.compile(rb"\n[ \t\r]*null")
+
+
+def null_records(data: bytes | memoryview) -> bool:
+    """Whether a line of ``data`` is a bare JSON ``null``, which Arrow's reader must not see:
+    pyarrow 26 crashes the process (a segmentation fault) when the first record of one of
+    its blocks is ``null``. Such a chunk is read per line in Python, where the line is
+    ``wrong_type:record``. Lines starting with ``{`` are cleared by a byte comparison in
+    1 MiB slices, without holding the GIL; only a chunk with other lines is searched."""
+    code = np.frombuffer(data, np.uint8)
+    if not len(code):
+        return False
+    if code[0] == OPEN_OBJECT and not any(
+        ((part[:-1] == NEWLINE) & (part[1:] != OPEN_OBJECT)).any()
+        for part in (code[lo : lo + SCAN_BYTES + 1] for lo in range(0, len(code) - 1, SCAN_BYTES))
+    ):
+        return False
+    return bool(_NULL_AT_START.match(data) or _NULL_AFTER_NEWLINE.search(data))
+
+
 def read_chunk_arrow(chunk: Chunk, schema: pa.Schema, path: str) -> pa.Table | None:
     """A chunk parsed by Arrow with an explicit schema (other keys ignored), or ``None`` when
     Arrow cannot parse it and the chunk must take the Python path."""
@@ -243,11 +268,12 @@ def schema_depth(schema: pa.Schema) -> int:
 
 
 def _type_depth(type_: pa.DataType) -> int:
+    """A nested type this does not know counts as unbounded: its schema is always checked."""
     if pa.types.is_struct(type_):
         return 1 + max((_type_depth(field.type) for field in type_), default=0)
     if pa.types.is_list(type_) or pa.types.is_large_list(type_):
         return 1 + _type_depth(type_.value_type)
-    return 0
+    return sys.maxsize if pa.types.is_nested(type_) else 0
 
 
 def iter_lines(

@@ -271,17 +271,21 @@ def _jsonl_pieces(
     index = 0
     done = 0  # bytes of the stream in the chunks read
     # Arrow reads chunks unchecked while their keys are the schema's, whose types bound their
-    # depth; from the first chunk with other keys on, the file's chunks are checked first.
+    # depth; from the first chunk it cannot read so (another key, a value that does not fit
+    # its type, a line longer than its block) on, the file's chunks are checked first.
     strict = arrow_schema is not None and jsonio.schema_depth(arrow_schema) <= bounds.max_depth
     try:
         with file.open_bytes(digest) as stream:
             for chunk in jsonio.iter_chunks(stream, jsonio.CHUNK_BYTES, bounds.max_record_bytes):
+                arrow = arrow_schema
+                if arrow is None or chunk.oversized or jsonio.null_records(chunk.data):
+                    arrow = None  # Arrow must not see a bare null record
                 table = None
-                if strict and not chunk.oversized and len(chunk.data) <= bounds.max_record_bytes:
-                    table = jsonio.read_chunk_strict(chunk, arrow_schema, file.name)
+                if strict and arrow is not None and len(chunk.data) <= bounds.max_record_bytes:
+                    table = jsonio.read_chunk_strict(chunk, arrow, file.name)
                     strict = table is not None
                 piece: Piece = (
-                    _checked_piece(chunk, index, file, arrow_schema, bounds)
+                    _checked_piece(chunk, index, file, arrow, bounds)
                     if table is None
                     else Columns(index, table)
                 )
@@ -300,7 +304,8 @@ def _checked_piece(
     bounds: Bounds,
 ) -> Piece:
     """A chunk's records with its lines past the bounds found first: parsed by Arrow when
-    none is and Arrow can, else in Python (those lines as their :class:`RowReject`)."""
+    none is and Arrow can (``arrow_schema``: ``None`` where Arrow must not see the chunk),
+    else in Python (those lines as their :class:`RowReject`)."""
     hostile = jsonio.hostile_lines(chunk, bounds)
     if arrow_schema is not None and not hostile and not chunk.oversized:
         table = jsonio.read_chunk_arrow(chunk, arrow_schema, file.name)

@@ -110,7 +110,7 @@ def deep_lines(data: bytes | memoryview, max_depth: int) -> list[int]:
     """The indices (in ``data.split(b"\\n")``) of the lines that may nest deeper than
     ``max_depth``: those holding more than ``max_depth`` opening brackets (a cheap bound,
     made exact by :func:`too_deep`)."""
-    # 1 MiB at a time: a copy of a whole 16 MiB chunk page-faults fresh memory every time
+    # 1 MiB at a time: a copy of a whole chunk (several MiB) page-faults fresh memory each time
     # (15 ms a chunk, against 10 ms in slices that the heap reuses)
     view = memoryview(data)
     openers = b"".join(
