@@ -603,12 +603,12 @@ def test_chunks_of_the_format_keys_alone_skip_the_nesting_scan(
     assert len(checked) >= 3  # and so was every chunk after it
 
 
-def test_bare_null_records_never_reach_arrow(
+def test_a_chunk_starting_with_null_never_reaches_arrow(
     tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """pyarrow 26 crashes the process when a block of its JSON reader starts with a bare
-    ``null`` record. A chunk holding one is read per line instead, in both modes (strict
-    and checked), and each such line is ``wrong_type:record`` wherever it falls."""
+    """pyarrow 26 crashes the process when the first record it reads is a bare ``null``. A
+    chunk starting with one is read per line instead (``wrong_type:record``); a ``null``
+    inside a chunk Arrow reads is a row of nulls (``missing_field:instruction``)."""
     monkeypatch.setattr(jsonio, "CHUNK_BYTES", 4096)
     records = gsm8k_records(shared_data)[:60]
     lines = [json.dumps(r).encode() for r in records]
@@ -617,11 +617,22 @@ def test_bare_null_records_never_reach_arrow(
         lines[at] = b"null" if at % 2 else b"  null "
     path = tmp_path / "nulls.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
+    with path.open("rb") as stream:  # the chunks (offset, end) that start with a null
+        per_line = [
+            (c.offset, c.offset + len(c.data))
+            for c in jsonio.iter_chunks(stream, 4096)
+            if jsonio.null_first(c.data)
+        ]
+    offsets = {at: sum(len(x) + 1 for x in lines[:at]) for at in nulls}
+    python = {at for at, o in offsets.items() if any(a <= o < b for a, b in per_line)}
+    assert python and set(nulls) - python  # both cases are in the file
     kept, rejected, _ = read_all(path)
-    assert reasons(rejected) == dict.fromkeys(nulls, "wrong_type:record")
+    assert reasons(rejected) == {
+        at: "wrong_type:record" if at in python else "missing_field:instruction" for at in nulls
+    }
     assert kept.num_rows == len(lines) - len(nulls)
-    assert jsonio.null_records(b'{"a": 1}\r\n  null\r\n')
-    assert not jsonio.null_records(b'{"a": null}\n{"b": "\\nnull"}\n\n{"c": 2}\n')
+    assert jsonio.null_first(b"\r\n\n  null\n{}") and jsonio.null_first(memoryview(b"null"))
+    assert not jsonio.null_first(b'{"a": null}\nnull\n') and not jsonio.null_first(b"  \n")
 
 
 def test_a_bound_below_the_schema_depth_scans_every_chunk(tmp_path: Path) -> None:

@@ -278,8 +278,8 @@ def _jsonl_pieces(
         with file.open_bytes(digest) as stream:
             for chunk in jsonio.iter_chunks(stream, jsonio.CHUNK_BYTES, bounds.max_record_bytes):
                 arrow = arrow_schema
-                if arrow is None or chunk.oversized or jsonio.null_records(chunk.data):
-                    arrow = None  # Arrow must not see a bare null record
+                if arrow is None or chunk.oversized or jsonio.null_first(chunk.data):
+                    arrow = None  # Arrow must not see a bare null first record
                 table = None
                 if strict and arrow is not None and len(chunk.data) <= bounds.max_record_bytes:
                     table = jsonio.read_chunk_strict(chunk, arrow, file.name)
