@@ -6,14 +6,16 @@ partial version for an unreachable endpoint or a refused credential."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from s3server import S3Server, free_port, moto_s3
+from s3server import S3Server, moto_s3
 from typer.testing import CliRunner
 
 from pipelines.cli import app
@@ -179,15 +181,39 @@ def test_load_dataset_reads_a_versions_train_files_from_s3(built: dict, s3: S3Se
     assert loaded["id"] == expected.column("id").to_pylist()
 
 
+UNREACHABLE = "<an endpoint on a closed port>"
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as it is held: bound, never
+    listening, so no server started meanwhile can take it (a port merely found free when
+    the tests were collected was later taken by another test's server, and the build
+    waited on it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "credentials were refused"),
-        ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}, "cannot reach the S3 endpoint"),
+        ({"AWS_ENDPOINT_URL": UNREACHABLE}, "cannot reach the S3 endpoint"),
     ],
     ids=["bad-credential", "unreachable-endpoint"],
 )
 def test_bad_credential_or_endpoint_fails_clearly_with_no_version(
+    built: dict, s3: S3Server, work: Path, override: dict[str, str], message: str
+) -> None:
+    with closed_port() as port:
+        endpoint = {
+            k: v.replace(UNREACHABLE, f"http://127.0.0.1:{port}") for k, v in override.items()
+        }
+        check_fails_clearly(built, s3, work, endpoint, message)
+
+
+def check_fails_clearly(
     built: dict, s3: S3Server, work: Path, override: dict[str, str], message: str
 ) -> None:
     before = [v.version for v in store(s3).versions("demo-sft")]
