@@ -307,7 +307,7 @@ def _checked_piece(
     none is and Arrow can (``arrow_schema``: ``None`` where Arrow must not see the chunk),
     else in Python (those lines as their :class:`RowReject`)."""
     hostile = jsonio.hostile_lines(chunk, bounds)
-    if arrow_schema is not None and not hostile and not chunk.oversized:
+    if arrow_schema is not None and not hostile:  # None for an oversized chunk too
         table = jsonio.read_chunk_arrow(chunk, arrow_schema, file.name)
         if table is not None:
             return Columns(index, table)
